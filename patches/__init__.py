@@ -1,0 +1,12 @@
+"""Runtime patches to vLLM / vllm-ascend, installed as ``vllm_ernie_moe.patches``.
+
+One module per upstream target, named ``patch_<target>.py``; each documents its target, why, the
+upstream status, the versions it applies to and when to remove it, and has its own test.
+"""
+
+from vllm_ernie_moe.patches import patch_cpu_router
+
+
+def apply_all() -> None:
+    """Apply every patch that the running platform and vLLM version need. Idempotent."""
+    patch_cpu_router.apply()

@@ -1,0 +1,29 @@
+"""Shared fixtures: small ERNIE-4.5-MoE checkpoints built with transformers, engine settings."""
+
+import os
+
+# A small KV cache and both cores for the engine; set before vLLM reads its environment.
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from vllm_ernie_moe.random_checkpoint import build_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """checkpoint(geometry, dtype="float32") -> a random checkpoint, built once a session."""
+    built: dict[tuple[str, str], Path] = {}
+
+    def get(geometry: str, dtype: str = "float32") -> Path:
+        key = (geometry, dtype)
+        if key not in built:
+            built[key] = build_checkpoint(
+                tmp_path_factory.mktemp(f"{geometry}-{dtype}"), geometry, dtype=dtype
+            )
+        return built[key]
+
+    return get

@@ -1,0 +1,33 @@
+"""vLLM plugin serving Baidu's ERNIE-4.5 MoE models (21B-A3B, 300B-A47B) correctly on every backend.
+
+vLLM calls :func:`register` (entry point group ``vllm.general_plugins``) in every process it starts.
+"""
+
+ARCHITECTURE = "Ernie4_5_MoeForCausalLM"
+MODEL_CLASS = "vllm_ernie_moe.model:Ernie4_5_MoeForCausalLM"
+
+_registered = False
+
+
+def register() -> None:
+    """Register the model class in place of vLLM's built-in one and apply the runtime patches.
+
+    Cheap and idempotent: the model module is imported lazily by vLLM, never here.
+    """
+    global _registered
+    if _registered:
+        return
+    from vllm import ModelRegistry
+    from vllm.logger import init_logger
+
+    from vllm_ernie_moe.patches import apply_all
+
+    ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
+    # Named under "vllm." so that vLLM's log handler shows it.
+    init_logger(f"vllm.{__name__}").info(
+        "vllm-ernie-moe: %s now served by %s (replaces vLLM's built-in class).",
+        ARCHITECTURE,
+        MODEL_CLASS,
+    )
+    apply_all()
+    _registered = True

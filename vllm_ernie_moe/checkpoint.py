@@ -1,0 +1,214 @@
+"""What an ERNIE-4.5-MoE ``-PT`` checkpoint must contain, and clear errors when it does not.
+
+The model's ``load_weights`` streams every tensor through :class:`CheckpointValidator` before vLLM's
+weight loaders see it, so that a wrong checkpoint fails with the tensor, the file and the fix named,
+instead of an assertion deep inside a weight loader or, worse, a silently wrong model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from transformers import PretrainedConfig
+
+CORRECTION_BIAS = "mlp.moe_statics.e_score_correction_bias"
+# transformers 5 may save the bias under the router's name.
+CORRECTION_BIAS_TRANSFORMERS = "mlp.gate.moe_statics.e_score_correction_bias"
+PT_REPOS = "baidu/ERNIE-4.5-21B-A3B-PT or baidu/ERNIE-4.5-300B-A47B-PT"
+
+
+class CheckpointError(ValueError):
+    """The checkpoint does not match what the config and the ERNIE-4.5-MoE -PT format say."""
+
+
+def moe_layer_ids(config: PretrainedConfig) -> list[int]:
+    """Indices of the MoE layers: ``(i + 1) % interval == 0 and start <= i <= end``.
+
+    ``moe_layer_end_index == -1`` means the last layer; a config without experts has none.
+    """
+    num_layers = config.num_hidden_layers
+    if getattr(config, "moe_num_experts", 0) <= 0 or not getattr(config, "use_moe", True):
+        return []
+    start = getattr(config, "moe_layer_start_index", 0)
+    end = getattr(config, "moe_layer_end_index", num_layers - 1)
+    if end == -1:
+        end = num_layers - 1
+    interval = getattr(config, "moe_layer_interval", 1)
+    return [i for i in range(num_layers) if (i + 1) % interval == 0 and start <= i <= end]
+
+
+def _mlp_shapes(prefix: str, hidden: int, inner: int, bias: bool) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {
+        f"{prefix}.gate_proj.weight": (inner, hidden),
+        f"{prefix}.up_proj.weight": (inner, hidden),
+        f"{prefix}.down_proj.weight": (hidden, inner),
+    }
+    if bias:
+        shapes.update(
+            {
+                f"{prefix}.gate_proj.bias": (inner,),
+                f"{prefix}.up_proj.bias": (inner,),
+                f"{prefix}.down_proj.bias": (hidden,),
+            }
+        )
+    return shapes
+
+
+def expected_tensor_shapes(config: PretrainedConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a ``-PT`` checkpoint for this config holds, with its full (unsharded) shape."""
+    hidden, vocab = config.hidden_size, config.vocab_size
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    use_bias = bool(getattr(config, "use_bias", False))
+    shapes: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (vocab, hidden),
+        "model.norm.weight": (hidden,),
+    }
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (vocab, hidden)
+    moe_layers = set(moe_layer_ids(config))
+    for i in range(config.num_hidden_layers):
+        layer = f"model.layers.{i}"
+        shapes[f"{layer}.input_layernorm.weight"] = (hidden,)
+        shapes[f"{layer}.post_attention_layernorm.weight"] = (hidden,)
+        for name, rows in (("q", heads), ("k", kv_heads), ("v", kv_heads)):
+            shapes[f"{layer}.self_attn.{name}_proj.weight"] = (rows * head_dim, hidden)
+            if use_bias:
+                shapes[f"{layer}.self_attn.{name}_proj.bias"] = (rows * head_dim,)
+        shapes[f"{layer}.self_attn.o_proj.weight"] = (hidden, heads * head_dim)
+        if i not in moe_layers:
+            shapes.update(_mlp_shapes(f"{layer}.mlp", hidden, config.intermediate_size, use_bias))
+            continue
+        experts, inner = config.moe_num_experts, config.moe_intermediate_size
+        shapes[f"{layer}.mlp.gate.weight"] = (experts, hidden)
+        shapes[f"{layer}.{CORRECTION_BIAS}"] = (1, experts)
+        for e in range(experts):
+            shapes.update(_mlp_shapes(f"{layer}.mlp.experts.{e}", hidden, inner, use_bias))
+        shared = getattr(config, "moe_num_shared_experts", 0)
+        if shared > 0:
+            shapes.update(
+                _mlp_shapes(f"{layer}.mlp.shared_experts", hidden, inner * shared, use_bias)
+            )
+    return shapes
+
+
+def is_paddle_tensor_name(name: str) -> bool:
+    """``-Paddle`` checkpoints use the ``ernie.`` prefix and fused qkv / up_gate projections."""
+    return name.startswith("ernie.") or ".qkv_proj." in name or ".up_gate_proj." in name
+
+
+def is_mtp_tensor_name(name: str) -> bool:
+    """Multi-token-prediction head tensors (speculative decoding), not part of the main model."""
+    return ".mtp_" in name or name.startswith("mtp")
+
+
+class TensorLocator:
+    """Finds which safetensors file of a local checkpoint directory holds a tensor."""
+
+    def __init__(self, model_dir: str | os.PathLike | None):
+        self.model_dir = Path(model_dir) if model_dir and os.path.isdir(model_dir) else None
+
+    @cached_property
+    def _file_of(self) -> dict[str, str]:
+        if self.model_dir is None:
+            return {}
+        located: dict[str, str] = {}
+        for index in sorted(self.model_dir.glob("*.safetensors.index.json")):
+            located.update(json.loads(index.read_text()).get("weight_map", {}))
+        if located:
+            return located
+        from safetensors import safe_open
+
+        for path in sorted(self.model_dir.glob("*.safetensors")):
+            with safe_open(str(path), "pt") as f:
+                located.update(dict.fromkeys(f.keys(), path.name))
+        return located
+
+    def where(self, name: str) -> str:
+        """A human-readable location: ``'<dir>/<file>'`` or just the directory."""
+        where = self.model_dir or "the checkpoint"
+        file = self._file_of.get(name)
+        return f"{where}/{file}" if file else str(where)
+
+
+class CheckpointValidator:
+    """Checks names and shapes of a stream of ``(name, tensor)`` against the config."""
+
+    def __init__(self, config: PretrainedConfig, model_dir: str | os.PathLike | None):
+        self.config = config
+        self.expected = expected_tensor_shapes(config)
+        self.locator = TensorLocator(model_dir)
+        self.seen: set[str] = set()
+
+    def _fail(self, name: str, problem: str, fix: str) -> CheckpointError:
+        return CheckpointError(f"{self.locator.where(name)}: tensor '{name}' {problem}. {fix}")
+
+    def _shared_experts_hint(self) -> str:
+        shared = getattr(self.config, "moe_num_shared_experts", 0)
+        return (
+            f"config.json gives moe_num_shared_experts={shared} (transformers' default is 2 when "
+            "the key is absent; ERNIE-4.5-300B-A47B has 0). Set it to match the weights."
+        )
+
+    def check(
+        self, weights: Iterable[tuple[str, torch.Tensor]]
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield the tensors the model loads in canonical name and shape; skip MTP tensors.
+
+        Raises :class:`CheckpointError` on a ``-Paddle`` layout, an unexpected or mis-shaped tensor.
+        """
+        for name, tensor in weights:
+            if is_paddle_tensor_name(name):
+                raise self._fail(
+                    name,
+                    "is in the ERNIE -Paddle layout (prefix 'ernie.', fused qkv/up_gate, "
+                    "weights stored [in, out])",
+                    f"This plugin serves the PyTorch (-PT) checkpoints: use {PT_REPOS}.",
+                )
+            if is_mtp_tensor_name(name):
+                continue
+            canonical = name.replace(CORRECTION_BIAS_TRANSFORMERS, CORRECTION_BIAS)
+            if canonical == "lm_head.weight" and self.config.tie_word_embeddings:
+                continue  # a tied checkpoint may still carry a copy (msModelSlim writes one)
+            shape = self.expected.get(canonical)
+            if shape is None:
+                hint = (
+                    self._shared_experts_hint()
+                    if ".shared_experts." in canonical
+                    else "Check that config.json belongs to these weights."
+                )
+                raise self._fail(name, "is not part of the model that config.json describes", hint)
+            got = tuple(tensor.shape)
+            if got != shape and not (canonical.endswith(CORRECTION_BIAS) and got == shape[1:]):
+                raise self._fail(
+                    name,
+                    f"has shape {list(got)}, but config.json implies {list(shape)}",
+                    "Check that config.json belongs to these weights.",
+                )
+            self.seen.add(canonical)
+            if canonical.endswith(CORRECTION_BIAS):
+                tensor = tensor.reshape(-1)  # stored [1, E]; FusedMoE takes [E]
+            yield canonical, tensor
+
+    def check_complete(self) -> None:
+        """Raise if tensors the config requires never arrived."""
+        missing = sorted(set(self.expected) - self.seen)
+        if not missing:
+            return
+        shown = ", ".join(missing[:5]) + (
+            f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        )
+        hint = (
+            self._shared_experts_hint()
+            if any(".shared_experts." in name for name in missing)
+            else "The checkpoint is incomplete or does not match config.json."
+        )
+        where = self.locator.model_dir or "the checkpoint"
+        raise CheckpointError(
+            f"{where}: {len(missing)} required tensors are missing: {shown}. {hint}"
+        )

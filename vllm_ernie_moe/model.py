@@ -1,0 +1,397 @@
+"""ERNIE-4.5 MoE (21B-A3B, 300B-A47B) for vLLM, built from stock vLLM layers.
+
+Layers keep their stock class names (``QKVParallelLinear``, ``RMSNorm``, ``FusedMoE`` via
+``FusedMoEFactory``, ...) so that platform plugins such as vllm-ascend swap in their kernels.
+Routing follows ERNIE: the fp32 softmax plus ``e_score_correction_bias`` chooses the experts, the
+unbiased softmax weights them (renormalised). The bias is handed to FusedMoE, whose router does
+exactly that on every backend once ``vllm_ernie_moe.patches`` has fixed vLLM's CPU router.
+"""
+
+from collections.abc import Iterable
+from itertools import islice
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+from vllm.compilation.decorators import support_torch_compile
+from vllm.config import CacheConfig, VllmConfig
+from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
+from vllm.model_executor.layers.activation import SiluAndMul
+from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.layers.fused_moe import FusedMoEFactory, GateLinear
+from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.linear import (
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.quantization import QuantizationConfig
+from vllm.model_executor.layers.rotary_embedding import get_rope
+from vllm.model_executor.layers.vocab_parallel_embedding import (
+    ParallelLMHead,
+    VocabParallelEmbedding,
+)
+from vllm.model_executor.models.interfaces import SupportsPP
+from vllm.model_executor.models.utils import (
+    AutoWeightsLoader,
+    PPMissingLayer,
+    WeightsMapper,
+    extract_layer_index,
+    make_empty_intermediate_tensors_factory,
+    make_layers,
+    maybe_prefix,
+)
+from vllm.sequence import IntermediateTensors
+from vllm.transformers_utils.config import set_default_rope_theta
+
+from vllm_ernie_moe.checkpoint import CheckpointValidator, moe_layer_ids
+
+ROPE_THETA_DEFAULT = 500000
+
+
+class ErnieMLP(nn.Module):
+    """SwiGLU MLP: dense layers and the shared experts (one MLP of width shared * moe_inter)."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        hidden_act: str,
+        use_bias: bool,
+        quant_config: QuantizationConfig | None,
+        reduce_results: bool = True,
+        prefix: str = "",
+    ) -> None:
+        super().__init__()
+        if hidden_act != "silu":
+            raise ValueError(f"ERNIE-4.5 uses silu; config.json gives hidden_act={hidden_act!r}")
+        self.gate_up_proj = MergedColumnParallelLinear(
+            hidden_size,
+            [intermediate_size] * 2,
+            bias=use_bias,
+            quant_config=quant_config,
+            prefix=f"{prefix}.gate_up_proj",
+        )
+        self.down_proj = RowParallelLinear(
+            intermediate_size,
+            hidden_size,
+            bias=use_bias,
+            quant_config=quant_config,
+            reduce_results=reduce_results,
+            prefix=f"{prefix}.down_proj",
+        )
+        self.act_fn = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up, _ = self.gate_up_proj(x)
+        x, _ = self.down_proj(self.act_fn(gate_up))
+        return x
+
+
+class ErnieMoE(nn.Module):
+    """Routed experts (FusedMoE) plus optional shared experts, with ERNIE's biased routing."""
+
+    def __init__(
+        self,
+        config: PretrainedConfig,
+        quant_config: QuantizationConfig | None,
+        prefix: str = "",
+    ) -> None:
+        super().__init__()
+        num_experts = config.moe_num_experts
+        tp_size = get_tensor_model_parallel_world_size()
+        if tp_size > num_experts:
+            raise ValueError(
+                f"tensor_parallel_size={tp_size} exceeds moe_num_experts={num_experts}"
+            )
+        # The router stays in fp32 and unquantized, whatever the model dtype or quantization.
+        self.gate = GateLinear(
+            config.hidden_size,
+            num_experts,
+            out_dtype=torch.float32,
+            params_dtype=torch.float32,
+            prefix=f"{prefix}.gate",
+        )
+        self.gate.e_score_correction_bias = nn.Parameter(
+            torch.zeros(num_experts, dtype=torch.float32), requires_grad=False
+        )
+        num_shared = getattr(config, "moe_num_shared_experts", 0)
+        self.shared_experts = (
+            ErnieMLP(
+                config.hidden_size,
+                config.moe_intermediate_size * num_shared,
+                config.hidden_act,
+                use_bias=bool(getattr(config, "use_bias", False)),
+                quant_config=quant_config,
+                reduce_results=False,  # FusedMoE reduces routed + shared output once
+                prefix=f"{prefix}.shared_experts",
+            )
+            if num_shared > 0
+            else None
+        )
+        self.experts = FusedMoEFactory(
+            shared_experts=self.shared_experts,
+            num_experts=num_experts,
+            top_k=config.moe_k,
+            hidden_size=config.hidden_size,
+            intermediate_size=config.moe_intermediate_size,
+            renormalize=True,
+            scoring_func="softmax",
+            e_score_correction_bias=self.gate.e_score_correction_bias,
+            router_logits_dtype=torch.float32,
+            quant_config=quant_config,
+            prefix=f"{prefix}.experts",
+        )
+        # vllm-ascend 0.23's AscendFusedMoE rounds the bias to the model dtype at construction;
+        # ERNIE's bias is an fp32 tensor that only picks experts: keep it fp32 (no-op elsewhere).
+        self.gate.e_score_correction_bias.data = self.gate.e_score_correction_bias.data.float()
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        router_logits, _ = self.gate(hidden_states)
+        return self.experts(hidden_states=hidden_states, router_logits=router_logits)
+
+
+class ErnieAttention(nn.Module):
+    """GQA attention with interleaved (GPT-J style) rotary over the whole head."""
+
+    def __init__(
+        self,
+        config: PretrainedConfig,
+        cache_config: CacheConfig | None,
+        quant_config: QuantizationConfig | None,
+        prefix: str = "",
+    ) -> None:
+        super().__init__()
+        tp_size = get_tensor_model_parallel_world_size()
+        total_heads, total_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        if total_heads % tp_size or (total_kv_heads % tp_size and tp_size % total_kv_heads):
+            raise ValueError(
+                f"tensor_parallel_size={tp_size} must divide num_attention_heads={total_heads} "
+                f"and divide or be a multiple of num_key_value_heads={total_kv_heads}"
+            )
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // total_heads
+        self.num_heads = total_heads // tp_size
+        # Fewer KV heads than ranks: QKVParallelLinear replicates them.
+        self.num_kv_heads = max(1, total_kv_heads // tp_size)
+        self.q_size = self.num_heads * head_dim
+        self.kv_size = self.num_kv_heads * head_dim
+        use_bias = bool(getattr(config, "use_bias", False))
+        self.qkv_proj = QKVParallelLinear(
+            config.hidden_size,
+            head_dim,
+            total_heads,
+            total_kv_heads,
+            bias=use_bias,
+            quant_config=quant_config,
+            prefix=f"{prefix}.qkv_proj",
+        )
+        self.o_proj = RowParallelLinear(
+            total_heads * head_dim,
+            config.hidden_size,
+            bias=False,
+            quant_config=quant_config,
+            prefix=f"{prefix}.o_proj",
+        )
+        self.rotary_emb = get_rope(
+            head_dim,
+            max_position=getattr(config, "max_position_embeddings", 131072),
+            rope_parameters=config.rope_parameters,
+            is_neox_style=False,
+        )
+        self.attn = Attention(
+            self.num_heads,
+            head_dim,
+            head_dim**-0.5,
+            num_kv_heads=self.num_kv_heads,
+            cache_config=cache_config,
+            quant_config=quant_config,
+            prefix=f"{prefix}.attn",
+        )
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        qkv, _ = self.qkv_proj(hidden_states)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k = self.rotary_emb(positions, q, k)
+        output, _ = self.o_proj(self.attn(q, k, v))
+        return output
+
+
+class ErnieDecoderLayer(nn.Module):
+    def __init__(
+        self,
+        config: PretrainedConfig,
+        layer_id: int,
+        cache_config: CacheConfig | None,
+        quant_config: QuantizationConfig | None,
+        prefix: str = "",
+    ) -> None:
+        super().__init__()
+        self.self_attn = ErnieAttention(
+            config, cache_config, quant_config, prefix=f"{prefix}.self_attn"
+        )
+        self.mlp: ErnieMoE | ErnieMLP
+        if layer_id in moe_layer_ids(config):
+            self.mlp = ErnieMoE(config, quant_config, prefix=f"{prefix}.mlp")
+        else:
+            self.mlp = ErnieMLP(
+                config.hidden_size,
+                config.intermediate_size,
+                config.hidden_act,
+                use_bias=bool(getattr(config, "use_bias", False)),
+                quant_config=quant_config,
+                prefix=f"{prefix}.mlp",
+            )
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden_states: torch.Tensor,
+        residual: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual = hidden_states
+            hidden_states = self.input_layernorm(hidden_states)
+        else:
+            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+        hidden_states = self.self_attn(positions, hidden_states)
+        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
+        return self.mlp(hidden_states), residual
+
+
+@support_torch_compile
+class ErnieModel(nn.Module):
+    # Checkpoint name -> vLLM parameter name. Routed experts are loaded by FusedMoE itself.
+    hf_to_vllm_mapper = WeightsMapper(
+        orig_to_new_stacked={
+            ".q_proj": (".qkv_proj", "q"),
+            ".k_proj": (".qkv_proj", "k"),
+            ".v_proj": (".qkv_proj", "v"),
+            ".mlp.gate_proj": (".mlp.gate_up_proj", 0),
+            ".mlp.up_proj": (".mlp.gate_up_proj", 1),
+            ".shared_experts.gate_proj": (".shared_experts.gate_up_proj", 0),
+            ".shared_experts.up_proj": (".shared_experts.gate_up_proj", 1),
+        },
+        orig_to_new_substr={
+            ".moe_statics.e_score_correction_bias": ".gate.e_score_correction_bias"
+        },
+    )
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        set_default_rope_theta(config, default_theta=ROPE_THETA_DEFAULT)
+        quant_config = vllm_config.quant_config
+        self.config = config
+        if get_pp_group().is_first_rank:
+            self.embed_tokens = VocabParallelEmbedding(
+                config.vocab_size,
+                config.hidden_size,
+                quant_config=quant_config,
+                prefix=f"{prefix}.embed_tokens",
+            )
+        else:
+            self.embed_tokens = PPMissingLayer()
+        self.start_layer, self.end_layer, self.layers = make_layers(
+            config.num_hidden_layers,
+            lambda prefix: ErnieDecoderLayer(
+                config,
+                extract_layer_index(prefix),
+                vllm_config.cache_config,
+                quant_config,
+                prefix=prefix,
+            ),
+            prefix=f"{prefix}.layers",
+        )
+        if get_pp_group().is_last_rank:
+            self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        else:
+            self.norm = PPMissingLayer()
+        self.make_empty_intermediate_tensors = make_empty_intermediate_tensors_factory(
+            ["hidden_states", "residual"], config.hidden_size
+        )
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        intermediate_tensors: IntermediateTensors | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor | IntermediateTensors:
+        if get_pp_group().is_first_rank:
+            hidden_states = (
+                inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
+            )
+            residual = None
+        else:
+            assert intermediate_tensors is not None
+            hidden_states = intermediate_tensors["hidden_states"]
+            residual = intermediate_tensors["residual"]
+        for layer in islice(self.layers, self.start_layer, self.end_layer):
+            hidden_states, residual = layer(positions, hidden_states, residual)
+        if not get_pp_group().is_last_rank:
+            return IntermediateTensors({"hidden_states": hidden_states, "residual": residual})
+        hidden_states, _ = self.norm(hidden_states, residual)
+        return hidden_states
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        return AutoWeightsLoader(self).load_weights(weights, mapper=self.hf_to_vllm_mapper)
+
+
+class Ernie4_5_MoeForCausalLM(nn.Module, SupportsPP):
+    """ERNIE-4.5 MoE causal LM; replaces vLLM's built-in class of the same architecture name."""
+
+    # Fused vLLM module -> checkpoint modules. ``experts`` lets per-layer quantization lookups
+    # (vllm-ascend's msModelSlim loader) resolve FusedMoE to the per-expert checkpoint tensors.
+    packed_modules_mapping = {
+        "qkv_proj": ["q_proj", "k_proj", "v_proj"],
+        "gate_up_proj": ["gate_proj", "up_proj"],
+        "experts": ["experts.0.gate_proj", "experts.0.up_proj", "experts.0.down_proj"],
+    }
+    fall_back_to_pt_during_load = False
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        self.config = config
+        self.checkpoint_dir = vllm_config.model_config.model
+        self.model = ErnieModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
+        if get_pp_group().is_last_rank:
+            self.lm_head = ParallelLMHead(
+                config.vocab_size,
+                config.hidden_size,
+                quant_config=vllm_config.quant_config,
+                prefix=maybe_prefix(prefix, "lm_head"),
+            )
+            if config.tie_word_embeddings:
+                self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
+        else:
+            self.lm_head = PPMissingLayer()
+        self.logits_processor = LogitsProcessor(config.vocab_size)
+        self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_input_ids(input_ids)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        intermediate_tensors: IntermediateTensors | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor | IntermediateTensors:
+        return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        return self.logits_processor(self.lm_head, hidden_states)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        validator = CheckpointValidator(self.config, self.checkpoint_dir)
+        loaded = AutoWeightsLoader(self).load_weights(validator.check(weights))
+        validator.check_complete()
+        return loaded

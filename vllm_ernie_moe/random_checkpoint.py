@@ -1,0 +1,220 @@
+"""Build ERNIE-4.5-MoE checkpoints with random weights, locally, with transformers.
+
+No model hub is needed: the tokenizer is a byte-level BPE trained on a short embedded text and the
+weights come from transformers' own ``Ernie4_5_MoeForCausalLM`` initialisation. The router is given
+random weights (transformers 5 initialises it to zeros, which sends every token to the same experts)
+and a correction bias large enough to change which experts are chosen. These checkpoints exist for
+the dialog example's default, the tests and the benchmarks; their answers are meaningless.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vllm_ernie_moe import envs
+
+BEGIN_OF_SENTENCE = "<|begin_of_sentence|>"
+END_OF_SENTENCE = "<|end_of_sentence|>"
+SPECIAL_TOKENS = ["<unk>", BEGIN_OF_SENTENCE, END_OF_SENTENCE]  # ids 0, 1, 2 as in ERNIE
+
+RANDOM_WEIGHTS_NOTICE = (
+    "This checkpoint has RANDOM weights, generated locally by vllm_ernie_moe.random_checkpoint "
+    "with the ERNIE-4.5-MoE architecture. Its output is gibberish by design."
+)
+
+_TOKENIZER_TEXT = """
+Deep learning is a branch of machine learning that trains neural networks with many layers.
+What's Deep Learning? It is the study of models that learn representations from data.
+A mixture of experts routes each token to a few expert networks chosen by a router.
+Question: is the sky blue? Answer: yes. Question: is fire cold? Answer: no.
+The quick brown fox jumps over the lazy dog. User: hello. Assistant: hello, how can I help you?
+Large language models answer questions, write text, translate languages and summarise documents.
+Paged attention stores the key and value cache in blocks so that many requests share memory.
+Tensor parallelism splits every weight matrix across devices and sums the partial results.
+"""
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Config fields of one checkpoint family, and how large its random router and bias are."""
+
+    config: dict[str, Any]
+    router_std: float
+    bias_std: float
+    notes: str = ""
+
+
+_TINY_COMMON: dict[str, Any] = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_attention_heads=4,
+    head_dim=32,
+    moe_num_experts=8,
+    moe_intermediate_size=32,
+    initializer_range=0.08,
+    max_position_embeddings=4096,
+)
+
+GEOMETRIES: dict[str, Geometry] = {
+    # 21B-A3B-like: dense layer 0, shared experts, tied embeddings, MoE to the last layer.
+    "tiny-21b": Geometry(
+        config=dict(
+            _TINY_COMMON,
+            num_hidden_layers=3,
+            num_key_value_heads=2,
+            moe_k=3,
+            moe_num_shared_experts=2,
+            moe_layer_start_index=1,
+            moe_layer_end_index=-1,
+            tie_word_embeddings=True,
+        ),
+        router_std=0.3,
+        bias_std=0.15,
+        notes="21B-A3B-like: dense layer 0, 2 shared experts, tied lm_head",
+    ),
+    # 300B-A47B-like: several dense layers, no shared experts, untied lm_head, moe_k > 2, one
+    # KV head so that TP=2 replicates it.
+    "tiny-300b": Geometry(
+        config=dict(
+            _TINY_COMMON,
+            num_hidden_layers=5,
+            num_key_value_heads=1,
+            moe_k=4,
+            moe_num_shared_experts=0,
+            moe_layer_start_index=2,
+            moe_layer_end_index=4,
+            tie_word_embeddings=False,
+        ),
+        router_std=0.3,
+        bias_std=0.15,
+        notes="300B-A47B-like: dense layers 0-1, no shared experts, untied lm_head, 1 KV head",
+    ),
+    # No MoE layer at all (the MoE range starts past the last layer): a dense model.
+    "tiny-dense": Geometry(
+        config=dict(
+            _TINY_COMMON,
+            num_hidden_layers=2,
+            num_key_value_heads=2,
+            moe_k=2,
+            moe_num_shared_experts=0,
+            moe_layer_start_index=2,
+            moe_layer_end_index=-1,
+            tie_word_embeddings=True,
+        ),
+        router_std=0.3,
+        bias_std=0.15,
+        notes="no MoE layer: every layer dense",
+    ),
+    # The exact ERNIE-4.5-21B-A3B geometry with 4 layers (dense layer 0 + 3 MoE layers).
+    "21b-4layers": Geometry(
+        config=dict(
+            hidden_size=2560,
+            intermediate_size=12288,
+            num_hidden_layers=4,
+            num_attention_heads=20,
+            num_key_value_heads=4,
+            head_dim=128,
+            vocab_size=103424,
+            moe_num_experts=64,
+            moe_k=6,
+            moe_intermediate_size=1536,
+            moe_num_shared_experts=2,
+            moe_layer_start_index=1,
+            moe_layer_end_index=3,
+            tie_word_embeddings=True,
+            max_position_embeddings=131072,
+        ),
+        router_std=0.02,
+        bias_std=0.002,
+        notes="ERNIE-4.5-21B-A3B geometry, 4 layers",
+    ),
+}
+
+
+def build_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 1024):
+    """Train a byte-level BPE tokenizer on the embedded text and save it in HF format."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator([_TOKENIZER_TEXT] * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        unk_token="<unk>",
+        pad_token="<unk>",
+        bos_token=BEGIN_OF_SENTENCE,
+        eos_token=END_OF_SENTENCE,
+        cls_token=BEGIN_OF_SENTENCE,
+        sep_token=END_OF_SENTENCE,
+    )
+    fast.save_pretrained(str(out_dir))
+    return fast
+
+
+def build_checkpoint(
+    out_dir: str | os.PathLike,
+    geometry: str = "tiny-21b",
+    dtype: str = "float32",
+    seed: int = 0,
+    **config_overrides: Any,
+) -> Path:
+    """Write a random-weight checkpoint (config, safetensors, tokenizer) to out_dir."""
+    import torch
+    from transformers import Ernie4_5_MoeConfig, Ernie4_5_MoeForCausalLM
+
+    spec = GEOMETRIES[geometry]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(out)
+    fields = dict(spec.config, **config_overrides)
+    fields.setdefault("vocab_size", len(tokenizer))
+    end_index = fields["moe_layer_end_index"]
+    config = Ernie4_5_MoeConfig(
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, use_bias=False, **fields
+    )
+    torch_dtype = getattr(torch, dtype)
+    torch.manual_seed(seed)
+    model = Ernie4_5_MoeForCausalLM._from_config(config, dtype=torch_dtype)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            gate = getattr(layer.mlp, "gate", None)
+            if gate is None or not hasattr(gate, "moe_statics"):
+                continue
+            gate.weight.normal_(0.0, spec.router_std, generator=generator)
+            bias = gate.moe_statics.e_score_correction_bias
+            bias.normal_(0.0, spec.bias_std, generator=generator)
+    model.save_pretrained(str(out))
+    config_path = out / "config.json"
+    saved = json.loads(config_path.read_text())
+    # transformers rewrites -1 as the last layer index; keep what the author wrote, as Baidu's do.
+    saved["moe_layer_end_index"] = end_index
+    saved["_random_weights_notice"] = RANDOM_WEIGHTS_NOTICE
+    config_path.write_text(json.dumps(saved, indent=2))
+    (out / "README.md").write_text(
+        f"# Random ERNIE-4.5-MoE checkpoint ({geometry})\n\n{RANDOM_WEIGHTS_NOTICE}\n\n"
+        f"Geometry: {spec.notes}. dtype {dtype}, seed {seed}.\n"
+    )
+    return out
+
+
+def default_checkpoint() -> Path:
+    """The dialog example's default: the tiny 21B-like checkpoint, built once and cached."""
+    path = Path(envs.VLLM_ERNIE_MOE_CACHE_DIR) / "default-tiny-21b-bf16"
+    if not (path / "config.json").exists():
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        build_checkpoint(tmp, "tiny-21b", dtype="bfloat16")
+        tmp.rename(path)
+    return path
