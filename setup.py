@@ -21,5 +21,6 @@ setup(
     },
     entry_points={
         "vllm.general_plugins": ["ernie_moe = vllm_ernie_moe:register"],
+        "console_scripts": ["vllm-ernie-moe-quantize = vllm_ernie_moe.quantize:main"],
     },
 )

@@ -1,8 +1,10 @@
 """Side-by-side speed of this plugin, vLLM's built-in ERNIE class and transformers, in one run.
 
 Checkpoint: the exact ERNIE-4.5-21B-A3B geometry with 4 layers (dense layer 0 + 3 MoE layers),
-random bf16 weights with a random router (built once and cached). Each engine runs in its own
-subprocess on the same cores; rows: bs=1 decode (128 in / 64 out), bs=8 decode, 1024-token prefill.
+random bf16 weights with a random router (built once and cached), and its W8A8_DYNAMIC version
+written by ``vllm_ernie_moe.quantize``. Each engine runs in its own subprocess on the same cores;
+rows: bs=1 decode (128 in / 64 out), bs=8 decode, 1024-token prefill; for vLLM also engine load
+time and peak RSS (the benchmark process and its engine/worker children, sampled every 0.1 s).
 
     python benchmarks/bench_engines.py            # all engines, writes docs/benchmarks.md's table
     python benchmarks/bench_engines.py --engines plugin builtin --json out.json
@@ -20,9 +22,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 ENGINES = {
-    "plugin": "vLLM + vllm-ernie-moe",
-    "builtin": "vLLM 0.32 built-in class",
-    "transformers": "transformers (eager, bf16)",
+    "plugin": "vLLM + vllm-ernie-moe, bf16",
+    "builtin": "vLLM 0.32 built-in class, bf16",
+    "transformers": "transformers (eager), bf16",
+    "w8a8": "vLLM + vllm-ernie-moe, W8A8_DYNAMIC",
 }
 PROMPT_LEN, DECODE_LEN, PREFILL_LEN, BATCH = 128, 64, 1024, 8
 # Same cores for every engine: vLLM otherwise reserves one of two cores for its front end.
@@ -61,11 +64,43 @@ def measure(generate) -> dict[str, float]:
     }
 
 
+class PeakRss:
+    """Samples the resident memory of this process and its children (engine, workers)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        import psutil
+
+        self.peak, self.running = 0, True
+        me = psutil.Process()
+
+        def sample() -> None:
+            while self.running:
+                try:
+                    procs = [me, *me.children(recursive=True)]
+                    self.peak = max(self.peak, sum(p.memory_info().rss for p in procs))
+                except psutil.Error:
+                    pass
+                time.sleep(0.1)
+
+        self.thread = threading.Thread(target=sample, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> float:
+        self.running = False
+        self.thread.join()
+        return self.peak / 2**30
+
+
 def run_vllm(checkpoint: str) -> dict[str, float]:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
+    rss = PeakRss()
+    start = time.perf_counter()
     llm = LLM(model=checkpoint, dtype="bfloat16", max_model_len=2048, max_num_seqs=BATCH)
+    load_s = time.perf_counter() - start
 
     def generate(prompts, tokens):
         params = SamplingParams(
@@ -73,7 +108,7 @@ def run_vllm(checkpoint: str) -> dict[str, float]:
         )
         llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
 
-    return measure(generate)
+    return dict(measure(generate), load_s=load_s, peak_rss_gib=rss.stop())
 
 
 def run_transformers(checkpoint: str) -> dict[str, float]:
@@ -91,23 +126,38 @@ def run_transformers(checkpoint: str) -> dict[str, float]:
 
 
 def child(engine: str, checkpoint: str, out: str) -> None:
+    """One engine's measurements, in a fresh process."""
     result = run_transformers(checkpoint) if engine == "transformers" else run_vllm(checkpoint)
     Path(out).write_text(json.dumps(result))
 
 
-def checkpoint_path(cache: Path) -> Path:
+def checkpoint_paths(cache: Path) -> tuple[Path, Path]:
+    """The BF16 checkpoint and its W8A8_DYNAMIC (msModelSlim format) version, built once."""
+    from vllm_ernie_moe.quantize import quantize_checkpoint
     from vllm_ernie_moe.random_checkpoint import build_checkpoint
 
-    path = cache / "21b-4layers-bf16"
-    if not (path / "config.json").exists():
-        print(f"building the 21B-geometry 4-layer checkpoint in {path} ...", flush=True)
-        build_checkpoint(path, "21b-4layers", dtype="bfloat16")
-    return path
+    bf16, w8a8 = cache / "21b-4layers-bf16", cache / "21b-4layers-w8a8"
+    if not (bf16 / "config.json").exists():
+        print(f"building the 21B-geometry 4-layer checkpoint in {bf16} ...", flush=True)
+        build_checkpoint(bf16, "21b-4layers", dtype="bfloat16")
+    if not w8a8.exists():
+        quantize_checkpoint(bf16, w8a8)
+    return bf16, w8a8
+
+
+SPEED_KEYS = ("bs1_decode_tok_s", "bs8_decode_tok_s", "prefill_1024_tok_s")
+
+
+def _ratio_row(results: dict, a: str, b: str, keys: tuple[str, ...]) -> list[str]:
+    if a not in results or b not in results:
+        return []
+    ratios = ", ".join(f"{k} {results[a][k] / results[b][k]:.2f}" for k in keys)
+    return ["", f"ratio {a} / {b}: {ratios}"]
 
 
 def markdown(results: dict[str, dict[str, float]]) -> str:
     rows = [
-        "| engine (2 cores, bf16) | bs=1 decode tok/s | bs=8 decode tok/s | prefill 1024 tok/s |",
+        "| engine (2 cores) | bs=1 decode tok/s | bs=8 decode tok/s | prefill 1024 tok/s |",
         "|---|---|---|---|",
     ]
     for engine, r in results.items():
@@ -115,11 +165,13 @@ def markdown(results: dict[str, dict[str, float]]) -> str:
             f"| {ENGINES[engine]} | {r['bs1_decode_tok_s']:.1f} | {r['bs8_decode_tok_s']:.1f} "
             f"| {r['prefill_1024_tok_s']:.0f} |"
         )
-    if "plugin" in results and "builtin" in results:
-        p, b = results["plugin"], results["builtin"]
-        rows.append(
-            "| ratio plugin / built-in | " + " | ".join(f"{p[k] / b[k]:.2f}" for k in p) + " |"
-        )
+    rows.extend(_ratio_row(results, "plugin", "builtin", SPEED_KEYS))
+    rows += ["", "| engine | load s | peak RSS GiB |", "|---|---|---|"]
+    for engine in ("plugin", "w8a8"):
+        if engine in results:
+            r = results[engine]
+            rows.append(f"| {ENGINES[engine]} | {r['load_s']:.0f} | {r['peak_rss_gib']:.2f} |")
+    rows.extend(_ratio_row(results, "w8a8", "plugin", (*SPEED_KEYS, "load_s", "peak_rss_gib")))
     return "\n".join(rows)
 
 
@@ -136,7 +188,7 @@ def main() -> None:
         child(*args.child)
         return
     cache = Path(args.cache)
-    checkpoint = checkpoint_path(cache)
+    bf16, w8a8 = checkpoint_paths(cache)
     results: dict[str, dict[str, float]] = {}
     for engine in args.engines:
         out = cache / f"{engine}.json"
@@ -147,7 +199,14 @@ def main() -> None:
         log = cache / f"{engine}.log"
         with log.open("w") as sink:
             done = subprocess.run(
-                [sys.executable, __file__, "--child", engine, str(checkpoint), str(out)],
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    engine,
+                    str(w8a8 if engine == "w8a8" else bf16),
+                    str(out),
+                ],
                 env=env,
                 stdout=sink,
                 stderr=subprocess.STDOUT,

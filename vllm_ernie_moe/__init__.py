@@ -19,6 +19,7 @@ def register() -> None:
         return
     from vllm import ModelRegistry
     from vllm.logger import init_logger
+    from vllm.platforms import current_platform
 
     from vllm_ernie_moe.patches import apply_all
 
@@ -30,4 +31,6 @@ def register() -> None:
         MODEL_CLASS,
     )
     apply_all()
+    if current_platform.device_type != "npu":  # there, vllm-ascend serves msModelSlim checkpoints
+        import vllm_ernie_moe.quantization  # noqa: F401  (registers "ernie-w8a8-dynamic")
     _registered = True

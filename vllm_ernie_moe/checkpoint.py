@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from transformers import PretrainedConfig
 
+from vllm_ernie_moe.w8a8 import W8A8_DYNAMIC, ModelSlimDescription, is_quantizable_weight
+
 CORRECTION_BIAS = "mlp.moe_statics.e_score_correction_bias"
 # transformers 5 may save the bias under the router's name.
 CORRECTION_BIAS_TRANSFORMERS = "mlp.gate.moe_statics.e_score_correction_bias"
@@ -107,6 +109,11 @@ def is_mtp_tensor_name(name: str) -> bool:
     return ".mtp_" in name or name.startswith("mtp")
 
 
+def _canonical_bias(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """The correction bias is stored [1, E]; FusedMoE takes [E]."""
+    return tensor.reshape(-1) if name.endswith(CORRECTION_BIAS) else tensor
+
+
 class TensorLocator:
     """Finds which safetensors file of a local checkpoint directory holds a tensor."""
 
@@ -136,14 +143,40 @@ class TensorLocator:
         return f"{where}/{file}" if file else str(where)
 
 
-class CheckpointValidator:
-    """Checks names and shapes of a stream of ``(name, tensor)`` against the config."""
+def add_quantized_tensors(
+    shapes: dict[str, tuple[int, ...]], description: ModelSlimDescription
+) -> dict[str, tuple[int, ...]]:
+    """Add the scale and offset [out, 1] of every linear weight labelled W8A8_DYNAMIC."""
+    quantized = dict(shapes)
+    for name, shape in shapes.items():
+        if is_quantizable_weight(name) and description.label(name) == W8A8_DYNAMIC:
+            quantized[f"{name}_scale"] = (shape[0], 1)
+            quantized[f"{name}_offset"] = (shape[0], 1)
+    return quantized
 
-    def __init__(self, config: PretrainedConfig, model_dir: str | os.PathLike | None):
+
+class CheckpointValidator:
+    """Checks names, shapes and dtypes of a stream of ``(name, tensor)`` against the config and,
+    for msModelSlim checkpoints, against the description JSON."""
+
+    def __init__(
+        self,
+        config: PretrainedConfig,
+        model_dir: str | os.PathLike | None,
+        description: ModelSlimDescription | None = None,
+        strict: bool = True,
+    ):
+        """``strict=False`` (a quantization method of another plugin, e.g. vllm-ascend's) only
+        rejects -Paddle layouts and canonicalises names: that method owns the tensor layout."""
         self.config = config
+        self.description = description
+        self.strict = strict
         self.expected = expected_tensor_shapes(config)
+        if description is not None:
+            self.expected = add_quantized_tensors(self.expected, description)
         self.locator = TensorLocator(model_dir)
         self.seen: set[str] = set()
+        self.arrived: set[str] = set()
 
     def _fail(self, name: str, problem: str, fix: str) -> CheckpointError:
         return CheckpointError(f"{self.locator.where(name)}: tensor '{name}' {problem}. {fix}")
@@ -163,6 +196,7 @@ class CheckpointValidator:
         Raises :class:`CheckpointError` on a ``-Paddle`` layout, an unexpected or mis-shaped tensor.
         """
         for name, tensor in weights:
+            self.arrived.add(name)
             if is_paddle_tensor_name(name):
                 raise self._fail(
                     name,
@@ -175,6 +209,9 @@ class CheckpointValidator:
             canonical = name.replace(CORRECTION_BIAS_TRANSFORMERS, CORRECTION_BIAS)
             if canonical == "lm_head.weight" and self.config.tie_word_embeddings:
                 continue  # a tied checkpoint may still carry a copy (msModelSlim writes one)
+            if not self.strict:
+                yield canonical, _canonical_bias(canonical, tensor)
+                continue
             shape = self.expected.get(canonical)
             if shape is None:
                 hint = (
@@ -184,31 +221,67 @@ class CheckpointValidator:
                 )
                 raise self._fail(name, "is not part of the model that config.json describes", hint)
             got = tuple(tensor.shape)
-            if got != shape and not (canonical.endswith(CORRECTION_BIAS) and got == shape[1:]):
+            # [1, E] bias and [out, 1] scales may also be stored flat.
+            flat_ok = canonical.endswith((CORRECTION_BIAS, "_scale", "_offset")) and got == (
+                shape[0] * shape[1],
+            )
+            if got != shape and not flat_ok:
                 raise self._fail(
                     name,
                     f"has shape {list(got)}, but config.json implies {list(shape)}",
                     "Check that config.json belongs to these weights.",
                 )
             self.seen.add(canonical)
-            if canonical.endswith(CORRECTION_BIAS):
-                tensor = tensor.reshape(-1)  # stored [1, E]; FusedMoE takes [E]
-            yield canonical, tensor
+            if self.description is not None:
+                self._check_quantized(name, canonical, tensor)
+                if canonical.endswith(".weight_offset"):
+                    continue  # all zeros (checked): nothing to load
+            if canonical.endswith("_scale"):
+                tensor = tensor.reshape(shape)
+            yield canonical, _canonical_bias(canonical, tensor)
+
+    def _check_quantized(self, name: str, canonical: str, tensor: torch.Tensor) -> None:
+        assert self.description is not None
+        if canonical.endswith(".weight_offset"):
+            if torch.count_nonzero(tensor):
+                raise self._fail(
+                    name,
+                    "is non-zero (asymmetric weight quantization)",
+                    "W8A8_DYNAMIC is symmetric: re-quantize with symmetric weights.",
+                )
+            return
+        if not is_quantizable_weight(canonical):
+            return
+        quantized = self.description.label(name) == W8A8_DYNAMIC
+        if quantized != (tensor.dtype == torch.int8):
+            label = self.description.label(name)
+            raise self._fail(
+                name,
+                f"is {tensor.dtype} but labelled {label} in {self.description.path.name}",
+                "The description and the weights disagree: re-export the checkpoint.",
+            )
 
     def check_complete(self) -> None:
-        """Raise if tensors the config requires never arrived."""
-        missing = sorted(set(self.expected) - self.seen)
-        if not missing:
+        """Raise if tensors the config (or the description) requires never arrived."""
+        if not self.strict:
             return
-        shown = ", ".join(missing[:5]) + (
-            f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        )
-        hint = (
-            self._shared_experts_hint()
-            if any(".shared_experts." in name for name in missing)
-            else "The checkpoint is incomplete or does not match config.json."
-        )
-        where = self.locator.model_dir or "the checkpoint"
-        raise CheckpointError(
-            f"{where}: {len(missing)} required tensors are missing: {shown}. {hint}"
-        )
+        missing = sorted(set(self.expected) - self.seen)
+        if missing:
+            shown = ", ".join(missing[:5]) + (
+                f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            )
+            hint = (
+                self._shared_experts_hint()
+                if any(".shared_experts." in name for name in missing)
+                else "The checkpoint is incomplete or does not match config.json."
+            )
+            where = self.locator.model_dir or "the checkpoint"
+            raise CheckpointError(
+                f"{where}: {len(missing)} required tensors are missing: {shown}. {hint}"
+            )
+        absent = sorted(set(self.description.labels) - self.arrived) if self.description else []
+        if absent:
+            raise CheckpointError(
+                f"{self.description.path}: names {len(absent)} tensors that are not in the "
+                f"weight files, e.g. {', '.join(absent[:3])}. Re-export the checkpoint."
+            )

@@ -46,6 +46,7 @@ from vllm.sequence import IntermediateTensors
 from vllm.transformers_utils.config import set_default_rope_theta
 
 from vllm_ernie_moe.checkpoint import CheckpointValidator, moe_layer_ids
+from vllm_ernie_moe.w8a8 import QUANTIZATION_NAME
 
 ROPE_THETA_DEFAULT = 500000
 
@@ -359,6 +360,7 @@ class Ernie4_5_MoeForCausalLM(nn.Module, SupportsPP):
         super().__init__()
         config = vllm_config.model_config.hf_config
         self.config = config
+        self.quant_config = vllm_config.quant_config
         self.checkpoint_dir = vllm_config.model_config.model
         self.model = ErnieModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
         if get_pp_group().is_last_rank:
@@ -391,7 +393,14 @@ class Ernie4_5_MoeForCausalLM(nn.Module, SupportsPP):
         return self.logits_processor(self.lm_head, hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        validator = CheckpointValidator(self.config, self.checkpoint_dir)
+        quant_config = self.quant_config
+        ours = quant_config is not None and quant_config.get_name() == QUANTIZATION_NAME
+        validator = CheckpointValidator(
+            self.config,
+            self.checkpoint_dir,
+            description=quant_config.description if ours else None,
+            strict=quant_config is None or ours,
+        )
         loaded = AutoWeightsLoader(self).load_weights(validator.check(weights))
         validator.check_complete()
         return loaded

@@ -1,0 +1,60 @@
+"""patch_model_config: msModelSlim ERNIE checkpoints get ernie-w8a8-dynamic, and only they do."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from vllm.config import ModelConfig
+
+from vllm_ernie_moe.patches import patch_model_config
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(autouse=True)
+def plugin():
+    """What vLLM's plugin loader runs: registers the method and applies the patches."""
+    import vllm_ernie_moe
+
+    vllm_ernie_moe.register()
+    assert patch_model_config.apply()  # already active: idempotent
+
+
+def test_msmodelslim_checkpoint_is_detected():
+    config = ModelConfig(model=str(FIXTURES / "ernie-tiny-w8a8-msmodelslim"))
+    assert config.quantization == "ernie-w8a8-dynamic"
+
+
+def test_v0_description_name_is_detected(tmp_path):
+    checkpoint = tmp_path / "v0"
+    shutil.copytree(FIXTURES / "ernie-tiny-w8a8-msmodelslim", checkpoint)
+    (checkpoint / "quant_model_description.json").rename(
+        checkpoint / "quant_model_description_w8a8_dynamic.json"
+    )
+    assert ModelConfig(model=str(checkpoint)).quantization == "ernie-w8a8-dynamic"
+
+
+def test_plain_checkpoint_is_left_alone():
+    assert ModelConfig(model=str(FIXTURES / "ernie-tiny-bf16")).quantization is None
+
+
+def test_explicit_flag_wins():
+    config = ModelConfig(model=str(FIXTURES / "ernie-tiny-bf16"), quantization="ernie-w8a8-dynamic")
+    assert config.quantization == "ernie-w8a8-dynamic"
+
+
+def test_other_architectures_are_not_claimed(tmp_path):
+    checkpoint = tmp_path / "other"
+    shutil.copytree(FIXTURES / "ernie-tiny-w8a8-msmodelslim", checkpoint)
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["architectures"] = ["SomeOtherForCausalLM"]
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    model_config = ModelConfig.__new__(ModelConfig)
+    model_config.__dict__.update(
+        quantization=None,
+        model=str(checkpoint),
+        hf_config=type("Config", (), {"architectures": config["architectures"]})(),
+        model_arch_config=type("Arch", (), {"quantization_config": None})(),
+    )
+    assert not patch_model_config.claims(model_config)

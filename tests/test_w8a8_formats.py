@@ -1,0 +1,240 @@
+"""msModelSlim formats and bad input: the offline tool, description parsing, load-time checks."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from reference import load_tensors
+from safetensors.torch import save_file
+from transformers import Ernie4_5_MoeConfig
+
+from vllm_ernie_moe import quantize
+from vllm_ernie_moe.checkpoint import CheckpointError, CheckpointValidator
+from vllm_ernie_moe.w8a8 import QuantizationFormatError, load_description, quantize_rows
+
+FIXTURES = Path(__file__).parent / "fixtures"
+BF16_SOURCE = FIXTURES / "ernie-tiny-bf16"
+MSMODELSLIM = FIXTURES / "ernie-tiny-w8a8-msmodelslim"
+
+
+def description_of(directory: Path) -> dict:
+    return json.loads((directory / "quant_model_description.json").read_text())
+
+
+def test_offline_tool_reproduces_msmodelslim_bit_for_bit(tmp_path):
+    out = quantize.quantize_checkpoint(BF16_SOURCE, tmp_path / "out")
+    ours, theirs = load_tensors(out), load_tensors(MSMODELSLIM)
+    assert ours.keys() == theirs.keys()
+    for name, tensor in theirs.items():
+        assert ours[name].dtype == tensor.dtype and torch.equal(ours[name], tensor), name
+    assert description_of(out) == description_of(MSMODELSLIM)
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config
+    assert (out / "tokenizer.json").read_bytes() == (BF16_SOURCE / "tokenizer.json").read_bytes()
+
+
+def test_formula_matches_msmodelslim_including_clamp_to_minus_128():
+    source, theirs = load_tensors(BF16_SOURCE), load_tensors(MSMODELSLIM)
+    clamped = 0
+    for name in theirs:
+        if theirs[name].dtype == torch.int8:
+            q, s = quantize_rows(source[name])
+            assert torch.equal(q, theirs[name]) and torch.equal(s, theirs[f"{name}_scale"]), name
+            clamped += int((q == -128).sum())
+    assert clamped > 0, "bf16 scales round down: some weights must reach -128"
+
+
+def test_cli_refuses_output_inside_input(tmp_path):
+    source = tmp_path / "src"
+    shutil.copytree(BF16_SOURCE, source)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vllm_ernie_moe.quantize",
+            "--model",
+            str(source),
+            "--output",
+            str(source / "w8a8"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode != 0
+    assert "overlaps the input" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_cli_rejects_bad_arguments(tmp_path):
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vllm_ernie_moe.quantize",
+            "--model",
+            str(tmp_path / "nope"),
+            "--output",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2 and "is not a directory" in done.stderr
+
+
+def test_interrupted_run_leaves_no_output(tmp_path, monkeypatch):
+    calls = []
+
+    def full_disk(self, name, tensor):
+        calls.append(name)
+        if len(calls) > 10:
+            raise OSError(28, "No space left on device")
+        self.pending[name] = tensor
+
+    monkeypatch.setattr(quantize._ShardWriter, "add", full_disk)
+    with pytest.raises(OSError):
+        quantize.quantize_checkpoint(BF16_SOURCE, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []  # neither the output nor a partial directory
+
+
+def test_peak_memory_stays_far_below_the_model_size(tmp_path):
+    """1 GiB of bf16 linear weights, 64 MiB shards: the tool's peak RSS grows by far less."""
+    source = tmp_path / "big"
+    source.mkdir()
+    (source / "config.json").write_text(json.dumps({"tie_word_embeddings": False}))
+    for shard in range(4):
+        save_file(
+            {
+                f"model.layers.{shard * 8 + i}.mlp.up_proj.weight": torch.ones(
+                    4096, 4096, dtype=torch.bfloat16
+                )
+                for i in range(8)
+            },
+            str(source / f"model-{shard}.safetensors"),
+        )
+    probe = (
+        "import resource, sys\n"
+        "from pathlib import Path\n"
+        "from vllm_ernie_moe.quantize import quantize_checkpoint\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "quantize_checkpoint(Path(sys.argv[1]), Path(sys.argv[2]), shard_size_gb=1 / 16)\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe, str(source), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    growth_mib = int(done.stdout.strip().splitlines()[-1])
+    assert growth_mib < 400, f"peak RSS grew by {growth_mib} MiB for a 1024 MiB model"
+
+
+def write_description(tmp_path: Path, **changes) -> Path:
+    description = dict(description_of(MSMODELSLIM), **changes)
+    path = tmp_path / "quant_model_description.json"
+    path.write_text(json.dumps(description))
+    return path
+
+
+@pytest.mark.parametrize("label", ["W8A8", "W8A8_MIX", "W4A8_DYNAMIC", "W8A16"])
+def test_unsupported_labels_are_named(tmp_path, label):
+    tensor = "model.layers.1.self_attn.o_proj.weight"
+    with pytest.raises(QuantizationFormatError, match=rf"'{tensor}' has label '{label}'"):
+        load_description(write_description(tmp_path, **{tensor: label}))
+
+
+def test_group_quantization_is_rejected(tmp_path):
+    with pytest.raises(QuantizationFormatError, match="group_size=128"):
+        load_description(write_description(tmp_path, group_size=128))
+
+
+def test_quantized_router_is_rejected(tmp_path):
+    tensor = "model.layers.1.mlp.gate.weight"
+    with pytest.raises(
+        QuantizationFormatError, match=rf"'{tensor}' is labelled W8A8_DYNAMIC.*router"
+    ):
+        load_description(write_description(tmp_path, **{tensor: "W8A8_DYNAMIC"}))
+
+
+def test_fused_3d_experts_are_rejected(tmp_path):
+    tensor = "model.layers.1.mlp.experts.gate_up_proj"
+    with pytest.raises(QuantizationFormatError, match="fused 3-D expert tensor"):
+        load_description(write_description(tmp_path, **{tensor: "W8A8_DYNAMIC"}))
+
+
+def validate(description_path: Path, tensors: dict) -> None:
+    config = Ernie4_5_MoeConfig(**json.loads((MSMODELSLIM / "config.json").read_text()))
+    validator = CheckpointValidator(config, MSMODELSLIM, load_description(description_path))
+    for _ in validator.check(tensors.items()):
+        pass
+    validator.check_complete()
+
+
+def test_fixture_passes_validation():
+    validate(MSMODELSLIM / "quant_model_description.json", load_tensors(MSMODELSLIM))
+
+
+def test_nonzero_weight_offset_is_rejected():
+    tensors = load_tensors(MSMODELSLIM)
+    name = "model.layers.2.mlp.experts.4.down_proj.weight_offset"
+    tensors[name] = torch.ones_like(tensors[name])
+    with pytest.raises(CheckpointError, match=rf"'{name}' is non-zero"):
+        validate(MSMODELSLIM / "quant_model_description.json", tensors)
+
+
+def test_missing_scale_is_named():
+    tensors = load_tensors(MSMODELSLIM)
+    del tensors["model.layers.0.self_attn.k_proj.weight_scale"]
+    with pytest.raises(
+        CheckpointError, match="missing: model.layers.0.self_attn.k_proj.weight_scale"
+    ):
+        validate(MSMODELSLIM / "quant_model_description.json", tensors)
+
+
+def test_description_naming_absent_tensors_is_rejected(tmp_path):
+    path = write_description(tmp_path, **{"model.layers.9.mlp.up_proj.weight": "FLOAT"})
+    with pytest.raises(CheckpointError, match="model.layers.9.mlp.up_proj.weight"):
+        validate(path, load_tensors(MSMODELSLIM))
+
+
+def test_fused_module_shards_with_different_labels_are_rejected(tmp_path):
+    from vllm_ernie_moe.quantization import ErnieW8A8DynamicConfig
+
+    checkpoint = tmp_path / "mixed"
+    shutil.copytree(MSMODELSLIM, checkpoint)
+    write_description(checkpoint, **{"model.layers.0.self_attn.k_proj.weight": "FLOAT"})
+    config = ErnieW8A8DynamicConfig()
+    config.maybe_update_config(str(checkpoint))
+    config.packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}
+    prefix = "model.layers.0.self_attn.qkv_proj"
+    with pytest.raises(QuantizationFormatError, match="qkv_proj.*different labels"):
+        config._label(prefix, config._checkpoint_modules(torch.nn.Linear(1, 1), prefix))
+
+
+def test_engine_refuses_an_unsupported_label_before_starting(tmp_path):
+    """The error comes from vLLM's config step in the calling process: no engine soup."""
+    from vllm import LLM
+
+    checkpoint = tmp_path / "static"
+    shutil.copytree(MSMODELSLIM, checkpoint)
+    write_description(checkpoint, **{"model.layers.0.self_attn.q_proj.weight": "W8A8"})
+    # vLLM's pydantic config wraps the error (a ValueError) with our message intact.
+    with pytest.raises(ValueError, match="q_proj.weight' has label 'W8A8'; only W8A8_DYNAMIC"):
+        LLM(model=str(checkpoint), max_model_len=256, enforce_eager=True)
+
+
+def test_flat_and_model_dtype_scales_are_accepted():
+    tensors = load_tensors(MSMODELSLIM)
+    name = "model.layers.1.self_attn.o_proj.weight_scale"
+    tensors[name] = tensors[name].reshape(-1).to(torch.bfloat16)
+    config = Ernie4_5_MoeConfig(**json.loads((MSMODELSLIM / "config.json").read_text()))
+    description = load_description(MSMODELSLIM / "quant_model_description.json")
+    validator = CheckpointValidator(config, MSMODELSLIM, description)
+    loaded = dict(validator.check(tensors.items()))
+    validator.check_complete()
+    assert loaded[name].shape == (64, 1)
+    assert not any(n.endswith("weight_offset") for n in loaded)  # checked zero, not loaded

@@ -1,0 +1,208 @@
+"""Quantize a BF16 ERNIE-4.5 MoE ``-PT`` checkpoint to msModelSlim's W8A8_DYNAMIC v1 format.
+
+    python -m vllm_ernie_moe.quantize --model IN --output OUT      (or: vllm-ernie-moe-quantize)
+
+The output loads in vllm-ascend (``ascend``) and in this plugin, and holds the same int8 weights and
+scales msModelSlim writes for the same input. It streams one tensor at a time, so peak memory is
+about one output shard (``--shard-size-gb``), not the model; it writes into a temporary sibling
+directory and renames it only when complete, so an interrupted run (full disk, Ctrl-C) never leaves
+an output that looks finished. Never quantized: router, correction bias, norms, embeddings, lm_head.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from vllm_ernie_moe.checkpoint import is_mtp_tensor_name, is_paddle_tensor_name
+from vllm_ernie_moe.w8a8 import FLOAT, W8A8_DYNAMIC, is_quantizable_weight, quantize_rows
+
+DESCRIPTION = "quant_model_description.json"
+WEIGHTS_PREFIX = "quant_model_weights"
+INDEX = f"{WEIGHTS_PREFIX}.safetensors.index.json"
+# What msModelSlim's saver copies besides the weights (tokenizer, generation and chat files).
+COPIED_SUFFIXES = (".json", ".py", ".txt", ".jinja", ".model", ".tiktoken")
+NOT_COPIED = ("model.safetensors.index.json", "config.json")
+
+
+class QuantizeError(Exception):
+    """Input the tool refuses; the message says what to do."""
+
+
+def _source_tensors(model_dir: Path) -> list[tuple[Path, str]]:
+    from safetensors import safe_open
+
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise QuantizeError(f"{model_dir}: no *.safetensors files (a -PT checkpoint directory?)")
+    tensors = []
+    for path in files:
+        with safe_open(str(path), "pt") as f:
+            tensors.extend((path, name) for name in f.keys())
+    return tensors
+
+
+def _check_source(model_dir: Path, tensors: list[tuple[Path, str]]) -> None:
+    config = json.loads((model_dir / "config.json").read_text())
+    if config.get("quantization_config"):
+        raise QuantizeError(
+            f"{model_dir}/config.json has a quantization_config: the input must be BF16/FP16/FP32."
+        )
+    for path, name in tensors:
+        if is_paddle_tensor_name(name):
+            raise QuantizeError(
+                f"{path}: tensor '{name}' is in the ERNIE -Paddle layout; "
+                "quantize the -PT checkpoint."
+            )
+        if name.rsplit(".", 1)[-1] in ("gate_up_proj", "down_proj") and ".experts." in f"{name}.":
+            raise QuantizeError(
+                f"{path}: tensor '{name}' is a fused 3-D expert tensor (transformers 5 in-memory "
+                "layout); the -PT format stores experts one by one."
+            )
+
+
+def _read(path: Path, name: str) -> torch.Tensor:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.get_tensor(name)
+
+
+def _converted(name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor, str]]:
+    """The output tensors for one input tensor, with their labels."""
+    if not (is_quantizable_weight(name) and tensor.dim() == 2 and tensor.is_floating_point()):
+        yield name, tensor, FLOAT
+        return
+    quantized, scale = quantize_rows(tensor)
+    yield name, quantized, W8A8_DYNAMIC
+    yield f"{name}_scale", scale, W8A8_DYNAMIC
+    yield f"{name}_offset", torch.zeros_like(scale), W8A8_DYNAMIC
+
+
+class _ShardWriter:
+    """Writes tensors into size-capped safetensors shards, renamed to k-of-N at the end."""
+
+    def __init__(self, out_dir: Path, shard_bytes: int):
+        self.out_dir, self.shard_bytes = out_dir, shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.shards: list[list[str]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.shard_bytes:
+            self.flush()
+        self.pending[name] = tensor.contiguous()
+        self.pending_bytes += size
+        self.total_bytes += size
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self.pending:
+            return
+        save_file(self.pending, str(self.out_dir / f"shard-{len(self.shards)}.tmp"))
+        self.shards.append(list(self.pending))
+        self.pending, self.pending_bytes = {}, 0
+
+    def finish(self) -> None:
+        self.flush()
+        count = len(self.shards)
+        weight_map = {}
+        for k, names in enumerate(self.shards):
+            final = f"{WEIGHTS_PREFIX}-{k + 1:05d}-of-{count:05d}.safetensors"
+            (self.out_dir / f"shard-{k}.tmp").rename(self.out_dir / final)
+            weight_map.update(dict.fromkeys(names, final))
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+        (self.out_dir / INDEX).write_text(json.dumps(index, indent=2))
+
+
+def quantize_checkpoint(model_dir: Path, output_dir: Path, shard_size_gb: float = 2.0) -> Path:
+    """Write the W8A8_DYNAMIC checkpoint of ``model_dir`` to ``output_dir``; returns it."""
+    from tqdm import tqdm
+
+    model_dir, output_dir = model_dir.resolve(), output_dir.resolve()
+    if not (model_dir / "config.json").is_file():
+        raise QuantizeError(f"{model_dir}: no config.json; pass a checkpoint directory to --model")
+    if (
+        output_dir == model_dir
+        or model_dir in output_dir.parents
+        or output_dir in model_dir.parents
+    ):
+        raise QuantizeError(
+            f"--output {output_dir} overlaps the input {model_dir}: choose a separate directory."
+        )
+    if output_dir.exists():
+        raise QuantizeError(f"--output {output_dir} exists: remove it or choose another path.")
+    tensors = _source_tensors(model_dir)
+    _check_source(model_dir, tensors)
+    config = json.loads((model_dir / "config.json").read_text())
+
+    partial = output_dir.with_name(f".{output_dir.name}.partial-{os.getpid()}")
+    partial.mkdir(parents=True)
+    try:
+        writer = _ShardWriter(partial, int(shard_size_gb * 2**30))
+        labels: dict[str, str] = {}
+        for path, name in tqdm(tensors, desc="quantizing", unit="tensor"):
+            if is_mtp_tensor_name(name):
+                continue  # the MTP head is not served; msModelSlim drops it too
+            for out_name, tensor, label in _converted(name, _read(path, name)):
+                writer.add(out_name, tensor)
+                labels[out_name] = label
+        if config.get("tie_word_embeddings") and "lm_head.weight" not in labels:
+            # msModelSlim writes the tied head explicitly; vllm-ascend expects it.
+            embedding = next(p for p, n in tensors if n == "model.embed_tokens.weight")
+            writer.add("lm_head.weight", _read(embedding, "model.embed_tokens.weight"))
+            labels["lm_head.weight"] = FLOAT
+        writer.finish()
+        description = dict(
+            labels,
+            version="1.0.0",
+            model_quant_type=W8A8_DYNAMIC,
+            metadata={},
+            group_size=0,
+            optional={},
+        )
+        (partial / DESCRIPTION).write_text(json.dumps(description, indent=4))
+        config.pop("quantization_config", None)
+        (partial / "config.json").write_text(json.dumps(config, indent=2))
+        for item in model_dir.iterdir():
+            if item.is_file() and item.suffix in COPIED_SUFFIXES and item.name not in NOT_COPIED:
+                shutil.copy2(item, partial / item.name)
+        partial.rename(output_dir)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return output_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="vllm-ernie-moe-quantize",
+        description="Quantize an ERNIE-4.5 MoE -PT checkpoint to msModelSlim W8A8_DYNAMIC (v1).",
+    )
+    parser.add_argument("--model", required=True, type=Path, help="input checkpoint directory")
+    parser.add_argument("--output", required=True, type=Path, help="new output directory")
+    parser.add_argument(
+        "--shard-size-gb", type=float, default=2.0, help="max size of one weight file (GiB)"
+    )
+    args = parser.parse_args(argv)
+    if not args.model.is_dir():
+        parser.error(f"--model {args.model} is not a directory")
+    if args.shard_size_gb <= 0:
+        parser.error("--shard-size-gb must be positive")
+    try:
+        out = quantize_checkpoint(args.model, args.output, args.shard_size_gb)
+    except (QuantizeError, OSError) as error:
+        sys.exit(f"vllm-ernie-moe-quantize: {error}")
+    print(f"wrote {out} (serve it with: vllm serve {out})")
+
+
+if __name__ == "__main__":
+    main()

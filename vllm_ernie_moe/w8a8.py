@@ -1,0 +1,158 @@
+"""msModelSlim's W8A8_DYNAMIC format and math: shared by the loader, online and offline quantizing.
+
+Format (see docs/w8a8.md): a description JSON maps every tensor name to a label; a W8A8_DYNAMIC
+linear ``P`` stores ``P.weight`` int8 [out, in], ``P.weight_scale`` [out, 1] and ``P.weight_offset``
+[out, 1] (all zeros: symmetric). Math: per output channel ``s_w = max|W_row| / 127`` and
+``q = clamp(round(W / s_w), -128, 127)``, computed in the weight's own dtype as msModelSlim does;
+activations are quantized per token at run time.
+"""
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+#: This plugin's vLLM quantization method name (distinct from vllm-ascend's "ascend").
+QUANTIZATION_NAME = "ernie-w8a8-dynamic"
+W8A8_DYNAMIC = "W8A8_DYNAMIC"
+FLOAT = "FLOAT"
+SUPPORTED_LABELS = (W8A8_DYNAMIC, FLOAT)
+# v1 CLI / v0 ascendV1 writers, then the v0 safe_tensor writer.
+DESCRIPTION_FILES = ("quant_model_description.json", "quant_model_description_w8a8_dynamic.json")
+METADATA_KEYS = frozenset(
+    {
+        "version",
+        "model_quant_type",
+        "group_size",
+        "metadata",
+        "optional",
+        "kv_cache_type",
+        "kv_quant_type",
+        "fa_quant_type",
+        "reduce_quant_type",
+    }
+)
+# Checkpoint linear projections that W8A8_DYNAMIC may quantize. Everything else (embeddings,
+# lm_head, norms, the router ``mlp.gate`` and its correction bias) must stay FLOAT.
+QUANTIZABLE_PROJECTIONS = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+)
+
+
+class QuantizationFormatError(ValueError):
+    """A quantized checkpoint this plugin cannot serve correctly; the message names the fix."""
+
+
+QUANTIZED_SUFFIXES = (".weight", ".weight_scale", ".weight_offset")
+
+
+def _check_quantizable(path: Path, tensor: str, label: str) -> None:
+    parts = tensor.split(".")
+    if "experts" in parts[-3:-1] and parts[parts.index("experts", len(parts) - 3) + 1] in (
+        "gate_up_proj",
+        "down_proj",
+    ):
+        raise QuantizationFormatError(
+            f"{path}: tensor '{tensor}' is a fused 3-D expert tensor (transformers 5 layout); "
+            "msModelSlim must see per-expert linears: export with transformers<5."
+        )
+    module = next((tensor[: -len(s)] for s in QUANTIZED_SUFFIXES if tensor.endswith(s)), tensor)
+    if not is_quantizable_weight(module + ".weight"):
+        what = "the MoE router" if module.endswith("mlp.gate") else "this tensor"
+        raise QuantizationFormatError(
+            f"{path}: tensor '{tensor}' is labelled {label}, but {what} must stay FLOAT "
+            "(ERNIE routes in fp32; embeddings, lm_head and norms are not quantized). "
+            "Re-quantize with the router and lm_head excluded (exclude: ['*mlp.gate', 'lm_head'])."
+        )
+
+
+def is_quantizable_weight(name: str) -> bool:
+    """``model.layers.N.<...>.{q,k,v,o,gate,up,down}_proj.weight``: a linear weight."""
+    parts = name.split(".")
+    return len(parts) >= 3 and parts[-1] == "weight" and parts[-2] in QUANTIZABLE_PROJECTIONS
+
+
+def quantize_rows(
+    weight: torch.Tensor, amax: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8 of ``weight [..., out, in]``, bit-identical to msModelSlim.
+
+    The arithmetic stays in the weight's dtype (bf16 for bf16 checkpoints), as msModelSlim's.
+    ``amax`` (``[..., out, 1]``) overrides the row maximum, for rows split across ranks.
+    Returns the int8 weight and the fp32 scale ``[..., out, 1]``.
+    """
+    if amax is None:
+        amax = weight.abs().amax(dim=-1, keepdim=True)
+    scale = amax.to(weight.dtype) / 127
+    # An all-zero row: any scale gives q = 0; use 1 to avoid 0 / 0.
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    quantized = torch.clamp(torch.round(weight / scale), -128, 127).to(torch.int8)
+    return quantized, scale.float()
+
+
+@dataclass
+class ModelSlimDescription:
+    """A parsed, validated description JSON: tensor labels plus metadata."""
+
+    path: Path
+    labels: dict[str, str]
+    metadata: dict
+
+    def label(self, tensor: str) -> str:
+        try:
+            return self.labels[tensor]
+        except KeyError:
+            raise QuantizationFormatError(
+                f"{self.path}: no label for tensor '{tensor}'. The description must name every "
+                "tensor of the checkpoint; re-export it with msModelSlim or "
+                "`python -m vllm_ernie_moe.quantize`."
+            ) from None
+
+
+def find_description(model_dir: str | os.PathLike) -> Path | None:
+    """The description JSON of a local msModelSlim checkpoint directory, if it is one."""
+    if not os.path.isdir(model_dir):
+        return None
+    for name in DESCRIPTION_FILES:
+        path = Path(model_dir) / name
+        if path.is_file():
+            return path
+    return None
+
+
+def load_description(path: Path) -> ModelSlimDescription:
+    """Parse and validate: only per-channel W8A8_DYNAMIC and FLOAT, no quantized KV cache."""
+    raw = json.loads(path.read_text())
+    labels = {k: v for k, v in raw.items() if k not in METADATA_KEYS}
+    metadata = {k: v for k, v in raw.items() if k in METADATA_KEYS}
+    group_size = int(metadata.get("group_size", 0) or 0)
+    if group_size > 0:
+        raise QuantizationFormatError(
+            f"{path}: group_size={group_size} (per-group quantization) is not supported; "
+            "W8A8_DYNAMIC here is per channel: quantize with group_size 0."
+        )
+    for key in ("kv_quant_type", "fa_quant_type", "kv_cache_type"):
+        if metadata.get(key) not in (None, FLOAT, "", "None"):
+            raise QuantizationFormatError(
+                f"{path}: {key}={metadata[key]!r}: quantized KV cache / attention is not supported "
+                "(the MindIE reference does not support it either); export without it."
+            )
+    for tensor, label in labels.items():
+        if label not in SUPPORTED_LABELS:
+            raise QuantizationFormatError(
+                f"{path}: tensor '{tensor}' has label {label!r}; only W8A8_DYNAMIC (int8 "
+                "per-channel weights, per-token dynamic activations) and FLOAT are supported, "
+                "as in MindIE. "
+                "Re-quantize with msModelSlim's w8a8 dynamic mode."
+            )
+        if label != FLOAT:
+            _check_quantizable(path, tensor, label)
+    return ModelSlimDescription(path, labels, metadata)
