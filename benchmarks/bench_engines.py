@@ -4,7 +4,8 @@ Checkpoint: the exact ERNIE-4.5-21B-A3B geometry with 4 layers (dense layer 0 + 
 random bf16 weights with a random router (built once and cached), and its W8A8_DYNAMIC version
 written by ``vllm_ernie_moe.quantize``. Each engine runs in its own subprocess on the same cores;
 rows: bs=1 decode (128 in / 64 out), bs=8 decode, 1024-token prefill; for vLLM also engine load
-time and peak RSS (the benchmark process and its engine/worker children, sampled every 0.1 s).
+time and peak memory while loading (PSS of the benchmark process and its engine/worker children,
+sampled every 0.1 s; serving adds only the fixed 1 GiB KV cache, already allocated at load).
 
     python benchmarks/bench_engines.py            # all engines, writes docs/benchmarks.md's table
     python benchmarks/bench_engines.py --engines plugin builtin --json out.json
@@ -29,7 +30,8 @@ ENGINES = {
 }
 PROMPT_LEN, DECODE_LEN, PREFILL_LEN, BATCH = 128, 64, 1024, 8
 # Same cores for every engine: vLLM otherwise reserves one of two cores for its front end.
-BENCH_ENV = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_KVCACHE_SPACE": "4"}
+# A 1 GiB KV cache holds 8 x 2048 tokens of this 4-layer model many times over.
+BENCH_ENV = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
 
 
 def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -64,8 +66,9 @@ def measure(generate) -> dict[str, float]:
     }
 
 
-class PeakRss:
-    """Samples the resident memory of this process and its children (engine, workers)."""
+class PeakMemory:
+    """Samples the memory of this process and its children (engine, workers) as PSS, which counts
+    pages shared between them (libraries, the safetensors mmap) once, not once per process."""
 
     def __init__(self) -> None:
         import threading
@@ -79,7 +82,7 @@ class PeakRss:
             while self.running:
                 try:
                     procs = [me, *me.children(recursive=True)]
-                    self.peak = max(self.peak, sum(p.memory_info().rss for p in procs))
+                    self.peak = max(self.peak, sum(p.memory_full_info().pss for p in procs))
                 except psutil.Error:
                     pass
                 time.sleep(0.1)
@@ -97,10 +100,11 @@ def run_vllm(checkpoint: str) -> dict[str, float]:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    rss = PeakRss()
+    memory = PeakMemory()
     start = time.perf_counter()
     llm = LLM(model=checkpoint, dtype="bfloat16", max_model_len=2048, max_num_seqs=BATCH)
     load_s = time.perf_counter() - start
+    peak_pss_gib = memory.stop()  # sampling PSS costs CPU: never during the timed runs
 
     def generate(prompts, tokens):
         params = SamplingParams(
@@ -108,7 +112,7 @@ def run_vllm(checkpoint: str) -> dict[str, float]:
         )
         llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
 
-    return dict(measure(generate), load_s=load_s, peak_rss_gib=rss.stop())
+    return dict(measure(generate), load_s=load_s, peak_pss_gib=peak_pss_gib)
 
 
 def run_transformers(checkpoint: str) -> dict[str, float]:
@@ -148,6 +152,13 @@ def checkpoint_paths(cache: Path) -> tuple[Path, Path]:
 SPEED_KEYS = ("bs1_decode_tok_s", "bs8_decode_tok_s", "prefill_1024_tok_s")
 
 
+def best_of(old: dict[str, float] | None, new: dict[str, float]) -> dict[str, float]:
+    """Per metric the better of two rounds: higher speed, shorter load, lower memory."""
+    if old is None:
+        return new
+    return {k: max(old[k], new[k]) if k in SPEED_KEYS else min(old[k], new[k]) for k in new}
+
+
 def _ratio_row(results: dict, a: str, b: str, keys: tuple[str, ...]) -> list[str]:
     if a not in results or b not in results:
         return []
@@ -166,12 +177,12 @@ def markdown(results: dict[str, dict[str, float]]) -> str:
             f"| {r['prefill_1024_tok_s']:.0f} |"
         )
     rows.extend(_ratio_row(results, "plugin", "builtin", SPEED_KEYS))
-    rows += ["", "| engine | load s | peak RSS GiB |", "|---|---|---|"]
+    rows += ["", "| engine | load s | peak PSS GiB |", "|---|---|---|"]
     for engine in ("plugin", "w8a8"):
         if engine in results:
             r = results[engine]
-            rows.append(f"| {ENGINES[engine]} | {r['load_s']:.0f} | {r['peak_rss_gib']:.2f} |")
-    rows.extend(_ratio_row(results, "w8a8", "plugin", (*SPEED_KEYS, "load_s", "peak_rss_gib")))
+            rows.append(f"| {ENGINES[engine]} | {r['load_s']:.0f} | {r['peak_pss_gib']:.2f} |")
+    rows.extend(_ratio_row(results, "w8a8", "plugin", (*SPEED_KEYS, "load_s", "peak_pss_gib")))
     return "\n".join(rows)
 
 
@@ -180,6 +191,9 @@ def main() -> None:
     parser.add_argument("--engines", nargs="+", choices=list(ENGINES), default=list(ENGINES))
     parser.add_argument("--cache", default=str(REPO / "benchmarks" / "out"))
     parser.add_argument("--json", help="also write the raw results here")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="run every engine this often, keep each one's best"
+    )
     parser.add_argument(
         "--child", nargs=3, metavar=("ENGINE", "CHECKPOINT", "OUT"), help=argparse.SUPPRESS
     )
@@ -190,7 +204,7 @@ def main() -> None:
     cache = Path(args.cache)
     bf16, w8a8 = checkpoint_paths(cache)
     results: dict[str, dict[str, float]] = {}
-    for engine in args.engines:
+    for engine in args.engines * args.rounds:
         out = cache / f"{engine}.json"
         env = dict(os.environ, **BENCH_ENV)
         if engine == "builtin":
@@ -213,7 +227,7 @@ def main() -> None:
             )
         if done.returncode:
             sys.exit(f"{engine} failed; its log is {log}")
-        results[engine] = json.loads(out.read_text())
+        results[engine] = best_of(results.get(engine), json.loads(out.read_text()))
         print(engine, results[engine], flush=True)
     print(markdown(results))
     if args.json:

@@ -51,7 +51,6 @@ def main(argv: list[str] | None = None) -> None:
     envs.use_all_cpu_cores()
     from vllm import LLM, SamplingParams
 
-    from vllm_ernie_moe.chat import chat_template_for
     from vllm_ernie_moe.random_checkpoint import RANDOM_WEIGHTS_NOTICE, default_checkpoint
 
     model = args.model_path
@@ -68,9 +67,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     params = SamplingParams(max_tokens=args.max_output_length, temperature=0)
     if args.is_chat_model:
-        template = chat_template_for(llm.get_tokenizer())
+        # A tokenizer without a chat template gets the official ERNIE one (the plugin registers it).
         conversations = [[{"role": "user", "content": text}] for text in args.input_texts]
-        outputs = llm.chat(conversations, params, chat_template=template, use_tqdm=False)
+        outputs = llm.chat(conversations, params, use_tqdm=False)
     else:
         outputs = llm.generate(args.input_texts, params, use_tqdm=False)
     for text, output in zip(args.input_texts, outputs):

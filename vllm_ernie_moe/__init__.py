@@ -10,7 +10,8 @@ _registered = False
 
 
 def register() -> None:
-    """Register the model class in place of vLLM's built-in one and apply the runtime patches.
+    """Register the model class in place of vLLM's built-in one, the chat-template fallback and the
+    W8A8 method, and apply the runtime patches.
 
     Cheap and idempotent: the model module is imported lazily by vLLM, never here.
     """
@@ -21,6 +22,7 @@ def register() -> None:
     from vllm.logger import init_logger
     from vllm.platforms import current_platform
 
+    from vllm_ernie_moe.chat import register_chat_template
     from vllm_ernie_moe.patches import apply_all
 
     ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
@@ -31,6 +33,7 @@ def register() -> None:
         MODEL_CLASS,
     )
     apply_all()
+    register_chat_template()
     if current_platform.device_type != "npu":  # there, vllm-ascend serves msModelSlim checkpoints
         import vllm_ernie_moe.quantization  # noqa: F401  (registers "ernie-w8a8-dynamic")
     _registered = True

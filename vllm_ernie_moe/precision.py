@@ -1,0 +1,175 @@
+"""Precision tests on vLLM: MindIE's BoolQ protocol, and lm-eval for other tasks.
+
+    python -m vllm_ernie_moe.precision boolq --model M --data boolq_dir_or.jsonl [--tp 2]
+    python -m vllm_ernie_moe.precision lm-eval --model M --tasks gsm8k,ceval-valid [--tp 2]
+
+BoolQ (MindIE ``modeltest full_BoolQ``): each JSONL line has ``question``, ``passage``, ``title``
+and ``answer`` (true/false). The prompt is
+``"{title} -- {passage}\\nQuestion: {question}?\\nAnswer:"``; one forward step; the answer is
+" yes" when its log-probability at the last position beats " no"'s (the token ids are the last
+tokens of ": yes" / ": no", encoded without special tokens). Accuracy per file and in total.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from vllm_ernie_moe import envs
+from vllm_ernie_moe.cli import add_engine_arguments, build_llm, check_engine_arguments
+
+
+@dataclass
+class BoolQItem:
+    prompt: str
+    answer: bool
+
+
+def boolq_prompt(item: dict) -> str:
+    return f"{item['title']} -- {item['passage']}\nQuestion: {item['question']}?\nAnswer:"
+
+
+def _as_bool(value, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if str(value).strip().lower() in ("true", "false"):
+        return str(value).strip().lower() == "true"
+    raise ValueError(f"{where}: answer must be true or false, got {value!r}")
+
+
+def read_boolq(path: Path) -> list[BoolQItem]:
+    items = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+            items.append(BoolQItem(boolq_prompt(record), _as_bool(record["answer"], where)))
+        except (json.JSONDecodeError, KeyError) as error:
+            raise ValueError(
+                f"{where}: not a BoolQ record ({error}); need question, passage, title, answer"
+            ) from None
+    return items
+
+
+def answer_token_ids(tokenizer) -> tuple[int, int]:
+    """The ids of " yes" and " no" as the last tokens of ": yes" / ": no" (MindIE's rule)."""
+    yes = tokenizer.encode(": yes", add_special_tokens=False)[-1]
+    no = tokenizer.encode(": no", add_special_tokens=False)[-1]
+    return yes, no
+
+
+def boolq_predictions(llm, items: list[BoolQItem]) -> list[bool]:
+    """True where the model prefers " yes": greedy over the two answer tokens only."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    tokenizer = llm.get_tokenizer()
+    yes, no = answer_token_ids(tokenizer)
+    limit = llm.llm_engine.model_config.max_model_len - 1
+    prompts = [
+        TokensPrompt(prompt_token_ids=tokenizer.encode(item.prompt)[-limit:]) for item in items
+    ]
+    params = SamplingParams(max_tokens=1, temperature=0, allowed_token_ids=[yes, no])
+    outputs = llm.generate(prompts, params)
+    return [output.outputs[0].token_ids[0] == yes for output in outputs]
+
+
+def run_boolq(args: argparse.Namespace) -> dict:
+    data = Path(args.data)
+    files = sorted(data.glob("*.jsonl")) if data.is_dir() else [data]
+    if not files:
+        raise SystemExit(f"{data}: no *.jsonl files")
+    per_file = {f: read_boolq(f) for f in files}
+    llm = build_llm(args)
+    results, correct_total, count_total = {}, 0, 0
+    print(f"\n{'file':<40} {'items':>6} {'correct':>8} {'accuracy':>9}")
+    for file, items in per_file.items():
+        predictions = boolq_predictions(llm, items)
+        correct = sum(p == item.answer for p, item in zip(predictions, items))
+        results[file.name] = {
+            "items": len(items),
+            "correct": correct,
+            "accuracy": correct / len(items),
+            "predictions": ["yes" if p else "no" for p in predictions],
+        }
+        correct_total, count_total = correct_total + correct, count_total + len(items)
+        print(f"{file.name:<40} {len(items):>6} {correct:>8} {correct / len(items):>9.4f}")
+    total = {
+        "items": count_total,
+        "correct": correct_total,
+        "accuracy": correct_total / count_total,
+    }
+    print(f"{'total':<40} {count_total:>6} {correct_total:>8} {total['accuracy']:>9.4f}")
+    return {"files": results, "total": total}
+
+
+def lm_eval_command(args: argparse.Namespace, extra: list[str]) -> list[str]:
+    model_args = (
+        f"pretrained={args.model},tensor_parallel_size={args.tp},dtype={args.dtype},"
+        f"max_model_len={args.max_model_len},trust_remote_code={args.trust_remote_code}"
+    ) + (f",quantization={args.quantization}" if args.quantization else "")
+    return [
+        sys.executable, "-m", "lm_eval", "--model", "vllm", "--model_args", model_args,
+        "--tasks", args.tasks, "--batch_size", "auto", *extra,
+    ]  # fmt: skip
+
+
+def run_lm_eval(args: argparse.Namespace, extra: list[str]) -> int:
+    import importlib.util
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise SystemExit(
+            "lm-eval is not installed: pip install 'lm-eval' (its vLLM backend uses this "
+            "environment's vLLM and the plugin), then run this command again."
+        )
+    envs.use_all_cpu_cores()
+    command = lm_eval_command(args, extra)
+    print(" ".join(command), flush=True)
+    return subprocess.call(command)
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(
+        prog="python -m vllm_ernie_moe.precision", description=__doc__.splitlines()[0]
+    )
+    sub = parser.add_subparsers(dest="mode", required=True)
+    for name, help_text in (
+        ("boolq", "MindIE's BoolQ protocol"),
+        ("lm-eval", "delegate to lm-eval"),
+    ):
+        mode = sub.add_parser(name, help=help_text)
+        mode.add_argument("--model", required=True, help="checkpoint directory or hub id")
+        add_engine_arguments(mode)
+    sub.choices["boolq"].add_argument("--data", required=True, help="a .jsonl file or a folder")
+    sub.choices["boolq"].add_argument("--json", help="also write the results here")
+    sub.choices["lm-eval"].add_argument(
+        "--tasks", required=True, help="e.g. gsm8k,ceval-valid,mmlu"
+    )
+    args, extra = parser.parse_known_args(argv)
+    if args.mode == "boolq" and extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    check_engine_arguments(parser, args)
+    if args.mode == "boolq" and not Path(args.data).exists():
+        parser.error(f"--data {args.data} does not exist")
+    return args, extra
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, extra = parse_args(argv)
+    if args.mode == "lm-eval":
+        return run_lm_eval(args, extra)
+    try:
+        results = run_boolq(args)
+    except ValueError as error:
+        raise SystemExit(f"precision: {error}") from None
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
