@@ -59,55 +59,43 @@ _TINY_COMMON: dict[str, Any] = dict(
     max_position_embeddings=4096,
 )
 
+
+def _tiny(notes: str, **config: Any) -> Geometry:
+    """A tiny geometry: a router and bias strong enough that the bias changes the chosen experts."""
+    return Geometry(config=dict(_TINY_COMMON, **config), router_std=0.3, bias_std=0.15, notes=notes)
+
+
 GEOMETRIES: dict[str, Geometry] = {
-    # 21B-A3B-like: dense layer 0, shared experts, tied embeddings, MoE to the last layer.
-    "tiny-21b": Geometry(
-        config=dict(
-            _TINY_COMMON,
-            num_hidden_layers=3,
-            num_key_value_heads=2,
-            moe_k=3,
-            moe_num_shared_experts=2,
-            moe_layer_start_index=1,
-            moe_layer_end_index=-1,
-            tie_word_embeddings=True,
-        ),
-        router_std=0.3,
-        bias_std=0.15,
-        notes="21B-A3B-like: dense layer 0, 2 shared experts, tied lm_head",
+    "tiny-21b": _tiny(
+        "21B-A3B-like: dense layer 0, 2 shared experts, tied lm_head, MoE to the last layer (-1)",
+        num_hidden_layers=3,
+        num_key_value_heads=2,
+        moe_k=3,
+        moe_num_shared_experts=2,
+        moe_layer_start_index=1,
+        moe_layer_end_index=-1,
+        tie_word_embeddings=True,
     ),
-    # 300B-A47B-like: several dense layers, no shared experts, untied lm_head, moe_k > 2, one
-    # KV head so that TP=2 replicates it.
-    "tiny-300b": Geometry(
-        config=dict(
-            _TINY_COMMON,
-            num_hidden_layers=5,
-            num_key_value_heads=1,
-            moe_k=4,
-            moe_num_shared_experts=0,
-            moe_layer_start_index=2,
-            moe_layer_end_index=4,
-            tie_word_embeddings=False,
-        ),
-        router_std=0.3,
-        bias_std=0.15,
-        notes="300B-A47B-like: dense layers 0-1, no shared experts, untied lm_head, 1 KV head",
+    # One KV head, so that TP=2 replicates it.
+    "tiny-300b": _tiny(
+        "300B-A47B-like: dense layers 0-1, no shared experts, untied lm_head, moe_k 4, 1 KV head",
+        num_hidden_layers=5,
+        num_key_value_heads=1,
+        moe_k=4,
+        moe_num_shared_experts=0,
+        moe_layer_start_index=2,
+        moe_layer_end_index=4,
+        tie_word_embeddings=False,
     ),
-    # No MoE layer at all (the MoE range starts past the last layer): a dense model.
-    "tiny-dense": Geometry(
-        config=dict(
-            _TINY_COMMON,
-            num_hidden_layers=2,
-            num_key_value_heads=2,
-            moe_k=2,
-            moe_num_shared_experts=0,
-            moe_layer_start_index=2,
-            moe_layer_end_index=-1,
-            tie_word_embeddings=True,
-        ),
-        router_std=0.3,
-        bias_std=0.15,
-        notes="no MoE layer: every layer dense",
+    "tiny-dense": _tiny(
+        "no MoE layer: the MoE range starts past the last layer",
+        num_hidden_layers=2,
+        num_key_value_heads=2,
+        moe_k=2,
+        moe_num_shared_experts=0,
+        moe_layer_start_index=2,
+        moe_layer_end_index=-1,
+        tie_word_embeddings=True,
     ),
     # The exact ERNIE-4.5-21B-A3B geometry with 4 layers (dense layer 0 + 3 MoE layers).
     "21b-4layers": Geometry(
