@@ -238,3 +238,14 @@ def test_flat_and_model_dtype_scales_are_accepted():
     validator.check_complete()
     assert loaded[name].shape == (64, 1)
     assert not any(n.endswith("weight_offset") for n in loaded)  # checked zero, not loaded
+
+
+def test_offline_tool_rejects_fused_expert_tensors(tmp_path):
+    source = tmp_path / "fused"
+    source.mkdir()
+    (source / "config.json").write_text(json.dumps({"tie_word_embeddings": False}))
+    name = "model.layers.1.mlp.experts.gate_up_proj"
+    save_file({name: torch.zeros(8, 64, 64)}, str(source / "model.safetensors"))
+    with pytest.raises(quantize.QuantizeError, match=rf"'{name}' is a fused 3-D expert tensor"):
+        quantize.quantize_checkpoint(source, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

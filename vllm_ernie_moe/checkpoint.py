@@ -252,9 +252,8 @@ class CheckpointValidator:
             return
         if not is_quantizable_weight(canonical):
             return
-        quantized = self.description.label(name) == W8A8_DYNAMIC
-        if quantized != (tensor.dtype == torch.int8):
-            label = self.description.label(name)
+        label = self.description.label(name)
+        if (label == W8A8_DYNAMIC) != (tensor.dtype == torch.int8):
             raise self._fail(
                 name,
                 f"is {tensor.dtype} but labelled {label} in {self.description.path.name}",

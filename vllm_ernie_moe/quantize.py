@@ -20,7 +20,13 @@ from pathlib import Path
 import torch
 
 from vllm_ernie_moe.checkpoint import is_mtp_tensor_name, is_paddle_tensor_name
-from vllm_ernie_moe.w8a8 import FLOAT, W8A8_DYNAMIC, is_quantizable_weight, quantize_rows
+from vllm_ernie_moe.w8a8 import (
+    FLOAT,
+    W8A8_DYNAMIC,
+    is_fused_expert_tensor,
+    is_quantizable_weight,
+    quantize_rows,
+)
 
 DESCRIPTION = "quant_model_description.json"
 WEIGHTS_PREFIX = "quant_model_weights"
@@ -59,7 +65,7 @@ def _check_source(model_dir: Path, tensors: list[tuple[Path, str]]) -> None:
                 f"{path}: tensor '{name}' is in the ERNIE -Paddle layout; "
                 "quantize the -PT checkpoint."
             )
-        if name.rsplit(".", 1)[-1] in ("gate_up_proj", "down_proj") and ".experts." in f"{name}.":
+        if is_fused_expert_tensor(name):
             raise QuantizeError(
                 f"{path}: tensor '{name}' is a fused 3-D expert tensor (transformers 5 in-memory "
                 "layout); the -PT format stores experts one by one."

@@ -54,17 +54,25 @@ class QuantizationFormatError(ValueError):
 QUANTIZED_SUFFIXES = (".weight", ".weight_scale", ".weight_offset")
 
 
+def _module_of(tensor: str) -> str:
+    """``P.weight`` / ``P.weight_scale`` / ``P.weight_offset`` -> ``P``."""
+    return next((tensor[: -len(s)] for s in QUANTIZED_SUFFIXES if tensor.endswith(s)), tensor)
+
+
+def is_fused_expert_tensor(name: str) -> bool:
+    """``mlp.experts.gate_up_proj`` / ``mlp.experts.down_proj``: all experts in one 3-D tensor
+    (transformers 5's in-memory layout), not the -PT per-expert layout."""
+    parts = _module_of(name).split(".")
+    return len(parts) >= 2 and parts[-2] == "experts" and parts[-1] in ("gate_up_proj", "down_proj")
+
+
 def _check_quantizable(path: Path, tensor: str, label: str) -> None:
-    parts = tensor.split(".")
-    if "experts" in parts[-3:-1] and parts[parts.index("experts", len(parts) - 3) + 1] in (
-        "gate_up_proj",
-        "down_proj",
-    ):
+    if is_fused_expert_tensor(tensor):
         raise QuantizationFormatError(
             f"{path}: tensor '{tensor}' is a fused 3-D expert tensor (transformers 5 layout); "
             "msModelSlim must see per-expert linears: export with transformers<5."
         )
-    module = next((tensor[: -len(s)] for s in QUANTIZED_SUFFIXES if tensor.endswith(s)), tensor)
+    module = _module_of(tensor)
     if not is_quantizable_weight(module + ".weight"):
         what = "the MoE router" if module.endswith("mlp.gate") else "this tensor"
         raise QuantizationFormatError(
