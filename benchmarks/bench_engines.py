@@ -1,13 +1,15 @@
-"""Side-by-side speed of this plugin, vLLM's built-in ERNIE class and transformers, in one run.
+"""Side-by-side speed of this plugin, vLLM's built-in ERNIE class, transformers and llama.cpp.
 
 Checkpoint: the exact ERNIE-4.5-21B-A3B geometry with 4 layers (dense layer 0 + 3 MoE layers),
-random bf16 weights with a random router (built once and cached), and its W8A8_DYNAMIC version
-written by ``vllm_ernie_moe.quantize``. Each engine runs in its own subprocess on the same cores;
-rows: bs=1 decode (128 in / 64 out), bs=8 decode, 1024-token prefill; for vLLM also engine load
-time and peak memory while loading (PSS of the benchmark process and its engine/worker children,
-sampled every 0.1 s; serving adds only the fixed 1 GiB KV cache, already allocated at load).
+random bf16 weights with a random router (built once and cached), its W8A8_DYNAMIC version
+written by ``vllm_ernie_moe.quantize`` and, for llama.cpp, GGUF BF16 / Q8_0 conversions of the
+same weights. Each engine runs in its own subprocess on the same cores; rows: bs=1 decode (128 in /
+64 out), bs=8 decode, 1024-token prefill; for vLLM also engine load time and peak memory while
+loading (PSS of the benchmark process and its engine/worker children, sampled every 0.1 s;
+serving adds only the fixed 1 GiB KV cache, already allocated at load). "roofline" is not an
+engine: the bs=1 decode speed at which the weights stream at the best GEMV rate measured.
 
-    python benchmarks/bench_engines.py            # all engines, writes docs/benchmarks.md's table
+    python benchmarks/bench_engines.py --rounds 2   # every engine installed, interleaved rounds
     python benchmarks/bench_engines.py --engines plugin builtin --json out.json
 
 Decode tok/s = generated tokens after the first / (time for 64 tokens - time for 1 token).
@@ -19,14 +21,28 @@ import os
 import subprocess
 import sys
 import time
+from importlib.util import find_spec
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 ENGINES = {
+    "roofline": "roofline: weight bytes / best GEMV rate (benchmarks/roofline.py)",
     "plugin": "vLLM + vllm-ernie-moe, bf16",
+    "plugin-stock-kernels": "vLLM + vllm-ernie-moe, bf16, VLLM_ERNIE_MOE_SGL_KERNELS=0",
     "builtin": "vLLM 0.32 built-in class, bf16",
     "transformers": "transformers (eager), bf16",
     "w8a8": "vLLM + vllm-ernie-moe, W8A8_DYNAMIC",
+    "w8a8-int8-head": "vLLM + vllm-ernie-moe, W8A8_DYNAMIC + int8 lm_head",
+    "w8a8-stock-kernels": "vLLM + vllm-ernie-moe, W8A8_DYNAMIC, VLLM_ERNIE_MOE_SGL_KERNELS=0",
+    "llama.cpp-bf16": "llama.cpp BF16 (llama-cpp-python 0.3.36)",
+    "llama.cpp-q8_0": "llama.cpp Q8_0 (llama-cpp-python 0.3.36)",
+}
+# Engine -> extra environment for its process.
+ENGINE_ENV = {
+    "builtin": {"VLLM_PLUGINS": "none"},  # load no general plugin: vLLM's own ERNIE class
+    "w8a8-int8-head": {"VLLM_ERNIE_MOE_INT8_LM_HEAD": "1"},
+    "plugin-stock-kernels": {"VLLM_ERNIE_MOE_SGL_KERNELS": "0"},
+    "w8a8-stock-kernels": {"VLLM_ERNIE_MOE_SGL_KERNELS": "0"},
 }
 PROMPT_LEN, DECODE_LEN, PREFILL_LEN, BATCH = 128, 64, 1024, 8
 # Same cores for every engine: vLLM otherwise reserves one of two cores for its front end.
@@ -46,7 +62,6 @@ def measure(generate) -> dict[str, float]:
     vocab = 100000
     one = random_prompts(1, PROMPT_LEN, vocab, 0)
     batch = random_prompts(BATCH, PROMPT_LEN, vocab, 1)
-    long = random_prompts(1, PREFILL_LEN, vocab, 2)
     generate(random_prompts(1, 32, vocab, 3), 4)  # warm-up
 
     def timed(prompts, tokens) -> float:
@@ -62,7 +77,9 @@ def measure(generate) -> dict[str, float]:
     return {
         "bs1_decode_tok_s": decode_rate(one),
         "bs8_decode_tok_s": decode_rate(batch),
-        "prefill_1024_tok_s": PREFILL_LEN / min(timed(long, 1) for _ in range(2)),
+        # A new prompt each time: vLLM's prefix cache would serve a repeated one.
+        "prefill_1024_tok_s": PREFILL_LEN
+        / min(timed(random_prompts(1, PREFILL_LEN, vocab, seed), 1) for seed in (2, 4)),
     }
 
 
@@ -129,9 +146,32 @@ def run_transformers(checkpoint: str) -> dict[str, float]:
     return measure(generate)
 
 
+def run_llama_cpp(gguf: str) -> dict[str, float]:
+    from llama_cpp_engine import timed_engine
+
+    generate, load_s = timed_engine(Path(gguf), threads=os.cpu_count() or 1)
+    return dict(measure(generate), load_s=load_s)
+
+
+def run_roofline(checkpoint: str) -> dict[str, float]:
+    from roofline import measure_bandwidth, roofline
+
+    config = json.loads((Path(checkpoint) / "config.json").read_text())
+    bandwidth = measure_bandwidth(config["hidden_size"])
+    bounds = roofline(config, bandwidth)
+    return dict(bandwidth, **bounds, bs1_decode_tok_s=bounds["bf16_tok_s"])
+
+
 def child(engine: str, checkpoint: str, out: str) -> None:
     """One engine's measurements, in a fresh process."""
-    result = run_transformers(checkpoint) if engine == "transformers" else run_vllm(checkpoint)
+    if engine == "transformers":
+        result = run_transformers(checkpoint)
+    elif engine == "roofline":
+        result = run_roofline(checkpoint)
+    elif engine.startswith("llama.cpp"):
+        result = run_llama_cpp(checkpoint)
+    else:
+        result = run_vllm(checkpoint)
     Path(out).write_text(json.dumps(result))
 
 
@@ -149,50 +189,97 @@ def checkpoint_paths(cache: Path) -> tuple[Path, Path]:
     return bf16, w8a8
 
 
+def engine_checkpoint(engine: str, bf16: Path, w8a8: Path, llama_src: str | None) -> Path:
+    """What ``engine`` loads; llama.cpp's GGUF files are converted from the BF16 one, once."""
+    if engine.startswith("w8a8"):
+        return w8a8
+    if not engine.startswith("llama.cpp"):
+        return bf16
+    outtype = engine.removeprefix("llama.cpp-")
+    gguf = bf16.with_name(f"{bf16.name.removesuffix('-bf16')}-{outtype}.gguf")
+    if not gguf.exists():
+        if llama_src is None:
+            sys.exit(f"{engine}: pass --llama-cpp-src (see benchmarks/llama_cpp_engine.py)")
+        from llama_cpp_engine import convert
+
+        convert(bf16, gguf, outtype, Path(llama_src))
+    return gguf
+
+
 SPEED_KEYS = ("bs1_decode_tok_s", "bs8_decode_tok_s", "prefill_1024_tok_s")
+# (numerator, denominator, metrics): the ratios the project's goals are stated in.
+RATIOS = (
+    ("plugin", "roofline", ("bs1_decode_tok_s",)),
+    ("plugin", "builtin", SPEED_KEYS),
+    ("w8a8-int8-head", "llama.cpp-q8_0", SPEED_KEYS),
+    ("plugin", "llama.cpp-bf16", SPEED_KEYS),
+    ("w8a8", "plugin", (*SPEED_KEYS, "load_s", "peak_pss_gib")),
+    ("plugin", "plugin-stock-kernels", SPEED_KEYS),
+    ("w8a8", "w8a8-stock-kernels", SPEED_KEYS),
+    ("w8a8-int8-head", "w8a8", (*SPEED_KEYS, "peak_pss_gib")),
+)
 
 
 def best_of(old: dict[str, float] | None, new: dict[str, float]) -> dict[str, float]:
-    """Per metric the better of two rounds: higher speed, shorter load, lower memory."""
+    """Per metric the better of two rounds: higher speed and bandwidth, shorter load, lower
+    memory."""
     if old is None:
         return new
-    return {k: max(old[k], new[k]) if k in SPEED_KEYS else min(old[k], new[k]) for k in new}
+    lower_is_better = ("load_s", "peak_pss_gib")
+    return {k: min(old[k], new[k]) if k in lower_is_better else max(old[k], new[k]) for k in new}
 
 
-def _ratio_row(results: dict, a: str, b: str, keys: tuple[str, ...]) -> list[str]:
-    if a not in results or b not in results:
-        return []
-    ratios = ", ".join(f"{k} {results[a][k] / results[b][k]:.2f}" for k in keys)
-    return ["", f"ratio {a} / {b}: {ratios}"]
+def _cell(r: dict[str, float], key: str, digits: int) -> str:
+    return f"{r[key]:.{digits}f}" if key in r else "-"
 
 
-def markdown(results: dict[str, dict[str, float]]) -> str:
+def markdown(results: dict[str, dict[str, float]], rounds: dict[str, list[dict]]) -> str:
     rows = [
-        "| engine (2 cores) | bs=1 decode tok/s | bs=8 decode tok/s | prefill 1024 tok/s |",
-        "|---|---|---|---|",
+        "| engine (2 cores) | bs=1 decode tok/s | bs=8 decode tok/s | prefill 1024 tok/s "
+        "| load s | peak PSS GiB |",
+        "|---|---|---|---|---|---|",
     ]
     for engine, r in results.items():
-        rows.append(
-            f"| {ENGINES[engine]} | {r['bs1_decode_tok_s']:.1f} | {r['bs8_decode_tok_s']:.1f} "
-            f"| {r['prefill_1024_tok_s']:.0f} |"
+        cells = [_cell(r, k, d) for k, d in zip(SPEED_KEYS, (1, 1, 0))]
+        cells += [_cell(r, "load_s", 1), _cell(r, "peak_pss_gib", 2)]
+        rows.append(f"| {ENGINES[engine]} | {' | '.join(cells)} |")
+    rows += ["", "| ratio | " + " | ".join(SPEED_KEYS) + " | load_s | peak_pss_gib |"]
+    rows.append("|---" * (len(SPEED_KEYS) + 3) + "|")
+    for a, b, keys in RATIOS:
+        if a in results and b in results:
+            cells = [
+                f"{results[a][k] / results[b][k]:.2f}" if k in keys else ""
+                for k in (*SPEED_KEYS, "load_s", "peak_pss_gib")
+            ]
+            rows.append(f"| {a} / {b} | {' | '.join(cells)} |")
+    rows += ["", "Per round (the machine's speed drifts within a run; pairs ran back to back):"]
+    for a, b, keys in RATIOS:
+        if a in rounds and b in rounds:
+            per_round = "; ".join(
+                ", ".join(f"{ra[k] / rb[k]:.2f}" for k in keys if k in SPEED_KEYS)
+                for ra, rb in zip(rounds[a], rounds[b])
+            )
+            rows.append(f"- {a} / {b}: {per_round}")
+    if "roofline" in results:
+        r = results["roofline"]
+        rates = ", ".join(
+            f"{k} {v:.1f}" for k, v in r.items() if not k.endswith(("tok_s", "token"))
         )
-    rows.extend(_ratio_row(results, "plugin", "builtin", SPEED_KEYS))
-    rows += ["", "| engine | load s | peak PSS GiB |", "|---|---|---|"]
-    for engine in ("plugin", "w8a8"):
-        if engine in results:
-            r = results[engine]
-            rows.append(f"| {ENGINES[engine]} | {r['load_s']:.0f} | {r['peak_pss_gib']:.2f} |")
-    rows.extend(_ratio_row(results, "w8a8", "plugin", (*SPEED_KEYS, "load_s", "peak_pss_gib")))
+        rows += ["", f"roofline: batch-1 GEMV rates in GB/s, best of the rounds: {rates}"]
     return "\n".join(rows)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--engines", nargs="+", choices=list(ENGINES), default=list(ENGINES))
+    installed = [e for e in ENGINES if not e.startswith("llama.cpp") or find_spec("llama_cpp")]
+    parser.add_argument("--engines", nargs="+", choices=list(ENGINES), default=installed)
     parser.add_argument("--cache", default=str(REPO / "benchmarks" / "out"))
     parser.add_argument("--json", help="also write the raw results here")
     parser.add_argument(
         "--rounds", type=int, default=1, help="run every engine this often, keep each one's best"
+    )
+    parser.add_argument(
+        "--llama-cpp-src", help="llama.cpp source (for its GGUF converter), see llama_cpp_engine.py"
     )
     parser.add_argument(
         "--child", nargs=3, metavar=("ENGINE", "CHECKPOINT", "OUT"), help=argparse.SUPPRESS
@@ -204,11 +291,11 @@ def main() -> None:
     cache = Path(args.cache)
     bf16, w8a8 = checkpoint_paths(cache)
     results: dict[str, dict[str, float]] = {}
+    rounds: dict[str, list[dict[str, float]]] = {}
+    checkpoints = {e: engine_checkpoint(e, bf16, w8a8, args.llama_cpp_src) for e in args.engines}
     for engine in args.engines * args.rounds:
         out = cache / f"{engine}.json"
-        env = dict(os.environ, **BENCH_ENV)
-        if engine == "builtin":
-            env["VLLM_PLUGINS"] = "none"  # load no general plugin: vLLM's own ERNIE class
+        env = dict(os.environ, **BENCH_ENV, **ENGINE_ENV.get(engine, {}))
         print(f"running {engine} ...", flush=True)
         log = cache / f"{engine}.log"
         with log.open("w") as sink:
@@ -218,7 +305,7 @@ def main() -> None:
                     __file__,
                     "--child",
                     engine,
-                    str(w8a8 if engine == "w8a8" else bf16),
+                    str(checkpoints[engine]),
                     str(out),
                 ],
                 env=env,
@@ -227,11 +314,13 @@ def main() -> None:
             )
         if done.returncode:
             sys.exit(f"{engine} failed; its log is {log}")
-        results[engine] = best_of(results.get(engine), json.loads(out.read_text()))
-        print(engine, results[engine], flush=True)
-    print(markdown(results))
+        measured = json.loads(out.read_text())
+        rounds.setdefault(engine, []).append(measured)
+        results[engine] = best_of(results.get(engine), measured)
+        print(engine, measured, flush=True)
+    print(markdown(results, rounds))
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        Path(args.json).write_text(json.dumps({"best": results, "rounds": rounds}, indent=2))
 
 
 if __name__ == "__main__":

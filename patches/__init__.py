@@ -4,10 +4,11 @@ One module per upstream target, named ``patch_<target>.py``; each documents its 
 upstream status, the versions it applies to and when to remove it, and has its own test.
 """
 
-from vllm_ernie_moe.patches import patch_cpu_router, patch_model_config
+from vllm_ernie_moe.patches import patch_cpu_router, patch_cpu_sgl_kernels, patch_model_config
 
 
 def apply_all() -> None:
     """Apply every patch that the running platform and vLLM version need. Idempotent."""
     patch_cpu_router.apply()
+    patch_cpu_sgl_kernels.apply()
     patch_model_config.apply()

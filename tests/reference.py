@@ -131,8 +131,18 @@ def load_tensors(directory: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def dequantized_checkpoint(quantized_dir: Path, out_dir: Path) -> Path:
-    """A plain -PT checkpoint whose W8A8_DYNAMIC linears hold ``int8 * scale`` in fp32."""
+def int8_rows_dequantized(weight: torch.Tensor) -> torch.Tensor:
+    """Symmetric per-row int8 quantization as msModelSlim computes it for a bf16 weight (scale and
+    division in bf16, docs/w8a8.md), dequantized to fp32."""
+    weight = weight.bfloat16()
+    scale = weight.abs().amax(dim=-1, keepdim=True) / 127
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)  # an all-zero (padding) row
+    return torch.clamp(torch.round(weight / scale), -128, 127).float() * scale.float()
+
+
+def dequantized_checkpoint(quantized_dir: Path, out_dir: Path, int8_lm_head: bool = False) -> Path:
+    """A plain -PT checkpoint whose W8A8_DYNAMIC linears hold ``int8 * scale`` in fp32; with
+    ``int8_lm_head`` also an untied lm_head quantized the same way (the embedding stays as is)."""
     import json
     import shutil
 
@@ -148,15 +158,22 @@ def dequantized_checkpoint(quantized_dir: Path, out_dir: Path) -> Path:
             tensor = tensor.float() * tensors[f"{name}_scale"].float()
         plain[name] = tensor
     out_dir.mkdir(parents=True, exist_ok=True)
+    config = json.loads((quantized_dir / "config.json").read_text())
+    if int8_lm_head:
+        head = plain.get("lm_head.weight", plain["model.embed_tokens.weight"])
+        plain["lm_head.weight"] = int8_rows_dequantized(head)
+        config["tie_word_embeddings"] = False
     save_file(plain, str(out_dir / "model.safetensors"))
+    (out_dir / "config.json").write_text(json.dumps(config))
     for item in quantized_dir.iterdir():
-        if item.name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        if item.name in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy2(item, out_dir / item.name)
     return out_dir
 
 
-def fake_quantize_activations(model) -> None:
-    """Quantize the input of every linear (and of each expert GEMM) per token, as W8A8 does."""
+def fake_quantize_activations(model, lm_head: bool = False) -> None:
+    """Quantize the input of every linear (and of each expert GEMM) per token, as W8A8 does; the
+    lm_head's too with ``lm_head``."""
     import types
 
     import torch.nn.functional as F
@@ -180,5 +197,7 @@ def fake_quantize_activations(model) -> None:
     for name, module in model.named_modules():
         if isinstance(module, Ernie4_5_MoeExperts):
             module.forward = types.MethodType(experts_forward, module)
-        elif isinstance(module, torch.nn.Linear) and not name.endswith(("mlp.gate", "lm_head")):
+        elif isinstance(module, torch.nn.Linear) and not name.endswith(
+            "mlp.gate" if lm_head else ("mlp.gate", "lm_head")
+        ):
             module.forward = types.MethodType(linear_forward, module)

@@ -18,6 +18,7 @@ from reference import (
     dequantized_checkpoint,
     fake_quantize_activations,
     load_tensors,
+    logprob_drift,
     prompt_token_ids,
     transformers_greedy,
     vllm_generations,
@@ -34,10 +35,12 @@ MAX_TOKENS, TOP_K = 32, 5
 
 # (checkpoint, dtype, tensor parallel size, quantization flag)
 # W8A8 runs in bf16/fp16 only: vLLM's int8 MoE kernel has no fp32 path.
+# "msmodelslim-int8-lm-head": the same checkpoint with VLLM_ERNIE_MOE_INT8_LM_HEAD=1.
 ENGINES = [
     ("msmodelslim", "bfloat16", 1, None),
     ("bf16-source", "bfloat16", 1, "ernie-w8a8-dynamic"),
     ("msmodelslim", "bfloat16", 2, None),
+    ("msmodelslim-int8-lm-head", "bfloat16", 1, None),
 ]
 _results: dict[tuple, list] = {}
 _kernel_inputs: dict[str, dict[str, torch.Tensor]] = {}
@@ -73,11 +76,13 @@ def record_kernel_inputs():
 @pytest.fixture(scope="module", params=ENGINES, ids=lambda e: f"{e[0]}-{e[1]}-tp{e[2]}")
 def engine(request):
     checkpoint, dtype, tp, quantization_flag = request.param
-    path = MSMODELSLIM if checkpoint == "msmodelslim" else BF16_SOURCE
+    path = BF16_SOURCE if checkpoint == "bf16-source" else MSMODELSLIM
     in_process = request.param == ENGINES[0]  # to look at the weights the kernels receive
     saved = dict(os.environ)
     if tp > 1:
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"
+    if checkpoint.endswith("int8-lm-head"):
+        os.environ["VLLM_ERNIE_MOE_INT8_LM_HEAD"] = "1"
     if in_process:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     try:
@@ -169,10 +174,29 @@ def test_matches_fake_quant_reference(engine, tmp_path):
     assert_bf16_drift(reference, outputs)
 
 
+def test_int8_lm_head_matches_fake_quant_reference(engine, tmp_path):
+    """The int8 lm_head option keeps the accuracy bounds of W8A8 itself."""
+    (checkpoint, dtype, tp, _), outputs = engine
+    if not checkpoint.endswith("int8-lm-head"):
+        pytest.skip("the int8 lm_head engine only")
+    plain = dequantized_checkpoint(MSMODELSLIM, tmp_path / "dequantized", int8_lm_head=True)
+    reference = transformers_greedy(
+        plain,
+        "float32",
+        MAX_TOKENS,
+        TOP_K,
+        prepare=lambda model: fake_quantize_activations(model, lm_head=True),
+    )
+    check_logprobs_close(reference, outputs)
+    assert_bf16_drift(reference, outputs)
+    # The option changes the logits: the bf16-lm_head engine's are not these.
+    assert logprob_drift(_results[ENGINES[0]], outputs).max() > 1e-3
+
+
 def test_w8a8_top1_agreement_with_bf16(engine):
     (checkpoint, dtype, tp, flag), outputs = engine
-    if engine[0] != ENGINES[0]:
-        pytest.skip("compared once, at TP=1")
+    if engine[0] not in (ENGINES[0], ENGINES[3]):
+        pytest.skip("compared at TP=1, with and without the int8 lm_head")
     reference = transformers_greedy(BF16_SOURCE, "bfloat16", MAX_TOKENS, TOP_K)
     agree = total = 0
     for ref, got in zip(reference, outputs, strict=True):

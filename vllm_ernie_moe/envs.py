@@ -14,3 +14,16 @@ def use_all_cpu_cores() -> None:
     and keep the KV cache small; explicit user settings win. Call before vLLM starts an engine."""
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+
+
+def int8_lm_head() -> bool:
+    """``VLLM_ERNIE_MOE_INT8_LM_HEAD=1``: with ``ernie-w8a8-dynamic``, also quantize the lm_head at
+    load (per-row int8 with msModelSlim's formula, per-token int8 activations). At batch 1 the
+    bf16 lm_head is a third of the bytes a token reads; the embedding stays bf16."""
+    return os.environ.get("VLLM_ERNIE_MOE_INT8_LM_HEAD", "0") == "1"
+
+
+def sgl_kernels_without_amx() -> bool:
+    """``VLLM_ERNIE_MOE_SGL_KERNELS=0`` keeps vLLM's own kernel choice (oneDNN GEMMs, "vec" bf16
+    experts) on AVX-512 CPUs without AMX (``patches/patch_cpu_sgl_kernels.py``); default on."""
+    return os.environ.get("VLLM_ERNIE_MOE_SGL_KERNELS", "1") != "0"

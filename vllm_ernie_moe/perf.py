@@ -11,6 +11,7 @@ time (a prefill-only pass of the same batch), average non-first-token latency
 """
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -43,15 +44,20 @@ def parse_cases(text: str) -> list[tuple[int, int]]:
     return sorted(pairs, key=lambda p: p[0] + p[1], reverse=True)
 
 
+_PROMPT_SEEDS = itertools.count()
+
+
 def run_case(llm, input_len: int, output_len: int, batch: int, vocab: int) -> CaseResult:
     import torch
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    ids = torch.randint(10, vocab, (batch, input_len), generator=torch.Generator().manual_seed(0))
-    prompts = [TokensPrompt(prompt_token_ids=row) for row in ids.tolist()]
-
     def timed(tokens: int) -> float:
+        # New prompts for every run: vLLM's prefix cache would serve repeated ones (or a prefix of
+        # an earlier case's) and hide the prefill.
+        seed = torch.Generator().manual_seed(next(_PROMPT_SEEDS))
+        ids = torch.randint(10, vocab, (batch, input_len), generator=seed)
+        prompts = [TokensPrompt(prompt_token_ids=row) for row in ids.tolist()]
         params = SamplingParams(
             max_tokens=tokens, min_tokens=tokens, ignore_eos=True, temperature=0
         )

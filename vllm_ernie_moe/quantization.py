@@ -44,10 +44,12 @@ from vllm.model_executor.layers.quantization.utils.quant_utils import (
     kInt8DynamicTokenSym,
     kInt8StaticChannelSym,
 )
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 from vllm.model_executor.parameter import ChannelQuantScaleParameter, ModelWeightParameter
 from vllm.model_executor.utils import replace_parameter, set_weight_attrs
 from vllm.platforms import current_platform
 
+from vllm_ernie_moe import envs
 from vllm_ernie_moe.w8a8 import (
     QUANTIZATION_NAME,
     W8A8_DYNAMIC,
@@ -265,6 +267,7 @@ class ErnieW8A8DynamicConfig(QuantizationConfig):
     def __init__(self) -> None:
         super().__init__()
         self.description: ModelSlimDescription | None = None
+        self.int8_lm_head = False
 
     def get_name(self) -> str:
         return QUANTIZATION_NAME
@@ -292,6 +295,9 @@ class ErnieW8A8DynamicConfig(QuantizationConfig):
             )
         path = find_description(model_name)
         self.description = load_description(path) if path else None
+        self.int8_lm_head = envs.int8_lm_head()
+        if self.int8_lm_head:
+            logger.info("%s: quantizing the lm_head to int8 at load.", QUANTIZATION_NAME)
         if self.description is None:
             logger.info("%s: quantizing the weights of %s at load.", QUANTIZATION_NAME, model_name)
         else:
@@ -320,6 +326,10 @@ class ErnieW8A8DynamicConfig(QuantizationConfig):
         return [f"{parent}.{shard}" for shard in shards] if shards else [prefix]
 
     def get_quant_method(self, layer: Module, prefix: str):
+        if isinstance(layer, ParallelLMHead) and self.int8_lm_head:
+            # Checkpoints keep the lm_head FLOAT (msModelSlim does): quantized at load. A tied
+            # lm_head shares the embedding until then and gets its own int8 copy.
+            return ErnieW8A8LinearMethod(prequantized=False)
         if not isinstance(layer, (LinearBase, RoutedExperts)):
             return None  # embeddings, lm_head, attention: unquantized
         prefix = prefix.removesuffix(".routed_experts")

@@ -1,0 +1,109 @@
+"""llama.cpp as a comparison engine for bench_engines.py; never a dependency of the package.
+
+Needs llama-cpp-python (it compiles llama.cpp from the registry's source package) and that source
+package unpacked, for llama.cpp's own HF -> GGUF converter::
+
+    CMAKE_ARGS="-DGGML_NATIVE=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" \
+        pip install llama-cpp-python==0.3.36
+    pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36
+    tar xzf llama_cpp_python-0.3.36.tar.gz
+    python benchmarks/bench_engines.py --llama-cpp-src llama_cpp_python-0.3.36/vendor/llama.cpp
+
+The benchmark checkpoint's tokenizer is a locally built byte-level BPE that llama.cpp's converter
+does not recognise (it expects ERNIE's SentencePiece model). The benchmark feeds token ids, never
+text, so the GGUF gets llama.cpp's "none" vocabulary of the same size instead.
+"""
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def convert(checkpoint: Path, outfile: Path, outtype: str, converter_dir: Path) -> None:
+    """Writes ``outfile`` (outtype bf16 or q8_0) with llama.cpp's converter, in a subprocess."""
+    subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "convert",
+            str(checkpoint),
+            str(outfile),
+            outtype,
+            str(converter_dir),
+        ],
+        check=True,
+    )
+
+
+def _convert_in_process(checkpoint: str, outfile: str, outtype: str, converter_dir: str) -> None:
+    sys.path[:0] = [converter_dir, str(Path(converter_dir) / "gguf-py")]
+    import convert_hf_to_gguf
+    from conversion.ernie import Ernie4_5Model
+
+    def vocab_of_ids_only(self) -> None:
+        self.gguf_writer.add_tokenizer_model("none")
+        self.gguf_writer.add_vocab_size(self.hparams["vocab_size"])
+
+    Ernie4_5Model.set_vocab = vocab_of_ids_only
+    sys.argv = ["convert_hf_to_gguf.py", checkpoint, "--outfile", outfile, "--outtype", outtype]
+    convert_hf_to_gguf.main()
+
+
+class LlamaCppEngine:
+    """Greedy generation from token ids through llama.cpp's C API (llama-cpp-python bindings):
+    one context with a sequence slot per prompt, batched decode of all sequences per step."""
+
+    def __init__(self, gguf: Path, n_ctx: int, n_seq: int, n_batch: int, threads: int) -> None:
+        import llama_cpp as lc
+
+        self.lc = lc
+        lc.llama_backend_init()
+        self.model = lc.llama_model_load_from_file(
+            str(gguf).encode(), lc.llama_model_default_params()
+        )
+        if not self.model:
+            raise RuntimeError(f"llama.cpp could not load {gguf}")
+        params = lc.llama_context_default_params()
+        params.n_ctx, params.n_batch, params.n_ubatch = n_ctx, n_batch, n_batch
+        params.n_seq_max, params.n_threads, params.n_threads_batch = n_seq, threads, threads
+        self.ctx = lc.llama_init_from_model(self.model, params)
+        self.n_vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(self.model))
+        self.batch = lc.llama_batch_init(n_batch, 0, n_seq)
+
+    def _decode(self, entries: list[tuple[int, int, int, bool]]) -> None:
+        """entries: (token, position, sequence, wants logits)."""
+        b = self.batch
+        for i, (token, pos, seq, logits) in enumerate(entries):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = token, pos, 1, logits
+            b.seq_id[i][0] = seq
+        b.n_tokens = len(entries)
+        if self.lc.llama_decode(self.ctx, b) != 0:
+            raise RuntimeError("llama_decode failed")
+
+    def _argmax(self, index: int) -> int:
+        import numpy as np
+
+        logits = self.lc.llama_get_logits_ith(self.ctx, index)
+        return int(np.ctypeslib.as_array(logits, shape=(self.n_vocab,)).argmax())
+
+    def generate(self, prompts: list[list[int]], tokens: int) -> None:
+        self.lc.llama_memory_clear(self.lc.llama_get_memory(self.ctx), True)
+        last = []
+        for seq, prompt in enumerate(prompts):  # prefill each prompt, logits of its last token
+            self._decode([(t, p, seq, p == len(prompt) - 1) for p, t in enumerate(prompt)])
+            last.append(self._argmax(len(prompt) - 1))
+        for step in range(tokens - 1):
+            self._decode([(last[s], len(prompts[s]) + step, s, True) for s in range(len(prompts))])
+            last = [self._argmax(s) for s in range(len(prompts))]
+
+
+def timed_engine(gguf: Path, threads: int):
+    """generate(prompts, max_tokens) for bench_engines.measure, plus the load time in seconds."""
+    start = time.perf_counter()
+    engine = LlamaCppEngine(gguf, n_ctx=8 * 2048, n_seq=8, n_batch=2048, threads=threads)
+    return engine.generate, time.perf_counter() - start
+
+
+if __name__ == "__main__" and sys.argv[1] == "convert":
+    _convert_in_process(*sys.argv[2:6])

@@ -1,0 +1,139 @@
+"""The batch-1 decode roofline of this machine: bytes a token reads / the rate a GEMV streams them.
+
+At batch 1 every weight a token touches is read once from memory and used for one multiply-add:
+decode speed is the weight bytes per token divided by the bandwidth a matrix-vector product
+reaches. Two bandwidths are measured here on all cores, with weights far larger than the L3
+cache (cycled, so nothing is served from cache):
+
+- the batch-1 GEMV rate of each of vLLM's CPU GEMM back ends (oneDNN and sgl-kernel, bf16 and
+  int8 with dynamic per-token activations);
+- a plain streaming read (``torch.sum`` over bf16).
+
+The roofline uses the best of these rates: no decode step can read its weights faster.
+
+    python benchmarks/roofline.py benchmarks/out/21b-4layers-bf16
+"""
+
+import json
+import sys
+import time
+from pathlib import Path
+
+L3_MULTIPLE = 8  # bytes cycled through per measurement / L3 size (32 MiB here)
+
+
+def active_parameters(config: dict) -> dict[str, int]:
+    """Weights one decoded token multiplies with: the lm_head and, per layer, attention, the dense
+    MLP or the router + top-k routed experts + shared experts (embedding: one row, ignored)."""
+    hidden, vocab = config["hidden_size"], config["vocab_size"]
+    head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
+    q, kv = config["num_attention_heads"] * head_dim, config["num_key_value_heads"] * head_dim
+    attention = hidden * (q + 2 * kv) + q * hidden
+    start = config.get("moe_layer_start_index", 0)
+    end = config.get("moe_layer_end_index", -1)
+    layers = config["num_hidden_layers"]
+    end = layers - 1 if end in (-1, None) else end
+    interval = config.get("moe_layer_interval", 1)
+    moe_inter = config["moe_intermediate_size"]
+    layer_params = 0
+    for i in range(layers):
+        is_moe = start <= i <= end and (i - start) % interval == 0
+        if is_moe:
+            experts = config["moe_k"] + config.get("moe_num_shared_experts", 0)
+            ffn = 3 * hidden * moe_inter * experts + hidden * config["moe_num_experts"]
+        else:
+            ffn = 3 * hidden * config["intermediate_size"]
+        layer_params += attention + ffn
+    return {"lm_head": vocab * hidden, "layers": layer_params}
+
+
+def _stream_rate(run, weight_bytes: int, seconds: float = 2.0) -> float:
+    """GB/s of ``run(i)`` (reads weight set ``i``), cycling the sets, best of 3 windows."""
+    best = 0.0
+    for _ in range(3):
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds / 3:
+            run(n)
+            n += 1
+        best = max(best, n * weight_bytes / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def _gemv_kernels(rows: int, hidden: int):
+    """name -> (weight bytes, run(x, i)) for vLLM's CPU GEMMs, each over its own weight set."""
+    import torch
+    from vllm import _custom_ops as ops
+
+    sets = L3_MULTIPLE * 32 * 2**20 // (rows * hidden) + 1
+    bf16 = [torch.randn(rows, hidden, dtype=torch.bfloat16) for _ in range(sets)]
+    int8 = [torch.randint(-127, 128, (rows, hidden), dtype=torch.int8) for _ in range(sets)]
+    scale = torch.rand(rows, dtype=torch.float32) / 100
+    onednn_bf16 = [ops.create_onednn_mm(w.t(), 32) for w in bf16]
+    sgl_bf16 = [torch.ops._C.convert_weight_packed(w) for w in bf16]
+    onednn_int8 = [
+        ops.create_onednn_scaled_mm(w.t(), scale[:, None], torch.bfloat16, True, False, 32)
+        for w in int8
+    ]
+    sgl_int8 = [torch.ops._C.convert_weight_packed(w) for w in int8]
+
+    def onednn_int8_mm(x, i):
+        x_q, x_s, x_zp = ops.onednn_scaled_int8_quant(x, None, None, True)
+        out = torch.empty(x.shape[0], rows, dtype=torch.bfloat16)
+        ops.onednn_scaled_mm(onednn_int8[i % sets], x_q, out, x_s, x_zp, None, None)
+
+    size = rows * hidden
+    return {
+        "read (torch.sum, bf16)": (2 * size, lambda x, i: bf16[i % sets].sum()),
+        "oneDNN bf16": (2 * size, lambda x, i: ops.onednn_mm(onednn_bf16[i % sets], x, None)),
+        "sgl bf16": (
+            2 * size,
+            lambda x, i: ops.weight_packed_linear_cpu(x, sgl_bf16[i % sets], rows, None),
+        ),
+        "oneDNN int8": (size, onednn_int8_mm),
+        "sgl int8": (
+            size,
+            lambda x, i: torch.ops._C.int8_scaled_mm_with_quant(
+                x, sgl_int8[i % sets], scale, None, x.dtype, True
+            ),
+        ),
+    }
+
+
+def measure_bandwidth(hidden: int = 2560, rows: int = 12288) -> dict[str, float]:
+    """GB/s of vLLM's CPU GEMM kernels at batch 1 (and of a plain read), on all cores."""
+    import torch
+
+    torch.manual_seed(0)
+    x = torch.randn(1, hidden, dtype=torch.bfloat16)
+    return {
+        name: _stream_rate(lambda i, run=run: run(x, i), size)
+        for name, (size, run) in _gemv_kernels(rows, hidden).items()
+    }
+
+
+def roofline(config: dict, bandwidth: dict[str, float]) -> dict[str, float]:
+    """Batch-1 decode tok/s if every weight byte streamed at the best rate measured on this machine
+    (any kernel): bf16 weights, and all-int8 weights (W8A8 with int8 lm_head)."""
+    p = active_parameters(config)
+    weights = p["lm_head"] + p["layers"]
+    best = max(bandwidth.values()) * 1e9
+    return {
+        "best_gb_s": best / 1e9,
+        "bf16_gb_per_token": 2 * weights / 1e9,
+        "int8_gb_per_token": weights / 1e9,
+        "bf16_tok_s": best / (2 * weights),
+        "int8_tok_s": best / weights,
+    }
+
+
+def main() -> None:
+    from vllm_ernie_moe import envs
+
+    envs.use_all_cpu_cores()
+    config = json.loads((Path(sys.argv[1]) / "config.json").read_text())
+    bandwidth = measure_bandwidth(config["hidden_size"])
+    print(json.dumps({**bandwidth, **roofline(config, bandwidth)}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""Patch: vLLM uses its fast sgl-kernel CPU kernels only on CPUs with AMX.
+
+- Targets:
+  1. ``vllm.model_executor.layers.utils.check_cpu_sgl_kernel`` (and the name imported by
+     ``vllm.model_executor.kernels.linear.scaled_mm.cpu``), which picks between vLLM's two CPU
+     GEMM back ends for bf16 and W8A8 int8 linear layers: sgl-kernel's packed GEMMs
+     (``weight_packed_linear``, ``int8_scaled_mm_with_quant``) or oneDNN;
+  2. ``vllm.model_executor.layers.fused_moe.oracle.unquantized.backend_to_kernel_cls``, the list of
+     bf16 MoE expert kernels for the CPU back end (vLLM's portable "vec" grouped GEMM when there is
+     no AMX).
+- Why: vLLM asks for AMX tiles before it uses the sgl kernels, but they also have AVX-512
+  (BF16 / VNNI) code paths. On an AVX-512 CPU without AMX (this project's AMD EPYC, 2 threads;
+  ``benchmarks/roofline.py`` measures it) they stream weights at batch 1 much faster: bf16 GEMV
+  56-59 GB/s against oneDNN's 31-35, int8 GEMV 58 against 32, and the bf16 fused experts
+  (``fused_experts_cpu``, the kernel vLLM's int8 experts already use) ~50 GB/s against the "vec"
+  kernel's ~30; at batch 8 to 1024 they are as fast or faster. Batch-1 decode is bound by exactly
+  that streaming rate.
+- How: on x86 CPUs with AVX-512 BF16 and VNNI and without AMX only: (1) also accept bf16 and int8
+  linear weights that meet the kernels' alignment (``k % 32 == 0 and n % 16 == 0``, upstream's own
+  rule for int8), without upstream's bf16 size cap (it exists because oneDNN wins at large batch
+  *with* AMX); (2) put :class:`SglCPUUnquantizedExperts` (bf16, SiLU, no bias, hidden and
+  intermediate sizes multiples of 32) first in the CPU expert list. Everything else keeps
+  upstream's choice; fp16/fp32 are untouched. ``VLLM_ERNIE_MOE_SGL_KERNELS=0`` turns it off.
+- Upstream: vLLM 0.32.0 gates both on ``torch.cpu._is_amx_tile_supported()``; no issue found.
+- Applies to: vLLM ``>=0.32,<0.33`` (the targets' signatures are version specific); on another
+  version it is not applied and says so.
+- Remove when: upstream selects these kernels on AVX-512 BF16/VNNI CPUs without AMX.
+- Test: ``tests/test_patch_cpu_sgl_kernels.py`` (the choice, the kernels against plain PyTorch
+  math); the model parity tests against transformers run through them on such CPUs.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+from vllm.logger import init_logger
+
+from vllm_ernie_moe import envs
+
+logger = init_logger(f"vllm.{__name__}")
+
+APPLIES_TO = SpecifierSet(">=0.32,<0.33")
+
+
+def avx512_without_amx() -> bool:
+    """x86 with AVX-512 BF16 and VNNI (the sgl kernels' non-AMX paths) but no AMX tiles."""
+    from vllm.platforms import CpuArchEnum, current_platform
+
+    return (
+        current_platform.is_cpu()
+        and current_platform.get_cpu_architecture() == CpuArchEnum.X86
+        and torch.cpu._is_avx512_bf16_supported()
+        and torch.cpu._is_vnni_supported()
+        and not torch.cpu._is_amx_tile_supported()
+    )
+
+
+def sgl_kernel_fits(n: int, k: int, dtype: torch.dtype) -> bool:
+    """The sgl GEMMs' layout constraints for a [n, k] bf16 or int8 weight."""
+    return dtype in (torch.bfloat16, torch.int8) and k % 32 == 0 and n % 16 == 0
+
+
+@functools.cache
+def _sgl_experts_class():
+    """Defined on first use: importing vLLM's MoE experts module is not free."""
+    from vllm._custom_ops import CPUQuantMethod, fused_experts_cpu
+    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUExpertsInt8
+
+    class SglCPUUnquantizedExperts(CPUExpertsInt8):
+        """bf16 experts on sgl-kernel's ``fused_experts_cpu``: vLLM's int8 experts (VNNI-packed
+        weights, fused SiLU-and-mul, weighted combine) with the kernel's unquantized path."""
+
+        @staticmethod
+        def _supports_current_device() -> bool:
+            return avx512_without_amx()
+
+        @staticmethod
+        def is_supported_config(cls, moe_config, weight_key, activation_key, activation_format):
+            if moe_config.in_dtype != torch.bfloat16:
+                return False, "kernel requires bfloat16 activations"
+            if moe_config.has_bias:
+                return False, "kernel takes no expert bias"
+            return CPUExpertsInt8.is_supported_config(
+                cls, moe_config, weight_key, activation_key, activation_format
+            )
+
+        @staticmethod
+        def _supports_quant_scheme(weight_key, activation_key) -> bool:
+            return (weight_key, activation_key) == (None, None)
+
+        @staticmethod
+        def _supports_routing_method(routing_method, weight_key, activation_key) -> bool:
+            return True  # routed before the experts, by the CPU router
+
+        def apply(
+            self,
+            output,
+            hidden_states,
+            w1,
+            w2,
+            topk_weights,
+            topk_ids,
+            activation,
+            global_num_experts,
+            expert_map,
+            a1q_scale,
+            a2_scale,
+            workspace13,
+            workspace2,
+            expert_tokens_meta,
+            apply_router_weight_on_input,
+        ) -> None:
+            if apply_router_weight_on_input:  # the kernel weights on combine: never twice
+                raise NotImplementedError("apply_router_weight_on_input is not supported")
+            fused_experts_cpu(
+                output, hidden_states, w1, w2, topk_weights, topk_ids, CPUQuantMethod.UNQUANT,
+                None, None, None, None, None,  # scales, zero points, block size: none
+            )  # fmt: skip
+
+    return SglCPUUnquantizedExperts
+
+
+def apply() -> bool:
+    """Widen vLLM's sgl kernel choice on AVX-512 CPUs without AMX; idempotent. True when active."""
+    if not envs.sgl_kernels_without_amx() or not avx512_without_amx():
+        return False
+    import vllm
+    from vllm.model_executor.kernels.linear.scaled_mm import cpu as scaled_mm_cpu
+    from vllm.model_executor.layers import utils
+    from vllm.model_executor.layers.fused_moe.oracle import unquantized
+
+    original_check = utils.check_cpu_sgl_kernel
+    if getattr(original_check, "_vllm_ernie_moe_patch", False):
+        return True
+    if Version(vllm.__version__) not in APPLIES_TO:
+        logger.info(
+            "vLLM %s is outside %s: patch_cpu_sgl_kernels not applied.",
+            vllm.__version__,
+            APPLIES_TO,
+        )
+        return False
+    original_experts = unquantized.backend_to_kernel_cls
+
+    def check_cpu_sgl_kernel(n: int, k: int, dtype: torch.dtype) -> bool:
+        return original_check(n, k, dtype) or sgl_kernel_fits(n, k, dtype)
+
+    def backend_to_kernel_cls(backend):
+        kernels = original_experts(backend)
+        if backend == unquantized.UnquantizedMoeBackend.CPU:
+            return [_sgl_experts_class(), *kernels]
+        return kernels
+
+    for patched, original in (
+        (check_cpu_sgl_kernel, original_check),
+        (backend_to_kernel_cls, original_experts),
+    ):
+        patched._vllm_ernie_moe_patch = True  # type: ignore[attr-defined]
+        patched.__wrapped__ = original  # type: ignore[attr-defined]
+    utils.check_cpu_sgl_kernel = check_cpu_sgl_kernel
+    scaled_mm_cpu.check_cpu_sgl_kernel = check_cpu_sgl_kernel
+    unquantized.backend_to_kernel_cls = backend_to_kernel_cls
+    logger.info(
+        "AVX-512 CPU without AMX: vLLM's sgl-kernel GEMMs and bf16 experts enabled "
+        "(patch_cpu_sgl_kernels; VLLM_ERNIE_MOE_SGL_KERNELS=0 turns it off)."
+    )
+    return True
