@@ -113,11 +113,18 @@ def assert_bf16_drift(reference: list[Generation], tested: list[Generation]) -> 
     assert drift.quantile(0.9) < BF16_DRIFT_P90, f"90th percentile drift {drift.quantile(0.9):.3f}"
 
 
-def quantize_activations(x: torch.Tensor) -> torch.Tensor:
-    """Per-token symmetric int8 fake quantization (what W8A8_DYNAMIC does at run time)."""
+def int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8 quantization in ``x``'s dtype: the integer values (not cast to int8)
+    and the per-row scale ``max|row| / 127``; an all-zero (padding) row gets scale 1."""
     scale = x.abs().amax(dim=-1, keepdim=True) / 127
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-    return torch.clamp(torch.round(x / scale), -128, 127) * scale
+    return torch.clamp(torch.round(x / scale), -128, 127), scale
+
+
+def quantize_activations(x: torch.Tensor) -> torch.Tensor:
+    """Per-token symmetric int8 fake quantization (what W8A8_DYNAMIC does at run time)."""
+    quantized, scale = int8_rows(x)
+    return quantized * scale
 
 
 def load_tensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -134,10 +141,8 @@ def load_tensors(directory: Path) -> dict[str, torch.Tensor]:
 def int8_rows_dequantized(weight: torch.Tensor) -> torch.Tensor:
     """Symmetric per-row int8 quantization as msModelSlim computes it for a bf16 weight (scale and
     division in bf16, docs/w8a8.md), dequantized to fp32."""
-    weight = weight.bfloat16()
-    scale = weight.abs().amax(dim=-1, keepdim=True) / 127
-    scale = torch.where(scale == 0, torch.ones_like(scale), scale)  # an all-zero (padding) row
-    return torch.clamp(torch.round(weight / scale), -128, 127).float() * scale.float()
+    quantized, scale = int8_rows(weight.bfloat16())
+    return quantized.float() * scale.float()
 
 
 def dequantized_checkpoint(quantized_dir: Path, out_dir: Path, int8_lm_head: bool = False) -> Path:

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import vllm
+from reference import int8_rows
 from vllm.model_executor.kernels.linear.scaled_mm import cpu as scaled_mm_cpu
 from vllm.model_executor.layers import utils
 
@@ -46,11 +47,6 @@ def test_both_call_sites_see_the_widened_choice():
     assert not patched(2560, 100, torch.bfloat16)  # k % 32: the kernels' layout
 
 
-def _activation_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    scale = x.float().abs().amax(dim=-1, keepdim=True) / 127
-    return torch.clamp(torch.round(x.float() / scale), -128, 127), scale
-
-
 @needs_avx512_without_amx
 @pytest.mark.parametrize("tokens", [1, 8, 100])
 def test_sgl_kernels_match_plain_math(tokens):
@@ -68,7 +64,7 @@ def test_sgl_kernels_match_plain_math(tokens):
     got = torch.ops._C.int8_scaled_mm_with_quant(
         x, torch.ops._C.convert_weight_packed(w_int8), w_scale, None, x.dtype, True
     )
-    x_q, x_scale = _activation_int8(x)
+    x_q, x_scale = int8_rows(x.float())
     want = (x_q @ w_int8.float().t()) * x_scale * w_scale
     assert torch.allclose(got.float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
 
