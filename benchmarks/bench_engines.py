@@ -16,6 +16,7 @@ Decode tok/s = generated tokens after the first / (time for 64 tokens - time for
 """
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -83,24 +84,30 @@ def measure(generate) -> dict[str, float]:
     }
 
 
+def tree_pss_gib() -> float:
+    """Memory of this process and its children (engine, workers) as PSS, which counts pages shared
+    between them (libraries, the safetensors mmap) once, not once per process."""
+    import psutil
+
+    me = psutil.Process()
+    return sum(p.memory_full_info().pss for p in (me, *me.children(recursive=True))) / 2**30
+
+
 class PeakMemory:
-    """Samples the memory of this process and its children (engine, workers) as PSS, which counts
-    pages shared between them (libraries, the safetensors mmap) once, not once per process."""
+    """The peak of :func:`tree_pss_gib`, sampled every 0.1 s until :meth:`stop`."""
 
     def __init__(self) -> None:
         import threading
 
         import psutil
 
-        self.peak, self.running = 0, True
-        me = psutil.Process()
+        self.peak, self.running = 0.0, True
 
         def sample() -> None:
             while self.running:
                 try:
-                    procs = [me, *me.children(recursive=True)]
-                    self.peak = max(self.peak, sum(p.memory_full_info().pss for p in procs))
-                except psutil.Error:
+                    self.peak = max(self.peak, tree_pss_gib())
+                except psutil.Error:  # a child exited while being read
                     pass
                 time.sleep(0.1)
 
@@ -110,25 +117,34 @@ class PeakMemory:
     def stop(self) -> float:
         self.running = False
         self.thread.join()
-        return self.peak / 2**30
+        return self.peak
+
+
+def vllm_generate(llm, prompts: list[list[int]], tokens: int) -> None:
+    """Greedy decoding of exactly ``tokens`` new tokens for each prompt (token ids)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(max_tokens=tokens, min_tokens=tokens, temperature=0, ignore_eos=True)
+    llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+
+
+def timed_vllm_generate(llm, prompts: list[list[int]], tokens: int) -> float:
+    """Seconds :func:`vllm_generate` takes."""
+    start = time.perf_counter()
+    vllm_generate(llm, prompts, tokens)
+    return time.perf_counter() - start
 
 
 def run_vllm(checkpoint: str) -> dict[str, float]:
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
+    from vllm import LLM
 
     memory = PeakMemory()
     start = time.perf_counter()
     llm = LLM(model=checkpoint, dtype="bfloat16", max_model_len=2048, max_num_seqs=BATCH)
     load_s = time.perf_counter() - start
     peak_pss_gib = memory.stop()  # sampling PSS costs CPU: never during the timed runs
-
-    def generate(prompts, tokens):
-        params = SamplingParams(
-            max_tokens=tokens, min_tokens=tokens, temperature=0, ignore_eos=True
-        )
-        llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
-
+    generate = functools.partial(vllm_generate, llm)
     return dict(measure(generate), load_s=load_s, peak_pss_gib=peak_pss_gib)
 
 
@@ -175,15 +191,22 @@ def child(engine: str, checkpoint: str, out: str) -> None:
     Path(out).write_text(json.dumps(result))
 
 
-def checkpoint_paths(cache: Path) -> tuple[Path, Path]:
-    """The BF16 checkpoint and its W8A8_DYNAMIC (msModelSlim format) version, built once."""
+def checkpoint_paths(cache: Path, layers: int = 4) -> tuple[Path, Path]:
+    """The BF16 21B-geometry checkpoint with ``layers`` layers (dense layer 0, the rest MoE) and its
+    W8A8_DYNAMIC (msModelSlim format) version, built once."""
     from vllm_ernie_moe.quantize import quantize_checkpoint
     from vllm_ernie_moe.random_checkpoint import build_checkpoint
 
-    bf16, w8a8 = cache / "21b-4layers-bf16", cache / "21b-4layers-w8a8"
+    bf16, w8a8 = cache / f"21b-{layers}layers-bf16", cache / f"21b-{layers}layers-w8a8"
     if not (bf16 / "config.json").exists():
-        print(f"building the 21B-geometry 4-layer checkpoint in {bf16} ...", flush=True)
-        build_checkpoint(bf16, "21b-4layers", dtype="bfloat16")
+        print(f"building the 21B-geometry {layers}-layer checkpoint in {bf16} ...", flush=True)
+        build_checkpoint(
+            bf16,
+            "21b-4layers",
+            dtype="bfloat16",
+            num_hidden_layers=layers,
+            moe_layer_end_index=layers - 1,
+        )
     if not w8a8.exists():
         quantize_checkpoint(bf16, w8a8)
     return bf16, w8a8
@@ -204,6 +227,23 @@ def engine_checkpoint(engine: str, bf16: Path, w8a8: Path, llama_src: str | None
 
         convert(bf16, gguf, outtype, Path(llama_src))
     return gguf
+
+
+def run_child(script: str, task: str, checkpoint: Path, out: Path, env: dict[str, str]) -> dict:
+    """``script --child task checkpoint out`` in a fresh process on the benchmark environment plus
+    ``env``; its output goes to ``out``'s .log, its JSON result to ``out``."""
+    print(f"running {task} on {checkpoint.name} {env or ''} ...", flush=True)
+    log = out.with_suffix(".log")
+    with log.open("w") as sink:
+        done = subprocess.run(
+            [sys.executable, script, "--child", task, str(checkpoint), str(out)],
+            env=dict(os.environ, **BENCH_ENV, **env),
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    if done.returncode:
+        sys.exit(f"{task} on {checkpoint.name} failed; its log is {log}")
+    return json.loads(out.read_text())
 
 
 SPEED_KEYS = ("bs1_decode_tok_s", "bs8_decode_tok_s", "prefill_1024_tok_s")
@@ -295,26 +335,7 @@ def main() -> None:
     checkpoints = {e: engine_checkpoint(e, bf16, w8a8, args.llama_cpp_src) for e in args.engines}
     for engine in args.engines * args.rounds:
         out = cache / f"{engine}.json"
-        env = dict(os.environ, **BENCH_ENV, **ENGINE_ENV.get(engine, {}))
-        print(f"running {engine} ...", flush=True)
-        log = cache / f"{engine}.log"
-        with log.open("w") as sink:
-            done = subprocess.run(
-                [
-                    sys.executable,
-                    __file__,
-                    "--child",
-                    engine,
-                    str(checkpoints[engine]),
-                    str(out),
-                ],
-                env=env,
-                stdout=sink,
-                stderr=subprocess.STDOUT,
-            )
-        if done.returncode:
-            sys.exit(f"{engine} failed; its log is {log}")
-        measured = json.loads(out.read_text())
+        measured = run_child(__file__, engine, checkpoints[engine], out, ENGINE_ENV.get(engine, {}))
         rounds.setdefault(engine, []).append(measured)
         results[engine] = best_of(results.get(engine), measured)
         print(engine, measured, flush=True)

@@ -20,9 +20,8 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from bench_engines import REPO, random_prompts, timed_vllm_generate
 
 # Module name suffix -> part of the step.
 PARTS = {
@@ -85,9 +84,7 @@ def matching(model, parts: dict[str, str]):
 
 
 def profile(args, eager: bool) -> None:
-    import torch
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
+    from vllm import LLM
 
     llm = LLM(
         model=args.checkpoint,
@@ -104,21 +101,10 @@ def profile(args, eager: bool) -> None:
         modules = [(runner.model, "forward: layers (compiled graph)")]
         modules += matching(runner.model, {"logits_processor": PARTS["logits_processor"]})
     timer = PartTimer([*modules, (runner.sampler, "sampler")])
-    g = torch.Generator().manual_seed(0)
-    prompts = [
-        TokensPrompt(
-            prompt_token_ids=torch.randint(10, 100000, (args.context,), generator=g).tolist()
-        )
-        for _ in range(args.batch)
-    ]
+    prompts = random_prompts(args.batch, args.context, 100000, seed=0)
 
     def run(tokens: int) -> float:
-        params = SamplingParams(
-            max_tokens=tokens, min_tokens=tokens, temperature=0, ignore_eos=True
-        )
-        start = time.perf_counter()
-        llm.generate(prompts, params, use_tqdm=False)
-        return time.perf_counter() - start
+        return timed_vllm_generate(llm, prompts, tokens)
 
     run(4)  # warm-up
     hooks_off = min(run(args.steps) - run(1) for _ in range(2)) / (args.steps - 1)

@@ -14,13 +14,17 @@ prefill out of both runs.
 
 import argparse
 import json
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-from bench_engines import BENCH_ENV, REPO, PeakMemory, random_prompts
+from bench_engines import (
+    REPO,
+    PeakMemory,
+    checkpoint_paths,
+    random_prompts,
+    run_child,
+    timed_vllm_generate,
+    tree_pss_gib,
+)
 
 CONTEXTS = (128, 512, 2048, 8192)
 BATCHES = (1, 4, 16, 64)
@@ -51,41 +55,24 @@ def _engine(checkpoint: str, tp: int, max_len: int, seqs: int):
     return llm, peak
 
 
-def _generate(llm, prompts, tokens: int) -> float:
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    params = SamplingParams(max_tokens=tokens, min_tokens=tokens, temperature=0, ignore_eos=True)
-    start = time.perf_counter()
-    llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
-    return time.perf_counter() - start
-
-
 def decode_rate(llm, batch: int, context: int) -> float:
     prompts = random_prompts(batch, context, VOCAB, next(SEEDS))
-    _generate(llm, prompts, 1)  # fills the prefix cache
-    first = _generate(llm, prompts, 1)
-    full = _generate(llm, prompts, DECODE)
+    timed_vllm_generate(llm, prompts, 1)  # fills the prefix cache
+    first = timed_vllm_generate(llm, prompts, 1)
+    full = timed_vllm_generate(llm, prompts, DECODE)
     return batch * (DECODE - 1) / (full - first)
 
 
 def prefill_rate(llm, length: int) -> float:
     return length / min(
-        _generate(llm, random_prompts(1, length, VOCAB, next(SEEDS)), 1) for _ in range(2)
+        timed_vllm_generate(llm, random_prompts(1, length, VOCAB, next(SEEDS)), 1) for _ in range(2)
     )
-
-
-def pss_gib() -> float:
-    import psutil
-
-    me = psutil.Process()
-    return sum(p.memory_full_info().pss for p in (me, *me.children(recursive=True))) / 2**30
 
 
 def child(task: str, checkpoint: str, out: str) -> None:
     if task == "sweeps":
         llm, peak = _engine(checkpoint, 1, max(CONTEXTS) + DECODE + 16, max(BATCHES))
-        _generate(llm, random_prompts(1, 32, VOCAB, 1), 4)  # warm-up
+        timed_vllm_generate(llm, random_prompts(1, 32, VOCAB, 1), 4)  # warm-up
         result = {
             "context": {c: decode_rate(llm, 1, c) for c in CONTEXTS},
             "batch": {b: decode_rate(llm, b, 128) for b in BATCHES},
@@ -93,7 +80,7 @@ def child(task: str, checkpoint: str, out: str) -> None:
         }
     elif task.startswith("tp"):
         llm, peak = _engine(checkpoint, int(task[2:]), 2048, 8)
-        _generate(llm, random_prompts(1, 32, VOCAB, 1), 4)
+        timed_vllm_generate(llm, random_prompts(1, 32, VOCAB, 1), 4)
         result = {
             "bs1": decode_rate(llm, 1, 128),
             "bs8": decode_rate(llm, 8, 128),
@@ -102,36 +89,8 @@ def child(task: str, checkpoint: str, out: str) -> None:
     else:  # memory
         llm, peak = _engine(checkpoint, 1, 2048, 8)
         result = {}
-    result.update(peak_load_pss_gib=peak, serving_pss_gib=pss_gib())
+    result.update(peak_load_pss_gib=peak, serving_pss_gib=tree_pss_gib())
     Path(out).write_text(json.dumps(result))
-
-
-def run_child(task: str, checkpoint: Path, out: Path, env: dict[str, str]) -> dict:
-    print(f"{task}: {checkpoint.name} {env or ''} ...", flush=True)
-    with out.with_suffix(".log").open("w") as log:
-        subprocess.run(
-            [sys.executable, __file__, "--child", task, str(checkpoint), str(out)],
-            env=dict(os.environ, **BENCH_ENV, **env),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            check=True,
-        )
-    return json.loads(out.read_text())
-
-
-def checkpoints(cache: Path, layers: int) -> dict[str, Path]:
-    """bf16 and W8A8 21B-geometry checkpoints with ``layers`` layers, built once."""
-    from vllm_ernie_moe.quantize import quantize_checkpoint
-    from vllm_ernie_moe.random_checkpoint import build_checkpoint
-
-    bf16, w8a8 = cache / f"21b-{layers}layers-bf16", cache / f"21b-{layers}layers-w8a8"
-    if not (bf16 / "config.json").exists():
-        overrides = {} if layers == 4 else {"num_hidden_layers": layers}
-        overrides.update({} if layers == 4 else {"moe_layer_end_index": layers - 1})
-        build_checkpoint(bf16, "21b-4layers", dtype="bfloat16", **overrides)
-    if not w8a8.exists():
-        quantize_checkpoint(bf16, w8a8)
-    return {"bf16": bf16, "w8a8": w8a8}
 
 
 def line_chart(path: Path, title: str, x_label: str, y_label: str, series: dict) -> None:
@@ -239,19 +198,24 @@ def main() -> None:
         return
     cache, out_dir = Path(args.cache), Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    sizes = {layers: checkpoints(cache, layers) for layers in LAYERS}
+    sizes = {
+        layers: dict(zip(("bf16", "w8a8"), checkpoint_paths(cache, layers), strict=True))
+        for layers in LAYERS
+    }
     results = {}
     for name, (kind, env) in ENGINES.items():
         results[f"sweeps-{name}"] = run_child(
-            "sweeps", sizes[4][kind], cache / f"s-{name}.json", env
+            __file__, "sweeps", sizes[4][kind], cache / f"s-{name}.json", env
         )
     for tp, env in ((1, {}), (2, {"VLLM_CPU_OMP_THREADS_BIND": "0|1"})):
         path = cache / f"s-tp{tp}.json"
-        results[f"tp{tp}-bf16"] = run_child(f"tp{tp}", sizes[4]["bf16"], path, env)
+        results[f"tp{tp}-bf16"] = run_child(__file__, f"tp{tp}", sizes[4]["bf16"], path, env)
     for name, (kind, env) in ENGINES.items():
         for layers in LAYERS:
             path = cache / f"s-mem-{name}-{layers}.json"
-            results[f"memory-{name}-{layers}"] = run_child("memory", sizes[layers][kind], path, env)
+            results[f"memory-{name}-{layers}"] = run_child(
+                __file__, "memory", sizes[layers][kind], path, env
+            )
     (cache / "scaling.json").write_text(json.dumps(results, indent=2))
     markdown = report(results, out_dir)
     title = "# Scaling (benchmarks/scaling.py, one run; explained in ../benchmarks.md)\n\n"
