@@ -260,6 +260,24 @@ RATIOS = (
 )
 
 
+def machine() -> dict:
+    """The CPU the numbers come from: two CPUs of one name can differ 2x in compute (an EPYC of
+    CPU family 25, Zen 4, runs AVX-512 at half the width of family 26, Zen 5)."""
+    import torch
+
+    info: dict[str, str] = {}
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        key, _, value = line.partition(":")
+        info.setdefault(key.strip(), value.strip())
+    return {
+        "cpu": info.get("model name"),
+        "cpu_family": info.get("cpu family"),
+        "cpu_model": info.get("model"),
+        "cores": os.cpu_count(),
+        "amx": torch.cpu._is_amx_tile_supported(),
+    }
+
+
 def best_of(old: dict[str, float] | None, new: dict[str, float]) -> dict[str, float]:
     """Per metric the better of two rounds: higher speed and bandwidth, shorter load, lower
     memory."""
@@ -339,9 +357,12 @@ def main() -> None:
         rounds.setdefault(engine, []).append(measured)
         results[engine] = best_of(results.get(engine), measured)
         print(engine, measured, flush=True)
+    host = machine()
+    print(f"machine: {host}")
     print(markdown(results, rounds))
     if args.json:
-        Path(args.json).write_text(json.dumps({"best": results, "rounds": rounds}, indent=2))
+        report = {"machine": host, "best": results, "rounds": rounds}
+        Path(args.json).write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":
