@@ -11,23 +11,31 @@ cache (cycled, so nothing is served from cache):
 
 The roofline uses the best of these rates: no decode step can read its weights faster.
 
-    python benchmarks/roofline.py benchmarks/out/21b-4layers-bf16
+    python benchmarks/roofline.py benchmarks/out/21b-4layers-bf16 [--by-shape]
+
+``--by-shape`` also measures every back end on each linear shape of the model at batch 1 and 8,
+side by side in one process: which kernel a layer should use on this CPU.
 """
 
+import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 L3_MULTIPLE = 8  # bytes cycled through per measurement / L3 size (32 MiB here)
 
 
+def _attention_widths(config: dict) -> tuple[int, int]:
+    """Output widths of the query projection and of each of the key and value projections."""
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    return config["num_attention_heads"] * head_dim, config["num_key_value_heads"] * head_dim
+
+
 def active_parameters(config: dict) -> dict[str, int]:
     """Weights one decoded token multiplies with: the lm_head and, per layer, attention, the dense
     MLP or the router + top-k routed experts + shared experts (embedding: one row, ignored)."""
     hidden, vocab = config["hidden_size"], config["vocab_size"]
-    head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
-    q, kv = config["num_attention_heads"] * head_dim, config["num_key_value_heads"] * head_dim
+    q, kv = _attention_widths(config)
     attention = hidden * (q + 2 * kv) + q * hidden
     start = config.get("moe_layer_start_index", 0)
     end = config.get("moe_layer_end_index", -1)
@@ -111,6 +119,48 @@ def measure_bandwidth(hidden: int = 2560, rows: int = 12288) -> dict[str, float]
     }
 
 
+def linear_shapes(config: dict) -> dict[str, tuple[int, int]]:
+    """[out, in] of the model's linear layers (unsharded; the routed experts have the shared
+    experts' shape divided by their number)."""
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    q, kv = _attention_widths(config)
+    shared = config["moe_intermediate_size"] * config.get("moe_num_shared_experts", 1)
+    return {
+        "qkv_proj": (q + 2 * kv, hidden),
+        "o_proj": (hidden, q),
+        "dense gate_up_proj": (2 * inter, hidden),
+        "dense down_proj": (hidden, inter),
+        "shared experts gate_up_proj": (2 * shared, hidden),
+        "shared experts down_proj": (hidden, shared),
+        "lm_head": (config["vocab_size"], hidden),
+    }
+
+
+PREFILL_BATCH = 1024
+
+
+def rates_by_shape(config: dict, batches: tuple[int, ...] = (1, 8, PREFILL_BATCH)) -> list[dict]:
+    """Weight GB/s of each GEMM back end for each linear shape of the model and batch size: which
+    back end a layer should use, measured in one process minutes apart at most. (At prefill size
+    the lm_head is left out: a prompt needs its logits for one token only.)"""
+    import torch
+
+    rows = []
+    for batch in batches:
+        for name, (out, inp) in linear_shapes(config).items():
+            if batch == PREFILL_BATCH and name == "lm_head":
+                continue
+            x = torch.randn(batch, inp, dtype=torch.bfloat16)
+            kernels = _gemv_kernels(out, inp)
+            kernels.pop("read (torch.sum, bf16)")
+            rates = {
+                kernel: _stream_rate(lambda i, run=run, x=x: run(x, i), size, seconds=0.6)
+                for kernel, (size, run) in kernels.items()
+            }
+            rows.append({"linear": f"{name} [{out} x {inp}]", "batch": batch, **rates})
+    return rows
+
+
 def roofline(config: dict, bandwidth: dict[str, float]) -> dict[str, float]:
     """Batch-1 decode tok/s if every weight byte streamed at the best rate measured on this machine
     (any kernel): bf16 weights, and all-int8 weights (W8A8 with int8 lm_head)."""
@@ -127,12 +177,40 @@ def roofline(config: dict, bandwidth: dict[str, float]) -> dict[str, float]:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument(
+        "--by-shape", action="store_true", help="also each back end's rate per linear shape"
+    )
+    args = parser.parse_args()
     from vllm_ernie_moe import envs
 
     envs.use_all_cpu_cores()
-    config = json.loads((Path(sys.argv[1]) / "config.json").read_text())
+    config = json.loads((args.checkpoint / "config.json").read_text())
     bandwidth = measure_bandwidth(config["hidden_size"])
     print(json.dumps({**bandwidth, **roofline(config, bandwidth)}, indent=2))
+    if args.by_shape:
+        print_rates_by_shape(rates_by_shape(config))
+
+
+def print_rates_by_shape(rows: list[dict]) -> None:
+    """Markdown: weight GB/s at decode batch sizes; at prefill size, compute in TOP/s."""
+    kernels = [k for k in rows[0] if k not in ("linear", "batch")]
+    header = f"| linear [out x in] | batch | {' | '.join(kernels)} | sgl / oneDNN int8 |"
+    for unit, prefill in (("weight GB/s", False), ("TOP/s", True)):
+        print(f"\n{unit}\n\n{header}\n" + "|---" * (len(kernels) + 3) + "|")
+        for row in rows:
+            if (row["batch"] == PREFILL_BATCH) != prefill:
+                continue
+            cells = []
+            for kernel in kernels:
+                rate = row[kernel]
+                if prefill:  # weight GB/s x 2 ops per weight and token / bytes per weight
+                    rate *= 2 * row["batch"] / (1 if "int8" in kernel else 2) / 1e3
+                cells.append(f"{rate:.{2 if prefill else 1}f}")
+            rates = " | ".join(cells)
+            ratio = row["sgl int8"] / row["oneDNN int8"]
+            print(f"| {row['linear']} | {row['batch']} | {rates} | {ratio:.2f} |")
 
 
 if __name__ == "__main__":
