@@ -9,17 +9,21 @@
      bf16 MoE expert kernels for the CPU back end (vLLM's portable "vec" grouped GEMM when there is
      no AMX).
 - Why: vLLM asks for AMX tiles before it uses the sgl kernels, but they also have AVX-512
-  (BF16 / VNNI) code paths. On an AVX-512 CPU without AMX (this project's AMD EPYC, 2 threads;
-  ``benchmarks/roofline.py`` measures it) they stream weights at batch 1 much faster: bf16 GEMV
-  56-59 GB/s against oneDNN's 31-35, int8 GEMV 58 against 32, and the bf16 fused experts
-  (``fused_experts_cpu``, the kernel vLLM's int8 experts already use) ~50 GB/s against the "vec"
-  kernel's ~30; at batch 8 to 1024 they are as fast or faster. Batch-1 decode is bound by exactly
-  that streaming rate.
+  (BF16 / VNNI) code paths. On AVX-512 CPUs without AMX (this project's AMD EPYCs, 2 threads;
+  ``benchmarks/roofline.py [--by-shape]`` measures it) they stream weights at batch 1 faster: on
+  the first EPYC measured bf16 GEMV 56-59 GB/s against oneDNN's 31-35, int8 58 against 32, and the
+  bf16 fused experts (``fused_experts_cpu``, the kernel vLLM's int8 experts already use) ~50 GB/s
+  against the "vec" kernel's ~30; on a Zen 5 EPYC, where oneDNN is faster, still 1.01-1.20x for
+  every linear shape of the model. At batch 8 to 1024 they are as fast or faster (bf16: see the
+  input width limit below). Batch-1 decode is bound by exactly that streaming rate.
 - How: on x86 CPUs with AVX-512 BF16 and VNNI and without AMX only: (1) also accept bf16 and int8
   linear weights that meet the kernels' alignment (``k % 32 == 0 and n % 16 == 0``, upstream's own
   rule for int8), without upstream's bf16 size cap (it exists because oneDNN wins at large batch
-  *with* AMX); (2) put :class:`SglCPUUnquantizedExperts` (bf16, SiLU, no bias, hidden and
-  intermediate sizes multiples of 32) first in the CPU expert list. Everything else keeps
+  *with* AMX) but, for bf16, only for inputs up to ``SGL_BF16_MAX_K`` wide: with a wide input the
+  sgl bf16 GEMM falls behind oneDNN once a batch has 8 or more rows (the dense down_proj, k = 12288:
+  0.77x at 8 rows, 0.36x at 1024 on a Zen 5 EPYC; ``benchmarks/roofline.py --by-shape``), while
+  the k <= 3072 layers keep up; (2) put :class:`SglCPUUnquantizedExperts` (bf16, SiLU, no bias,
+  hidden and intermediate sizes multiples of 32) first in the CPU expert list. Everything else keeps
   upstream's choice; fp16/fp32 are untouched. ``VLLM_ERNIE_MOE_SGL_KERNELS=0`` turns it off.
 - Upstream: vLLM 0.32.0 gates both on ``torch.cpu._is_amx_tile_supported()``; no issue found.
 - Applies to: vLLM ``>=0.32,<0.33`` (the targets' signatures are version specific); on another
@@ -58,9 +62,14 @@ def avx512_without_amx() -> bool:
     )
 
 
+#: The widest input for which the sgl bf16 GEMM kept up with oneDNN at every batch size.
+SGL_BF16_MAX_K = 3072
+
+
 def sgl_kernel_fits(n: int, k: int, dtype: torch.dtype) -> bool:
-    """The sgl GEMMs' layout constraints for a [n, k] bf16 or int8 weight."""
-    return dtype in (torch.bfloat16, torch.int8) and k % 32 == 0 and n % 16 == 0
+    """A [n, k] bf16 or int8 weight the sgl GEMMs take (layout) and run faster than oneDNN."""
+    wins = dtype == torch.int8 or (dtype == torch.bfloat16 and k <= SGL_BF16_MAX_K)
+    return wins and k % 32 == 0 and n % 16 == 0
 
 
 @functools.cache

@@ -45,6 +45,8 @@ def test_both_call_sites_see_the_widened_choice():
     assert not patched(2560, 2560, torch.float16)  # fp16 needs AMX-FP16: unchanged
     assert not patched(2560, 2560, torch.float32)
     assert not patched(2560, 100, torch.bfloat16)  # k % 32: the kernels' layout
+    assert not patched(2560, 12288, torch.bfloat16)  # a wide input (dense down_proj): oneDNN's
+    assert patched(2560, 12288, torch.int8)
 
 
 @needs_avx512_without_amx
