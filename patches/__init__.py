@@ -1,14 +1,22 @@
 """Runtime patches to vLLM / vllm-ascend, installed as ``vllm_ernie_moe.patches``.
 
 One module per upstream target, named ``patch_<target>.py``; each documents its target, why, the
-upstream status, the versions it applies to and when to remove it, and has its own test.
+upstream status, what decides that it applies (a probe of the bug, or a fingerprint of the target
+code the tests ran against) and when to remove it, and has its own test. Upstream-ready fixes:
+``docs/upstream/``.
 """
 
-from vllm_ernie_moe.patches import patch_cpu_router, patch_cpu_sgl_kernels, patch_model_config
+from vllm_ernie_moe.patches import (
+    patch_ascend_grouped_topk_router,
+    patch_cpu_router,
+    patch_cpu_sgl_kernels,
+    patch_model_config,
+)
 
 
 def apply_all() -> None:
     """Apply every patch that the running platform and vLLM version need. Idempotent."""
+    patch_ascend_grouped_topk_router.apply()
     patch_cpu_router.apply()
     patch_cpu_sgl_kernels.apply()
     patch_model_config.apply()

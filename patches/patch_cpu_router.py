@@ -1,17 +1,22 @@
-"""Patch: vLLM's CPU MoE router ignores ``e_score_correction_bias`` in softmax routing.
+"""Patch: vLLM's CPU MoE routing ignores ``e_score_correction_bias`` in softmax routing.
 
-- Target: ``vllm.model_executor.layers.fused_moe.router.cpu_router.CPURouter._compute_routing``.
-- Why: for softmax scoring without expert groups, vLLM 0.32's ``CPURouter`` takes a plain softmax
-  top-k and drops the correction bias. ERNIE-4.5 chooses its experts by ``softmax + bias``, so on
-  the CPU backend every MoE layer silently runs the wrong experts (GPU/NPU routers honour the bias).
+- Targets (whichever the installed vLLM has; ``vllm_ernie_moe.compat`` tells which):
+  1. vLLM 0.32+: ``CPURouter._compute_routing`` in
+     ``vllm.model_executor.layers.fused_moe.router.cpu_router``;
+  2. vLLM 0.27: ``vllm.model_executor.layers.fused_moe.cpu_fused_moe.select_experts``, which every
+     CPU expert kernel calls (module global, or imported inside ``apply`` at call time).
+- Why: for softmax scoring without expert groups both take a plain softmax top-k and drop the
+  correction bias. ERNIE-4.5 chooses its experts by ``softmax + bias``, so on the CPU backend every
+  MoE layer silently runs the wrong experts (GPU/NPU routers honour the bias).
 - How: in exactly that case (softmax, no groups, no custom routing function, a bias present),
   choose the top-k of ``softmax(logits) + bias`` and weight them by the unbiased softmax,
   renormalised: the math of vLLM's own ``FusedTopKBiasRouter`` and of transformers. Every other case
-  goes to the original method.
-- Upstream: not fixed in vLLM 0.32.0 (``_softmax_topk`` in ``router/cpu_router.py`` has no bias
-  argument); no upstream issue found at the time of writing.
-- Applies to: vLLM ``>=0.32,<0.33``. On another version a behavioural probe decides: it is applied
-  (with a warning) only if the probe still sees the bias ignored.
+  goes to the original function.
+- Decided by behaviour: a probe routes one token between two experts where only the bias makes
+  expert 1 the choice; the patch applies exactly when the probe sees expert 0 (bug present), on any
+  version. Where neither target exists it says so once and stays off.
+- Upstream: present in vLLM 0.27.1, 0.32.0 and 0.33.0 (``_softmax_topk`` has no bias argument); no
+  upstream issue found. Upstream-ready fix with its test: ``docs/upstream/cpu-router-bias.md``.
 - Remove when: the probe reports the bias honoured on every supported vLLM version (the plugin
   logs "not needed"), i.e. upstream ``CPURouter`` routes softmax with a correction bias.
 - Test: ``tests/test_patch_cpu_router.py``.
@@ -20,24 +25,23 @@
 from __future__ import annotations
 
 import torch
-from packaging.specifiers import SpecifierSet
-from packaging.version import Version
 from vllm.logger import init_logger
 
-logger = init_logger(f"vllm.{__name__}")  # under "vllm.": vLLM's log handler shows it
+from vllm_ernie_moe import compat
 
-APPLIES_TO = SpecifierSet(">=0.32,<0.33")
+logger = init_logger(f"vllm.{__name__}")  # under "vllm.": vLLM's log handler shows it
 
 
 def biased_softmax_topk(
     router_logits: torch.Tensor,
-    e_score_correction_bias: torch.Tensor,
+    e_score_correction_bias: torch.Tensor | None,
     top_k: int,
     renormalize: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose experts by ``softmax + bias``, weight them by the unbiased softmax (fp32)."""
     scores = torch.softmax(router_logits.float(), dim=-1)
-    topk_ids = torch.topk(scores + e_score_correction_bias.float().unsqueeze(0), top_k, dim=-1)[1]
+    choice = scores if e_score_correction_bias is None else scores + e_score_correction_bias.float()
+    topk_ids = torch.topk(choice, top_k, dim=-1)[1]
     topk_weights = scores.gather(1, topk_ids)
     if renormalize:
         topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
@@ -45,64 +49,139 @@ def biased_softmax_topk(
     return topk_weights.contiguous(), topk_ids.to(torch.int32).contiguous()
 
 
-def _needs_bias(router) -> bool:
+def _needs_bias(bias, scoring_func: str, grouped: bool, custom_routing_function) -> bool:
     return (
-        router.e_score_correction_bias is not None
-        and router.scoring_func == "softmax"
-        and not router.use_grouped_topk
-        and router.custom_routing_function is None
+        bias is not None
+        and scoring_func == "softmax"
+        and not grouped
+        and (custom_routing_function is None)
     )
 
 
-def _ignores_bias(router_cls) -> bool:
-    """Probe: does this router pick expert 0 although the bias makes expert 1 the clear choice?"""
+#: One token, two experts: the logits pick expert 0, the bias makes expert 1 the clear choice.
+_PROBE_LOGITS = torch.tensor([[1.0, 0.0]])
+_PROBE_BIAS = torch.tensor([0.0, 10.0])
+
+
+def _router_ignores_bias(router_cls, route) -> bool:
+    """Probe ``route``, a ``CPURouter._compute_routing``-like function."""
     router = router_cls(
         top_k=1,
         global_num_experts=2,
         renormalize=True,
         scoring_func="softmax",
-        e_score_correction_bias=torch.tensor([0.0, 10.0]),
+        e_score_correction_bias=_PROBE_BIAS,
     )
-    logits = torch.tensor([[1.0, 0.0]])
-    _, topk_ids = router._compute_routing(logits, logits, None)
+    _, topk_ids = route(router, _PROBE_LOGITS, _PROBE_LOGITS, None)
     return int(topk_ids[0, 0]) == 0
 
 
-def apply() -> bool:
-    """Patch ``CPURouter`` on the CPU platform if needed; idempotent. True when active."""
-    from vllm.platforms import current_platform
+def _select_experts_ignores_bias(select_experts) -> bool:
+    """Probe a ``cpu_fused_moe.select_experts``-like function."""
+    _, topk_ids = select_experts(
+        hidden_states=_PROBE_LOGITS,
+        router_logits=_PROBE_LOGITS,
+        top_k=1,
+        use_grouped_topk=False,
+        renormalize=True,
+        e_score_correction_bias=_PROBE_BIAS,
+    )
+    return int(topk_ids[0, 0]) == 0
 
-    if not current_platform.is_cpu():
-        return False
-    import vllm
-    from vllm.model_executor.layers.fused_moe.router.cpu_router import CPURouter
 
-    original = CPURouter._compute_routing
+def _patch_cpu_router(router_cls) -> bool:
+    original = router_cls._compute_routing
     if getattr(original, "_vllm_ernie_moe_patch", False):
         return True
-    version = Version(vllm.__version__)
-    if not _ignores_bias(CPURouter):
-        logger.info(
-            "vLLM %s CPURouter honours the correction bias: patch_cpu_router not needed.", version
-        )
+    if not _router_ignores_bias(router_cls, original):
+        logger.info("vLLM CPURouter honours the correction bias: patch_cpu_router not needed.")
         return False
-    if version not in APPLIES_TO:
-        logger.warning(
-            "vLLM %s is outside %s, but its CPURouter still ignores the correction bias: "
-            "applying patch_cpu_router.",
-            version,
-            APPLIES_TO,
-        )
 
     def _compute_routing(self, hidden_states, router_logits, indices_type, **kwargs):
-        if _needs_bias(self):
+        if _needs_bias(
+            self.e_score_correction_bias,
+            self.scoring_func,
+            self.use_grouped_topk,
+            self.custom_routing_function,
+        ):
             return biased_softmax_topk(
                 router_logits, self.e_score_correction_bias, self.top_k, self.renormalize
             )
         return original(self, hidden_states, router_logits, indices_type, **kwargs)
 
-    _compute_routing._vllm_ernie_moe_patch = True  # type: ignore[attr-defined]
-    _compute_routing.__wrapped__ = original  # type: ignore[attr-defined]
-    CPURouter._compute_routing = _compute_routing
-    logger.info("Patched vLLM CPURouter to honour e_score_correction_bias (patch_cpu_router).")
+    _mark(_compute_routing, original)
+    router_cls._compute_routing = _compute_routing
+    logger.info("Patched vLLM's CPURouter to honour e_score_correction_bias (patch_cpu_router).")
     return True
+
+
+def _patch_select_experts(module) -> bool:
+    original = module.select_experts
+    if getattr(original, "_vllm_ernie_moe_patch", False):
+        return True
+    if not _select_experts_ignores_bias(original):
+        logger.info("vLLM CPU select_experts honours the correction bias: patch not needed.")
+        return False
+
+    def select_experts(
+        hidden_states,
+        router_logits,
+        top_k,
+        use_grouped_topk,
+        renormalize,
+        custom_routing_function=None,
+        scoring_func="softmax",
+        routed_scaling_factor=1.0,
+        e_score_correction_bias=None,
+        **kwargs,
+    ):
+        if routed_scaling_factor == 1.0 and _needs_bias(
+            e_score_correction_bias, scoring_func, use_grouped_topk, custom_routing_function
+        ):
+            return biased_softmax_topk(router_logits, e_score_correction_bias, top_k, renormalize)
+        return original(
+            hidden_states=hidden_states,
+            router_logits=router_logits,
+            top_k=top_k,
+            use_grouped_topk=use_grouped_topk,
+            renormalize=renormalize,
+            custom_routing_function=custom_routing_function,
+            scoring_func=scoring_func,
+            routed_scaling_factor=routed_scaling_factor,
+            e_score_correction_bias=e_score_correction_bias,
+            **kwargs,
+        )
+
+    _mark(select_experts, original)
+    module.select_experts = select_experts
+    logger.info("Patched vLLM's CPU select_experts to honour e_score_correction_bias.")
+    return True
+
+
+def _mark(patched, original) -> None:
+    patched._vllm_ernie_moe_patch = True  # type: ignore[attr-defined]
+    patched.__wrapped__ = original  # type: ignore[attr-defined]
+
+
+def apply() -> bool:
+    """Patch vLLM's CPU routing on the CPU platform if the probe sees the bug; idempotent.
+    True when active."""
+    import importlib
+
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return False
+    router_cls = compat.cpu_router_class()
+    if router_cls is not None:
+        return _patch_cpu_router(router_cls)
+    if compat.has_module(compat.CPU_SELECT_EXPERTS_MODULE):
+        return _patch_select_experts(importlib.import_module(compat.CPU_SELECT_EXPERTS_MODULE))
+    logger.warning(
+        "vLLM %s has neither %s nor %s: patch_cpu_router not applied; check that CPU MoE "
+        "routing honours e_score_correction_bias (tests/test_routing.py).",
+        compat.vllm_version(),
+        compat.CPU_ROUTER_MODULE,
+        compat.CPU_SELECT_EXPERTS_MODULE,
+    )
+    return False

@@ -26,8 +26,11 @@
   hidden and intermediate sizes multiples of 32) first in the CPU expert list. Everything else keeps
   upstream's choice; fp16/fp32 are untouched. ``VLLM_ERNIE_MOE_SGL_KERNELS=0`` turns it off.
 - Upstream: vLLM 0.32.0 gates both on ``torch.cpu._is_amx_tile_supported()``; no issue found.
-- Applies to: vLLM ``>=0.32,<0.33`` (the targets' signatures are version specific); on another
-  version it is not applied and says so.
+- Applies to: vLLM ``>=0.32,<0.33``, where its tests ran; on another version it is not applied
+  and says so once. vLLM 0.27 has other targets (monolithic CPU experts that route themselves, the
+  sgl GEMMs behind ``VLLM_CPU_SGL_KERNEL``); vLLM 0.33 has the same targets but no CPU wheel to
+  test on (``check_cpu_sgl_kernel`` is unchanged there, ``fused_experts_cpu`` gained a defaulted
+  ``act_method``).
 - Remove when: upstream selects these kernels on AVX-512 BF16/VNNI CPUs without AMX.
 - Test: ``tests/test_patch_cpu_sgl_kernels.py`` (the choice, the kernels against plain PyTorch
   math); the model parity tests against transformers run through them on such CPUs.
@@ -99,6 +102,12 @@ def _sgl_experts_class():
         @staticmethod
         def _supports_quant_scheme(weight_key, activation_key) -> bool:
             return (weight_key, activation_key) == (None, None)
+
+        @staticmethod
+        def _supports_activation(activation) -> bool:
+            from vllm.model_executor.layers.fused_moe.activation import MoEActivation
+
+            return activation == MoEActivation.SILU  # the kernel call below fuses SiLU-and-mul
 
         @staticmethod
         def _supports_routing_method(routing_method, weight_key, activation_key) -> bool:

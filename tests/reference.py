@@ -145,9 +145,15 @@ def int8_rows_dequantized(weight: torch.Tensor) -> torch.Tensor:
     return quantized.float() * scale.float()
 
 
-def dequantized_checkpoint(quantized_dir: Path, out_dir: Path, int8_lm_head: bool = False) -> Path:
+def dequantized_checkpoint(
+    quantized_dir: Path,
+    out_dir: Path,
+    int8_lm_head: bool = False,
+    scale_dtype: torch.dtype = torch.float32,
+) -> Path:
     """A plain -PT checkpoint whose W8A8_DYNAMIC linears hold ``int8 * scale`` in fp32; with
-    ``int8_lm_head`` also an untied lm_head quantized the same way (the embedding stays as is)."""
+    ``int8_lm_head`` also an untied lm_head quantized the same way (the embedding stays as is).
+    ``scale_dtype``: round the scales first (vllm-ascend's A2/A3 methods keep them in bf16)."""
     import json
     import shutil
 
@@ -160,7 +166,7 @@ def dequantized_checkpoint(quantized_dir: Path, out_dir: Path, int8_lm_head: boo
         if name.endswith(("_scale", "_offset")):
             continue
         if description.get(name) == "W8A8_DYNAMIC":
-            tensor = tensor.float() * tensors[f"{name}_scale"].float()
+            tensor = tensor.float() * tensors[f"{name}_scale"].to(scale_dtype).float()
         plain[name] = tensor
     out_dir.mkdir(parents=True, exist_ok=True)
     config = json.loads((quantized_dir / "config.json").read_text())

@@ -1,45 +1,48 @@
-"""patch_cpu_router: detects vLLM's bias-dropping CPU router, fixes it, leaves the rest alone."""
+"""patch_cpu_router: detects vLLM's bias-dropping CPU routing, fixes it, leaves the rest alone."""
 
 import torch
-from vllm.model_executor.layers.fused_moe.router.cpu_router import CPURouter
+from cpu_routing import route, target
 
 from vllm_ernie_moe.patches import patch_cpu_router
 
 
-def _router(**kwargs) -> CPURouter:
-    return CPURouter(top_k=1, global_num_experts=2, renormalize=True, **kwargs)
+def test_this_vllm_has_atarget():
+    """If neither target exists the patch stays off: CPU routing must then be checked anew."""
+    owner, name = target()
+    assert callable(getattr(owner, name))
 
 
 def test_unpatched_vllm_ignores_the_bias():
     """The bug the patch exists for; when this fails, upstream fixed it: remove the patch."""
-    patch_cpu_router.apply()
-    original = CPURouter._compute_routing.__wrapped__
     logits = torch.tensor([[1.0, 0.0]])
-    router = _router(scoring_func="softmax", e_score_correction_bias=torch.tensor([0.0, 10.0]))
-    _, ids = original(router, logits, logits, None)
+    _, ids = route(logits, 1, bias=torch.tensor([0.0, 10.0]), original=True)
     assert ids.item() == 0
+
+
+def test_patched_routing_matches_hand_computed_math():
+    """Choose by softmax + bias, weight by the unbiased softmax renormalised over the chosen."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    bias = torch.tensor([0.0, 0.0, 0.5, 0.0])
+    weights, ids = route(logits, 2, bias=bias)
+    probs = torch.softmax(logits, dim=-1)[0]  # [0.644, 0.237, 0.087, 0.032]
+    # softmax + bias = [0.644, 0.237, 0.587, 0.032]: experts 0 and 2, not 0 and 1.
+    assert sorted(ids[0].tolist()) == [0, 2]
+    expected = {0: probs[0] / (probs[0] + probs[2]), 2: probs[2] / (probs[0] + probs[2])}
+    for expert, weight in zip(ids[0].tolist(), weights[0].tolist()):
+        assert abs(weight - float(expected[expert])) < 1e-6
 
 
 def test_apply_is_idempotent_and_fixes_the_probe():
     assert patch_cpu_router.apply() is True
-    patched = CPURouter._compute_routing
+    owner, name = target()
+    patched = getattr(owner, name)
     assert patch_cpu_router.apply() is True
-    assert CPURouter._compute_routing is patched
-    assert not patch_cpu_router._ignores_bias(CPURouter)
+    assert getattr(owner, name) is patched
+    _, ids = route(torch.tensor([[1.0, 0.0]]), 1, bias=torch.tensor([0.0, 10.0]))
+    assert ids.item() == 1
 
 
 def test_routing_without_bias_is_unchanged():
-    patch_cpu_router.apply()
     logits = torch.randn(5, 8, generator=torch.Generator().manual_seed(0))
-    router = CPURouter(top_k=3, global_num_experts=8, renormalize=True, scoring_func="softmax")
-    original = CPURouter._compute_routing.__wrapped__
-    for got, want in zip(
-        router._compute_routing(logits, logits, None), original(router, logits, logits, None)
-    ):
+    for got, want in zip(route(logits, 3), route(logits, 3, original=True)):
         assert torch.equal(got, want)
-
-
-def test_version_guard_covers_the_pinned_vllm():
-    import vllm
-
-    assert vllm.__version__ in patch_cpu_router.APPLIES_TO

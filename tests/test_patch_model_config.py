@@ -58,3 +58,42 @@ def test_other_architectures_are_not_claimed(tmp_path):
         model_arch_config=type("Arch", (), {"quantization_config": None})(),
     )
     assert not patch_model_config.claims(model_config)
+
+
+@pytest.fixture
+def on_npu(monkeypatch):
+    from vllm.platforms import current_platform
+
+    monkeypatch.setattr(current_platform, "device_type", "npu")
+
+
+def _v0_checkpoint(tmp_path: Path) -> Path:
+    checkpoint = tmp_path / "v0"
+    shutil.copytree(FIXTURES / "ernie-tiny-w8a8-msmodelslim", checkpoint)
+    (checkpoint / "quant_model_description.json").rename(
+        checkpoint / "quant_model_description_w8a8_dynamic.json"
+    )
+    return checkpoint
+
+
+def test_npu_refuses_a_description_name_vllm_ascend_does_not_detect(tmp_path, on_npu):
+    """vllm-ascend detects only quant_model_description.json: it would load int8 as BF16."""
+    # QuantizationFormatError is a ValueError; vLLM's pydantic config re-raises it as one.
+    with pytest.raises(ValueError, match="rename the file to quant_model_description.json"):
+        ModelConfig(model=str(_v0_checkpoint(tmp_path)))
+
+
+def test_npu_leaves_the_method_to_vllm_ascend(on_npu):
+    """No ernie-w8a8-dynamic on an NPU: vllm-ascend's platform picks 'ascend' afterwards."""
+    assert ModelConfig(model=str(FIXTURES / "ernie-tiny-w8a8-msmodelslim")).quantization is None
+
+
+def test_a_changed_target_is_left_alone(monkeypatch):
+    """The patch wraps only the code it was tested against (its AST fingerprint)."""
+
+    def changed(self) -> None:
+        pass
+
+    monkeypatch.setattr(ModelConfig, "_verify_quantization", changed)
+    assert patch_model_config.apply() is False
+    assert ModelConfig._verify_quantization is changed

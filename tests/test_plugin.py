@@ -7,11 +7,18 @@ from importlib.metadata import entry_points
 PROBE = """
 from vllm.plugins import load_general_plugins
 load_general_plugins()
+import importlib
 from vllm import ModelRegistry
-from vllm.model_executor.layers.fused_moe.router.cpu_router import CPURouter
+from vllm_ernie_moe import compat
 model = ModelRegistry.models["Ernie4_5_MoeForCausalLM"]
 print(model.module_name, model.class_name)
-print(getattr(CPURouter._compute_routing, "_vllm_ernie_moe_patch", False))
+router = compat.cpu_router_class()
+routing = (
+    router._compute_routing
+    if router is not None
+    else importlib.import_module(compat.CPU_SELECT_EXPERTS_MODULE).select_experts
+)
+print(getattr(routing, "_vllm_ernie_moe_patch", False))
 """
 
 
@@ -35,3 +42,29 @@ def test_register_is_idempotent():
     from vllm import ModelRegistry
 
     assert ModelRegistry.models["Ernie4_5_MoeForCausalLM"].module_name == "vllm_ernie_moe.model"
+
+
+REFUSAL = """
+import vllm
+vllm.__version__ = "0.23.0"  # what vllm-ascend's registry release 0.23.0.post1 pairs with
+import vllm_ernie_moe
+vllm_ernie_moe.register()
+"""
+
+
+def test_an_older_vllm_is_refused_with_the_range_and_the_fix():
+    done = subprocess.run([sys.executable, "-c", REFUSAL], capture_output=True, text=True)
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert "UnsupportedVLLMError: vLLM 0.23.0 is too old" in last
+    assert "0.27.1 to 0.33" in last and "vllm-ascend" in last
+
+
+def test_the_supported_vllm_versions_are_accepted():
+    from packaging.version import Version
+
+    from vllm_ernie_moe import compat
+
+    for version in ("0.27.1", "0.32.0", "0.33.0"):
+        assert Version(version) in compat.SUPPORTED_VLLM and Version(version) in compat.TESTED_VLLM
+    assert Version("0.23.0") not in compat.SUPPORTED_VLLM

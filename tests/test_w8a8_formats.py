@@ -37,6 +37,30 @@ def test_offline_tool_reproduces_msmodelslim_bit_for_bit(tmp_path):
     assert (out / "tokenizer.json").read_bytes() == (BF16_SOURCE / "tokenizer.json").read_bytes()
 
 
+def test_config_without_tie_key_gets_the_tied_lm_head_msmodelslim_writes(tmp_path):
+    """transformers (and vLLM) tie ERNIE's lm_head when config.json omits the key: the tool must
+    resolve the default as they do and write ``lm_head.weight`` labelled FLOAT."""
+    source = tmp_path / "untagged"
+    shutil.copytree(BF16_SOURCE, source)
+    config = json.loads((source / "config.json").read_text())
+    del config["tie_word_embeddings"]
+    (source / "config.json").write_text(json.dumps(config))
+    assert Ernie4_5_MoeConfig.from_pretrained(str(source)).tie_word_embeddings
+    out = quantize.quantize_checkpoint(source, tmp_path / "out")
+    assert description_of(out)["lm_head.weight"] == "FLOAT"
+    tensors = load_tensors(out)
+    assert torch.equal(tensors["lm_head.weight"], tensors["model.embed_tokens.weight"])
+
+
+def test_msmodelslim_scales_of_a_bf16_model_survive_bf16_storage():
+    """vllm-ascend's A2/A3 W8A8 methods keep weight_scale in the model dtype: lossless only because
+    msModelSlim computes the scales of a BF16 model in bf16 (docs/ascend.md, NPU/CPU parity)."""
+    scales = [t for n, t in load_tensors(MSMODELSLIM).items() if n.endswith("weight_scale")]
+    assert scales and all(s.dtype == torch.float32 for s in scales)
+    assert all(torch.equal(s.bfloat16().float(), s) for s in scales)
+    assert all(torch.equal(s.half().float(), s) for s in scales)
+
+
 def test_formula_matches_msmodelslim_including_clamp_to_minus_128():
     source, theirs = load_tensors(BF16_SOURCE), load_tensors(MSMODELSLIM)
     clamped = 0
@@ -201,18 +225,20 @@ def test_description_naming_absent_tensors_is_rejected(tmp_path):
         validate(path, load_tensors(MSMODELSLIM))
 
 
-def test_fused_module_shards_with_different_labels_are_rejected(tmp_path):
-    from vllm_ernie_moe.quantization import ErnieW8A8DynamicConfig
-
+@pytest.mark.parametrize(
+    "tensor,module",
+    [
+        ("model.layers.0.self_attn.k_proj.weight", "model.layers.0.self_attn.qkv_proj"),
+        ("model.layers.1.mlp.experts.3.up_proj.weight", "model.layers.1.mlp.experts"),
+    ],
+)
+def test_fused_module_shards_with_different_labels_are_rejected(tmp_path, tensor, module):
+    """Also experts: vllm-ascend reads only expert 0's label and would load such a file."""
     checkpoint = tmp_path / "mixed"
     shutil.copytree(MSMODELSLIM, checkpoint)
-    write_description(checkpoint, **{"model.layers.0.self_attn.k_proj.weight": "FLOAT"})
-    config = ErnieW8A8DynamicConfig()
-    config.maybe_update_config(str(checkpoint))
-    config.packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}
-    prefix = "model.layers.0.self_attn.qkv_proj"
-    with pytest.raises(QuantizationFormatError, match="qkv_proj.*different labels"):
-        config._label(prefix, config._checkpoint_modules(torch.nn.Linear(1, 1), prefix))
+    write_description(checkpoint, **{tensor: "FLOAT"})
+    with pytest.raises(QuantizationFormatError, match=f"'{module}' have different labels"):
+        load_description(checkpoint / "quant_model_description.json")
 
 
 def test_engine_refuses_an_unsupported_label_before_starting(tmp_path):

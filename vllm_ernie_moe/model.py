@@ -16,9 +16,10 @@ from transformers import PretrainedConfig
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import CacheConfig, VllmConfig
 from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
+from vllm.model_executor.layers import fused_moe
 from vllm.model_executor.layers.activation import SiluAndMul
 from vllm.model_executor.layers.attention import Attention
-from vllm.model_executor.layers.fused_moe import FusedMoEFactory, GateLinear
+from vllm.model_executor.layers.fused_moe import GateLinear
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.linear import (
     MergedColumnParallelLinear,
@@ -46,7 +47,15 @@ from vllm.sequence import IntermediateTensors
 from vllm.transformers_utils.config import set_default_rope_theta
 
 from vllm_ernie_moe.checkpoint import CheckpointValidator, moe_layer_ids
-from vllm_ernie_moe.w8a8 import QUANTIZATION_NAME
+from vllm_ernie_moe.w8a8 import (
+    QUANTIZATION_NAME,
+    check_fused_labels,
+    find_description,
+    read_labels,
+)
+
+#: vllm-ascend's msModelSlim method (``AscendModelSlimConfig``).
+ASCEND_QUANTIZATION = "ascend"
 
 ROPE_THETA_DEFAULT = 500000
 
@@ -106,11 +115,14 @@ class ErnieMoE(nn.Module):
             raise ValueError(
                 f"tensor_parallel_size={tp_size} exceeds moe_num_experts={num_experts}"
             )
-        # The router stays in fp32 and unquantized, whatever the model dtype or quantization.
+        # The router stays in fp32 and unquantized, whatever the model dtype or quantization: fp32
+        # weights, fp32 input (see forward), so fp32 logits. No ``out_dtype``: with it, vLLM 0.27's
+        # GateLinear casts the input to the dtype of a weight that its CPU GEMM dispatch has
+        # replaced by an empty model-dtype tensor, and feeds bf16 to the fp32 oneDNN kernel (heap
+        # corruption). On CUDA its fast router kernels need bf16 weights: none is lost.
         self.gate = GateLinear(
             config.hidden_size,
             num_experts,
-            out_dtype=torch.float32,
             params_dtype=torch.float32,
             prefix=f"{prefix}.gate",
         )
@@ -131,7 +143,9 @@ class ErnieMoE(nn.Module):
             if num_shared > 0
             else None
         )
-        self.experts = FusedMoEFactory(
+        # Looked up when the layer is built: vllm-ascend replaces the factory at start-up, which
+        # may come after this module was imported.
+        self.experts = fused_moe.FusedMoEFactory(
             shared_experts=self.shared_experts,
             num_experts=num_experts,
             top_k=config.moe_k,
@@ -149,7 +163,7 @@ class ErnieMoE(nn.Module):
         self.gate.e_score_correction_bias.data = self.gate.e_score_correction_bias.data.float()
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        router_logits, _ = self.gate(hidden_states)
+        router_logits, _ = self.gate(hidden_states.float())
         return self.experts(hidden_states=hidden_states, router_logits=router_logits)
 
 
@@ -394,7 +408,12 @@ class Ernie4_5_MoeForCausalLM(nn.Module, SupportsPP):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         quant_config = self.quant_config
-        ours = quant_config is not None and quant_config.get_name() == QUANTIZATION_NAME
+        method = quant_config.get_name() if quant_config is not None else None
+        ours = method == QUANTIZATION_NAME
+        if method == ASCEND_QUANTIZATION and (path := find_description(self.checkpoint_dir)):
+            # vllm-ascend reads one label per fused module (expert 0's for all experts): a file
+            # whose labels disagree would load quietly half-wrong.
+            check_fused_labels(path, read_labels(path))
         validator = CheckpointValidator(
             self.config,
             self.checkpoint_dir,

@@ -13,7 +13,7 @@ refuses to run there rather than shadow it.
 
 import torch
 from torch.nn import Module, Parameter
-from vllm.distributed import get_tensor_model_parallel_world_size
+from vllm.distributed import get_ep_group, get_tensor_model_parallel_world_size, get_tp_group
 from vllm.logger import init_logger
 from vllm.model_executor.kernels.linear import init_int8_linear_kernel
 from vllm.model_executor.layers.fused_moe import FusedMoEMethodBase, RoutedExperts
@@ -39,17 +39,16 @@ from vllm.model_executor.layers.linear import (
 from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 from vllm.model_executor.layers.quantization.utils.quant_utils import (
-    amax_for_moe_weight_quant,
-    amax_for_tp_weight_quant,
     kInt8DynamicTokenSym,
     kInt8StaticChannelSym,
 )
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 from vllm.model_executor.parameter import ChannelQuantScaleParameter, ModelWeightParameter
-from vllm.model_executor.utils import replace_parameter, set_weight_attrs
+from vllm.model_executor.utils import set_weight_attrs
 from vllm.platforms import current_platform
 
-from vllm_ernie_moe import envs
+from vllm_ernie_moe import compat, envs
+from vllm_ernie_moe.patches.patch_cpu_router import biased_softmax_topk
 from vllm_ernie_moe.w8a8 import (
     QUANTIZATION_NAME,
     W8A8_DYNAMIC,
@@ -63,8 +62,18 @@ from vllm_ernie_moe.w8a8 import (
 logger = init_logger(f"vllm.{__name__}")
 
 
-def _row_amax(weight: torch.Tensor) -> torch.Tensor:
-    return weight.abs().amax(dim=-1, keepdim=True)
+def _row_amax(weight: torch.Tensor, group=None) -> torch.Tensor:
+    """Per-row max of ``|weight|``; over the ranks of ``group`` when each holds part of a row."""
+    amax = weight.abs().amax(dim=-1, keepdim=True)
+    if group is not None:
+        torch.distributed.all_reduce(amax, op=torch.distributed.ReduceOp.MAX, group=group)
+    return amax
+
+
+def _set_quantized(layer: Module, name: str, tensor: torch.Tensor) -> None:
+    """Register ``tensor`` as a new parameter ``name``. Not vLLM's ``replace_parameter``: from 0.33
+    on it writes into the existing Parameter, which a tied lm_head shares with the embedding."""
+    setattr(layer, name, Parameter(tensor, requires_grad=False))
 
 
 class ErnieCPUExpertsInt8(CPUExpertsInt8):
@@ -83,6 +92,48 @@ class ErnieCPUExpertsInt8(CPUExpertsInt8):
     @staticmethod
     def _supports_routing_method(routing_method, weight_key, activation_key) -> bool:
         return True
+
+
+class ErnieSelfRoutingCPUExpertsInt8(ErnieCPUExpertsInt8):
+    """vLLM 0.27's int8 CPU experts are monolithic: they route the router logits themselves and,
+    for softmax + correction bias, drop the bias and the renormalisation. Route by ERNIE's rule
+    here and run the same kernel call."""
+
+    def apply(
+        self,
+        hidden_states: torch.Tensor,
+        w1: torch.Tensor,
+        w2: torch.Tensor,
+        router_logits: torch.Tensor,
+        activation,
+        global_num_experts: int,
+        expert_map: torch.Tensor | None,
+        a1q_scale: torch.Tensor | None,
+        apply_router_weight_on_input: bool,
+        num_expert_group: int | None = None,
+        e_score_correction_bias: torch.Tensor | None = None,
+        routed_scaling_factor: float | None = None,
+        topk_group: int | None = None,
+    ) -> torch.Tensor:
+        from vllm._custom_ops import CPUQuantMethod, fused_experts_cpu
+
+        topk_weights, topk_ids = biased_softmax_topk(
+            router_logits, e_score_correction_bias, self.moe_config.experts_per_token, True
+        )
+        return fused_experts_cpu(
+            hidden_states, w1, w2, topk_weights, topk_ids, False, CPUQuantMethod.INT8_W8A8,
+            self.w1_scale, self.w2_scale,
+            None, None, None, None, None, None, None,  # zero points, block, biases, alpha, limit
+            True,  # VNNI-packed weights
+        )  # fmt: skip
+
+
+def cpu_experts_int8_class() -> type[ErnieCPUExpertsInt8]:
+    return (
+        ErnieSelfRoutingCPUExpertsInt8
+        if compat.cpu_experts_route_themselves()
+        else ErnieCPUExpertsInt8
+    )
 
 
 @register_weight_loader_v2_supported_method
@@ -140,10 +191,10 @@ class ErnieW8A8LinearMethod(LinearMethodBase):
             sharded = (
                 isinstance(layer, RowParallelLinear) and get_tensor_model_parallel_world_size() > 1
             )
-            amax = amax_for_tp_weight_quant(_row_amax(weight), sharded)
+            amax = _row_amax(weight, get_tp_group().device_group if sharded else None)
             quantized, scale = quantize_rows(weight, amax)
-            replace_parameter(layer, "weight", quantized)
-            layer.weight_scale = Parameter(scale, requires_grad=False)
+            _set_quantized(layer, "weight", quantized)
+            _set_quantized(layer, "weight_scale", scale)
         self.kernel.process_weights_after_loading(layer)
 
     def apply(self, layer: Module, x: torch.Tensor, bias: torch.Tensor | None = None):
@@ -161,8 +212,9 @@ class ErnieW8A8MoEMethod(FusedMoEMethodBase):
                 f"{QUANTIZATION_NAME}: int8 experts are implemented for vLLM's CPU backend only "
                 "(on Ascend, vllm-ascend serves msModelSlim checkpoints as 'ascend')."
             )
-        supported, why = ErnieCPUExpertsInt8.is_supported_config(
-            ErnieCPUExpertsInt8,
+        self.experts_cls = cpu_experts_int8_class()
+        supported, why = self.experts_cls.is_supported_config(
+            self.experts_cls,
             moe,
             kInt8StaticChannelSym,
             kInt8DynamicTokenSym,
@@ -212,18 +264,18 @@ class ErnieW8A8MoEMethod(FusedMoEMethodBase):
         if not self.prequantized:
             for name in ("w13_weight", "w2_weight"):
                 weight = getattr(layer, name).data
-                amax = _row_amax(weight)
-                if name == "w2_weight":  # down_proj shards its input: reduce the row max
-                    amax = amax_for_moe_weight_quant(amax, self.moe.tp_size)
+                # down_proj shards its input over the MoE TP ranks (the EP group's span).
+                sharded = name == "w2_weight" and self.moe.tp_size > 1
+                amax = _row_amax(weight, get_ep_group().device_group if sharded else None)
                 quantized, scale = quantize_rows(weight, amax)
-                replace_parameter(layer, name, quantized)
-                setattr(layer, f"{name}_scale", Parameter(scale, requires_grad=False))
+                _set_quantized(layer, name, quantized)
+                _set_quantized(layer, f"{name}_scale", scale)
         self.moe_quant_config = self.get_fused_moe_quant_config(layer)
         self.moe_kernel = make_int8_moe_kernel(
             int8_backend=Int8MoeBackend.CPU,
             moe_quant_config=self.moe_quant_config,
             moe_config=self.moe,
-            experts_cls=ErnieCPUExpertsInt8,
+            experts_cls=self.experts_cls,
             routing_tables=layer._expert_routing_tables(),
         )
         self.moe_kernel.fused_experts.process_weights_after_loading(layer)
@@ -234,6 +286,26 @@ class ErnieW8A8MoEMethod(FusedMoEMethodBase):
             w1_scale=layer.w13_weight_scale,
             w2_scale=layer.w2_weight_scale,
             per_act_token_quant=True,
+        )
+
+    def apply_monolithic(
+        self,
+        layer: RoutedExperts,
+        x: torch.Tensor,
+        router_logits: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """vLLM 0.27: the experts route (``ErnieSelfRoutingCPUExpertsInt8``)."""
+        return self.moe_kernel.apply_monolithic(
+            x,
+            layer.w13_weight,
+            layer.w2_weight,
+            router_logits,
+            activation=layer.activation,
+            global_num_experts=layer.global_num_experts,
+            expert_map=layer.expert_map,
+            apply_router_weight_on_input=layer.apply_router_weight_on_input,
+            e_score_correction_bias=layer.e_score_correction_bias,
         )
 
     def apply(
@@ -303,27 +375,18 @@ class ErnieW8A8DynamicConfig(QuantizationConfig):
         else:
             logger.info("%s: serving msModelSlim checkpoint %s.", QUANTIZATION_NAME, path)
 
-    def _label(self, prefix: str, checkpoint_modules: list[str]) -> str:
-        """The one label of the checkpoint tensors that form vLLM module ``prefix``."""
+    def _label(self, checkpoint_module: str) -> str:
+        """The label of a vLLM module: that of its first checkpoint tensor (``load_description``
+        has checked that the tensors of a fused module agree)."""
         assert self.description is not None
-        labels = {m: self.description.label(f"{m}.weight") for m in checkpoint_modules}
-        if len(set(labels.values())) > 1:
-            raise QuantizationFormatError(
-                f"{self.description.path}: the tensors of vLLM's fused module '{prefix}' "
-                f"have different labels {labels}; they run as one GEMM: label them alike."
-            )
-        return next(iter(labels.values()))
+        return self.description.label(f"{checkpoint_module}.weight")
 
-    def _checkpoint_modules(self, layer: Module, prefix: str) -> list[str]:
+    def _first_checkpoint_module(self, layer: Module, prefix: str) -> str:
         parent, _, name = prefix.rpartition(".")
         if isinstance(layer, RoutedExperts):
-            return [
-                f"{prefix}.{e}.{proj}"
-                for e in range(layer.global_num_experts)
-                for proj in ("gate_proj", "up_proj", "down_proj")
-            ]
+            return f"{prefix}.0.gate_proj"
         shards = self.packed_modules_mapping.get(name)
-        return [f"{parent}.{shard}" for shard in shards] if shards else [prefix]
+        return f"{parent}.{shards[0]}" if shards else prefix
 
     def get_quant_method(self, layer: Module, prefix: str):
         if isinstance(layer, ParallelLMHead) and self.int8_lm_head:
@@ -335,7 +398,7 @@ class ErnieW8A8DynamicConfig(QuantizationConfig):
         prefix = prefix.removesuffix(".routed_experts")
         prequantized = self.description is not None
         quantized = not prequantized or (
-            self._label(prefix, self._checkpoint_modules(layer, prefix)) == W8A8_DYNAMIC
+            self._label(self._first_checkpoint_module(layer, prefix)) == W8A8_DYNAMIC
         )
         if isinstance(layer, RoutedExperts):
             if quantized:

@@ -40,6 +40,14 @@ class QuantizeError(Exception):
     """Input the tool refuses; the message says what to do."""
 
 
+def ties_word_embeddings(config: dict) -> bool:
+    """Whether the model ties its lm_head, resolved as transformers and vLLM do: a config.json
+    without the key gets ``Ernie4_5_MoeConfig``'s default (tied)."""
+    from transformers import Ernie4_5_MoeConfig
+
+    return bool(Ernie4_5_MoeConfig.from_dict(config).tie_word_embeddings)
+
+
 def _source_tensors(model_dir: Path) -> list[tuple[Path, str]]:
     from safetensors import safe_open
 
@@ -161,7 +169,7 @@ def quantize_checkpoint(model_dir: Path, output_dir: Path, shard_size_gb: float 
             for out_name, tensor, label in _converted(name, _read(path, name)):
                 writer.add(out_name, tensor)
                 labels[out_name] = label
-        if config.get("tie_word_embeddings") and "lm_head.weight" not in labels:
+        if ties_word_embeddings(config) and "lm_head.weight" not in labels:
             # msModelSlim writes the tied head explicitly; vllm-ascend expects it.
             embedding = next(p for p, n in tensors if n == "model.embed_tokens.weight")
             writer.add("lm_head.weight", _read(embedding, "model.embed_tokens.weight"))

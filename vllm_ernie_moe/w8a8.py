@@ -88,6 +88,44 @@ def is_quantizable_weight(name: str) -> bool:
     return len(parts) >= 3 and parts[-1] == "weight" and parts[-2] in QUANTIZABLE_PROJECTIONS
 
 
+def fused_module_of(tensor: str) -> str | None:
+    """The vLLM module that runs checkpoint weight ``tensor`` fused with others, if any: q/k/v ->
+    ``qkv_proj``, gate/up -> ``gate_up_proj``, every expert's projections -> ``experts``."""
+    parts = tensor.split(".")
+    if len(parts) < 4 or parts[-1] != "weight":
+        return None
+    projection = parts[-2]
+    if parts[-4] == "experts" and projection in ("gate_proj", "up_proj", "down_proj"):
+        return ".".join(parts[:-3])
+    if projection in ("q_proj", "k_proj", "v_proj"):
+        return ".".join([*parts[:-2], "qkv_proj"])
+    if projection in ("gate_proj", "up_proj"):
+        return ".".join([*parts[:-2], "gate_up_proj"])
+    return None
+
+
+def check_fused_labels(path: Path, labels: dict[str, str]) -> None:
+    """One label per fused vLLM module: its tensors run as one GEMM (vllm-ascend even reads only
+    expert 0's label for all experts of a layer)."""
+    groups: dict[str, dict[str, str]] = {}
+    for tensor, label in labels.items():
+        module = fused_module_of(tensor)
+        if module is not None:
+            groups.setdefault(module, {}).setdefault(label, tensor)
+    for module, tensor_of_label in groups.items():
+        if len(tensor_of_label) > 1:
+            shown = ", ".join(f"{tensor}: {label}" for label, tensor in tensor_of_label.items())
+            raise QuantizationFormatError(
+                f"{path}: the tensors of vLLM's fused module '{module}' have different labels "
+                f"({shown}); they run as one GEMM: label them alike and re-export."
+            )
+
+
+def read_labels(path: Path) -> dict[str, str]:
+    """The per-tensor labels of a description JSON (its metadata keys left out)."""
+    return {k: v for k, v in json.loads(path.read_text()).items() if k not in METADATA_KEYS}
+
+
 def quantize_rows(
     weight: torch.Tensor, amax: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,7 +177,7 @@ def find_description(model_dir: str | os.PathLike) -> Path | None:
 def load_description(path: Path) -> ModelSlimDescription:
     """Parse and validate: only per-channel W8A8_DYNAMIC and FLOAT, no quantized KV cache."""
     raw = json.loads(path.read_text())
-    labels = {k: v for k, v in raw.items() if k not in METADATA_KEYS}
+    labels = read_labels(path)
     metadata = {k: v for k, v in raw.items() if k in METADATA_KEYS}
     group_size = int(metadata.get("group_size", 0) or 0)
     if group_size > 0:
@@ -163,4 +201,5 @@ def load_description(path: Path) -> ModelSlimDescription:
             )
         if label != FLOAT:
             _check_quantizable(path, tensor, label)
+    check_fused_labels(path, labels)
     return ModelSlimDescription(path, labels, metadata)

@@ -1,0 +1,170 @@
+"""The Ascend contract, checked with vllm-ascend's own code on CPU (``ascend_contract_probe.py``).
+
+Needs a vllm-ascend source tree: ``VLLM_ERNIE_MOE_ASCEND_SRC=/path/to/vllm-ascend`` (skipped
+without one), and the vLLM it pairs with (its ``.github/vllm-release-tag.commit``; skipped on
+another). Checked: every layer of the model is swapped for an Ascend class by name or is on
+:data:`STAYS_STOCK`; the router vllm-ascend picks for ERNIE and what it passes to the fused gating
+kernel (A2/A3) or computes (310P, before and after ``patch_ascend_grouped_topk_router``); the
+msModelSlim method per layer; the real msModelSlim fixture's tensors in the parameters vllm-ascend's
+W8A8_DYNAMIC methods create, every parameter, bit for bit after vllm-ascend's dtype cast.
+"""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from ascend_contract_probe import MSMODELSLIM, ROUTING_BIAS, ROUTING_LOGITS
+
+from vllm_ernie_moe import compat, envs
+
+#: Module classes of the model that vllm-ascend does not replace, and why that is right.
+STAYS_STOCK = {
+    # The plugin's containers: they only call the layers below.
+    "Ernie4_5_MoeForCausalLM": "container",
+    "ErnieModel": "container",
+    "ErnieDecoderLayer": "container",
+    "ErnieAttention": "container",
+    "ErnieMLP": "container (dense MLP, shared experts)",
+    "ErnieMoE": "container",
+    "ModuleList": "container",
+    "SharedExperts": "vLLM's wrapper that runs ErnieMLP inside the MoE runner",
+    "Attention": "not a CustomOp: the attention backend comes from the NPU platform",
+    "GateLinear": "fp32 router GEMM; vllm-ascend replaces it only for DeepSeek MLA models",
+}
+
+
+def _pairing(source: Path) -> str:
+    return (source / ".github" / "vllm-release-tag.commit").read_text().strip().lstrip("v")
+
+
+@pytest.fixture(scope="module", params=["A2", "_310P"])
+def contract(request):
+    source = envs.ascend_source_dir()
+    if source is None:
+        pytest.skip("set VLLM_ERNIE_MOE_ASCEND_SRC to a vllm-ascend source tree")
+    paired = _pairing(source)
+    if compat.vllm_version().base_version != paired:
+        pytest.skip(f"vllm-ascend at {source} pairs with vLLM {paired}")
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("ascend_contract_probe.py")), str(source)]
+        + [request.param],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    line = next((x for x in done.stdout.splitlines() if x.startswith("CONTRACT ")), None)
+    assert line is not None, done.stdout[-3000:] + done.stderr[-5000:]
+    return json.loads(line.removeprefix("CONTRACT "))
+
+
+def test_every_layer_is_an_ascend_class_or_deliberately_stock(contract):
+    classes = set(contract["module_classes"])
+    stock = {c for c in classes if not c.startswith("Ascend")}
+    assert stock <= set(STAYS_STOCK), f"not replaced by vllm-ascend: {stock - set(STAYS_STOCK)}"
+    replaced = {r.rsplit(".", 1)[1] for r in contract["ascend_replacements"].values()}
+    assert classes - stock <= replaced
+    for layer in ("QKVParallelLinear", "RMSNorm", "RotaryEmbedding", "MoERunner", "RoutedExperts"):
+        assert layer in contract["ascend_replacements"], layer
+    assert any(c.startswith("AscendRoutedExperts") for c in classes)
+
+
+def test_router_gets_ernie_settings_and_the_models_fp32_bias(contract):
+    routing = contract["routing"]
+    assert routing["scoring_func"] == "softmax" and routing["renormalize"]
+    assert not routing["use_grouped_topk"] and not routing["custom_routing_function"]
+    assert routing["bias_dtype"] == "torch.float32" and routing["bias_is_the_models"]
+    # The MoE factory was looked up when the layer was built, after vllm-ascend replaced it.
+    assert routing["router_class"].startswith("Ascend")
+
+
+def test_a2_routes_through_the_fused_gating_kernel_with_ernie_rule(contract):
+    if contract["device"] == "_310P":
+        pytest.skip("310P has no fused gating kernel")
+    routing = contract["routing"]
+    assert routing["router_class"] == "AscendFusedTopKRouter" and routing["fused_gating_supported"]
+    call = routing["fused_call"]
+    # softmax (norm_type 0), renormalised, one group (no grouped top-k), the bias in fp32: the
+    # kernel then chooses by softmax + bias and gathers the unbiased softmax.
+    assert call["norm_type"] == 0 and call["renorm"] == 1
+    assert call["group_count"] == 1 and call["k_group"] == 1 and call["k"] == 2
+    assert call["routed_scaling_factor"] == 1.0
+    assert call["bias_opt"] == ROUTING_BIAS and call["bias_dtype"] == "torch.float32"
+
+
+def _ernie_weights() -> dict[int, float]:
+    """Hand-computed ERNIE routing of the probe token (float64): ids -> weights."""
+    logits = ROUTING_LOGITS[0]
+    exps = [math.exp(x) for x in logits]
+    p = [e / sum(exps) for e in exps]
+    chosen = sorted(range(len(p)), key=lambda e: -(p[e] + ROUTING_BIAS[e]))[:2]
+    return {e: p[e] / sum(p[c] for c in chosen) for e in chosen}
+
+
+def test_310p_router_weights_are_fixed_by_the_patch(contract):
+    if contract["device"] != "_310P":
+        pytest.skip("A2/A3 route through the fused kernel")
+    routing = contract["routing"]
+    assert routing["router_class"] == "AscendGroupedTopKRouter310"
+    expected = _ernie_weights()
+    for result, correct in (("unpatched", False), ("patched", True)):
+        got = dict(zip(routing[result]["ids"][0], routing[result]["weights"][0]))
+        assert got.keys() == expected.keys()
+        matches = all(abs(got[e] - w) < 1e-5 for e, w in expected.items())
+        assert matches == correct, f"{result}: {got} vs ERNIE {expected}"
+
+
+def test_msmodelslim_method_for_every_layer(contract):
+    methods = contract["quantization"]["methods"]
+    description = json.loads((MSMODELSLIM / "quant_model_description.json").read_text())
+    for prefix, (method, scheme) in methods.items():
+        if prefix.endswith(".experts.routed_experts"):
+            label = description[prefix.replace("routed_experts", "0.gate_proj.weight")]
+            want = "AscendW8A8DynamicFusedMoEMethod" if label == "W8A8_DYNAMIC" else None
+        elif prefix.endswith(".mlp.gate") or prefix in ("lm_head", "model.embed_tokens"):
+            want = None  # router (no quant config), embedding and lm_head: FLOAT
+        else:
+            parent, _, name = prefix.rpartition(".")
+            first = {"qkv_proj": "q_proj", "gate_up_proj": "gate_proj"}.get(name, name)
+            label = description[f"{parent}.{first}.weight"]
+            want = "AscendW8A8DynamicLinearMethod" if label == "W8A8_DYNAMIC" else None
+        scheme = scheme.removesuffix("310") if scheme else None  # 310P: its own scheme classes
+        assert scheme == want, f"{prefix}: {method}/{scheme}, description says {want}"
+    moe_schemes = [s for _, s in methods.values() if s and "FusedMoEMethod" in s]
+    assert [s.removesuffix("310") for s in moe_schemes] == ["AscendW8A8DynamicFusedMoEMethod"] * 2
+
+
+def test_fixture_tensors_fill_every_ascend_parameter(contract):
+    """int8 weights bit-exact; fp32 scales as vllm-ascend stores them (model dtype on A2/A3)."""
+    values = contract["quantization"]["values"]
+    parameters = contract["quantization"]["parameters"]
+    assert values.keys() == parameters.keys()
+    assert [name for name, ok in values.items() if ok is False] == []
+    without_tensor = {name for name, ok in values.items() if ok is None}
+    if contract["device"] == "_310P":
+        # 310P's W8A8_DYNAMIC linear scheme inherits the static scheme's activation scale and
+        # offset parameters; its apply() quantizes activations dynamically and never reads them.
+        assert without_tensor and all(
+            name.endswith((".input_scale", ".input_offset")) for name in without_tensor
+        )
+    else:
+        assert without_tensor == set()
+    shape, dtype = parameters["model.layers.1.mlp.experts.routed_experts.w13_weight"]
+    assert dtype == "torch.int8" and shape[0] == 8
+    scale_dtype = parameters["model.layers.0.self_attn.qkv_proj.weight_scale"][1]
+    assert scale_dtype == ("torch.float32" if contract["device"] == "_310P" else "torch.bfloat16")
+
+
+def test_mixed_expert_labels_pass_vllm_ascend_but_not_the_plugin(contract):
+    mixed = contract["mixed_labels"]
+    assert mixed["ascend_quant_type"] == "W8A8_DYNAMIC"  # it reads expert 0 only
+    assert mixed["plugin_error"] and "model.layers.1.mlp.experts" in mixed["plugin_error"]
+
+
+def test_patched_ascend_router_is_only_applied_on_npu():
+    from vllm_ernie_moe.patches import patch_ascend_grouped_topk_router
+
+    assert patch_ascend_grouped_topk_router.apply() is False
+    assert "vllm_ascend" not in sys.modules

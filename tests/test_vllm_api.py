@@ -1,0 +1,68 @@
+"""Every vLLM symbol the package imports, and every patch target, in each vLLM release at hand.
+
+Sources: the installed vLLM, and every vLLM wheel in ``envs.vllm_wheel_dir()`` (``make
+vllm-wheels`` downloads vLLM 0.33.0, the newest, which has no CPU build to install here). The
+wheels are read as zip files: nothing is installed or imported, no GPU needed. API drift shows up
+here as a named symbol, not at a user's start-up.
+"""
+
+from pathlib import Path
+
+import pytest
+import vllm
+from vllm_source import VllmImport, VllmSource, package_imports
+
+from vllm_ernie_moe import compat, envs
+from vllm_ernie_moe.patches import patch_model_config
+
+
+def _sources() -> list:
+    installed = Path(vllm.__file__).parent
+    params = [pytest.param(("installed", installed), id=f"installed-{vllm.__version__}")]
+    wheels = sorted(envs.vllm_wheel_dir().glob("vllm*.whl"))
+    params += [pytest.param(("wheel", w), id=w.name.split("-cp")[0]) for w in wheels]
+    return params
+
+
+@pytest.fixture(scope="module", params=_sources())
+def source(request) -> VllmSource:
+    kind, path = request.param
+    if kind == "wheel":
+        return VllmSource.from_wheel(path)
+    return VllmSource.from_directory(path, f"installed vLLM {vllm.__version__}")
+
+
+def test_the_newest_vllm_is_checked():
+    wheels = list(envs.vllm_wheel_dir().glob("vllm-0.33*.whl"))
+    if not wheels:
+        pytest.skip(f"no vLLM 0.33 wheel in {envs.vllm_wheel_dir()}: run `make vllm-wheels`")
+
+
+def test_every_vllm_import_of_the_package_resolves(source):
+    imports = list(package_imports())
+    assert len(imports) > 50  # the model, the patches, the quantization method
+    missing = [
+        f"{i.where}: from {i.module} import {i.name}" for i in imports if not source.resolves(i)
+    ]
+    assert missing == [], f"{source.label} lacks: {missing}"
+
+
+def test_the_checker_finds_a_missing_symbol(source):
+    assert not source.resolves(VllmImport("-", "vllm.config", "NoSuchConfig"))
+    assert not source.resolves(VllmImport("-", "vllm.no_such_module", None))
+    assert source.resolves(VllmImport("-", "vllm", "LLM"))  # a lazy export
+
+
+def test_cpu_routing_patch_has_a_target(source):
+    """patch_cpu_router wraps one of these; without either it stays off (and says so)."""
+    router = source.method(compat.CPU_ROUTER_MODULE, "CPURouter._compute_routing")
+    select = source.method(compat.CPU_SELECT_EXPERTS_MODULE, "select_experts")
+    assert router is not None or select is not None
+
+
+def test_model_config_patch_target_is_the_tested_code(source):
+    """patch_model_config applies only to the code it was tested on: same AST in every release
+    supported (vLLM 0.27.1, 0.32.0, 0.33.0)."""
+    code = source.source_of("vllm.config", "ModelConfig._verify_quantization")
+    assert code is not None
+    assert compat.code_fingerprint(code) == patch_model_config.TESTED_TARGET

@@ -1,0 +1,97 @@
+"""Every difference between the vLLM versions this plugin supports, decided in one place.
+
+Supported: vLLM 0.27.1 (what vllm-ascend's main branch pairs with) through 0.33 (the newest). Code
+elsewhere asks this module about a *feature* (does vLLM have a CPU router class, do its CPU experts
+route by themselves, is a patch target still the code the tests ran against), never about a version
+number; the one version rule is :data:`SUPPORTED_VLLM`, checked by ``register()``.
+
+- vLLM 0.23 (vllm-ascend's registry release 0.23.0.post1) has no ``FusedMoEFactory`` and no
+  ``WeightsMapper.orig_to_new_stacked`` and its CPU wheel needs a torch this project cannot install:
+  refused with one line that names the range and the vllm-ascend that fits.
+- CPU MoE routing: vLLM 0.32+ routes in ``fused_moe/router/cpu_router.py`` (``CPURouter``) before
+  modular experts; 0.27 routes inside each monolithic CPU expert kernel through
+  ``fused_moe/cpu_fused_moe.py:select_experts``. Both drop ERNIE's correction bias
+  (``patches/patch_cpu_router.py``).
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import textwrap
+
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+
+#: The vLLM releases the test suite ran on (0.27.1 and 0.32.0 wheels) or whose source it checked
+#: (0.33.0); newer releases load with a warning, older ones are refused.
+SUPPORTED_VLLM = SpecifierSet(">=0.27.1")
+TESTED_VLLM = SpecifierSet(">=0.27.1,<0.34")
+#: For an older vLLM: what to install instead.
+UPGRADE_HINT = (
+    "vllm-ernie-moe supports vLLM 0.27.1 to 0.33. On Ascend use vllm-ascend's main branch "
+    "(it pairs with vLLM 0.27.1); the registry release vllm-ascend 0.23.0.post1 pairs with "
+    "vLLM 0.23 and is not supported. Install vLLM >= 0.27.1 with its matching vllm-ascend, or "
+    "uninstall vllm-ernie-moe to use vLLM's built-in ERNIE class."
+)
+
+CPU_ROUTER_MODULE = "vllm.model_executor.layers.fused_moe.router.cpu_router"
+CPU_SELECT_EXPERTS_MODULE = "vllm.model_executor.layers.fused_moe.cpu_fused_moe"
+
+
+class UnsupportedVLLMError(RuntimeError):
+    """The installed vLLM is older than this plugin supports."""
+
+
+def vllm_version() -> Version:
+    import vllm
+
+    return Version(vllm.__version__)
+
+
+def check_supported_vllm() -> Version:
+    """Raise :class:`UnsupportedVLLMError` for a vLLM older than :data:`SUPPORTED_VLLM`."""
+    version = vllm_version()
+    if version not in SUPPORTED_VLLM:
+        raise UnsupportedVLLMError(f"vLLM {version} is too old. {UPGRADE_HINT}")
+    return version
+
+
+def has_module(name: str) -> bool:
+    """Whether vLLM has module ``name`` (without importing it when it does not)."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+@functools.cache
+def cpu_router_class() -> type | None:
+    """vLLM 0.32+'s ``CPURouter``, or None where CPU experts route themselves (0.27)."""
+    if not has_module(CPU_ROUTER_MODULE):
+        return None
+    return importlib.import_module(CPU_ROUTER_MODULE).CPURouter
+
+
+@functools.cache
+def cpu_experts_route_themselves() -> bool:
+    """vLLM 0.27's CPU experts are monolithic: they take router logits and route inside."""
+    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUExpertsInt8
+    from vllm.model_executor.layers.fused_moe.modular_kernel import FusedMoEExpertsMonolithic
+
+    return issubclass(CPUExpertsInt8, FusedMoEExpertsMonolithic)
+
+
+def code_fingerprint(source: str) -> str:
+    """A hash of the code of one function, insensitive to formatting and comments (its AST)."""
+    tree = ast.parse(textwrap.dedent(source))
+    return hashlib.sha256(ast.dump(tree.body[0]).encode()).hexdigest()[:16]
+
+
+def fingerprint_of(function) -> str:
+    """:func:`code_fingerprint` of a live function (what a patch is about to wrap)."""
+    return code_fingerprint(inspect.getsource(function))
