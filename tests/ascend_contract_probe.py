@@ -16,6 +16,8 @@ import types
 from pathlib import Path
 from unittest.mock import MagicMock, patch
 
+from single_rank import init_single_rank
+
 FIXTURES = Path(__file__).parent / "fixtures"
 BF16 = FIXTURES / "ernie-tiny-bf16"
 MSMODELSLIM = FIXTURES / "ernie-tiny-w8a8-msmodelslim"
@@ -254,7 +256,6 @@ def main() -> None:
     os.environ.setdefault("VLLM_VERSION", vllm.__version__.split("+")[0])
     import torch
     from vllm.config import ModelConfig, VllmConfig, set_current_vllm_config
-    from vllm.distributed import init_distributed_environment, initialize_model_parallel
     from vllm.model_executor.model_loader.utils import configure_quant_config
     from vllm_ascend.ascend_config import init_ascend_config
     from vllm_ascend.utils import adapt_patch, register_ascend_customop
@@ -274,15 +275,7 @@ def main() -> None:
             configure_quant_config(quant_config, Ernie4_5_MoeForCausalLM)
             vllm_config.quant_config = quant_config
         with set_current_vllm_config(vllm_config):
-            if name == "bf16":
-                init_distributed_environment(
-                    world_size=1,
-                    rank=0,
-                    local_rank=0,
-                    distributed_init_method=f"file://{tempfile.mktemp()}",
-                    backend="gloo",
-                )
-                initialize_model_parallel(1, 1)
+            init_single_rank()
             init_ascend_config(vllm_config)
             register_ascend_customop(vllm_config)  # stock layers -> Ascend classes, by name
             torch.set_default_dtype(torch.bfloat16)

@@ -25,6 +25,7 @@ def register() -> None:
 
     from vllm_ernie_moe import compat
     from vllm_ernie_moe.chat import register_chat_template
+    from vllm_ernie_moe.engine_checks import register_engine_checks
     from vllm_ernie_moe.patches import apply_all
 
     # Named under "vllm." so that vLLM's log handler shows it.
@@ -38,6 +39,7 @@ def register() -> None:
             compat.TESTED_VLLM,
         )
     ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
+    register_engine_checks(ARCHITECTURE)
     logger.info(
         "vllm-ernie-moe: %s now served by %s (replaces vLLM's built-in class).",
         ARCHITECTURE,

@@ -7,15 +7,15 @@ unbiased softmax weights them (renormalised). The bias is handed to FusedMoE, wh
 exactly that on every backend once ``vllm_ernie_moe.patches`` has fixed vLLM's CPU router.
 """
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from itertools import islice
 
 import torch
 from torch import nn
 from transformers import PretrainedConfig
 from vllm.compilation.decorators import support_torch_compile
-from vllm.config import CacheConfig, VllmConfig
-from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
+from vllm.config import CacheConfig, VllmConfig, get_current_vllm_config
+from vllm.distributed import get_ep_group, get_pp_group, get_tensor_model_parallel_world_size
 from vllm.model_executor.layers import fused_moe
 from vllm.model_executor.layers.activation import SiluAndMul
 from vllm.model_executor.layers.attention import Attention
@@ -33,7 +33,7 @@ from vllm.model_executor.layers.vocab_parallel_embedding import (
     ParallelLMHead,
     VocabParallelEmbedding,
 )
-from vllm.model_executor.models.interfaces import SupportsPP
+from vllm.model_executor.models.interfaces import MixtureOfExperts, SupportsPP
 from vllm.model_executor.models.utils import (
     AutoWeightsLoader,
     PPMissingLayer,
@@ -130,6 +130,14 @@ class ErnieMoE(nn.Module):
             torch.zeros(num_experts, dtype=torch.float32), requires_grad=False
         )
         num_shared = getattr(config, "moe_num_shared_experts", 0)
+        # Expert-parallel load balancing (EPLB): redundant physical copies of logical experts.
+        parallel_config = get_current_vllm_config().parallel_config
+        self.enable_eplb = parallel_config.enable_eplb
+        self.n_shared_experts = num_shared
+        self.n_logical_experts = num_experts
+        self.n_redundant_experts = parallel_config.eplb_config.num_redundant_experts
+        self.n_physical_experts = num_experts + self.n_redundant_experts
+        self.n_local_physical_experts = self.n_physical_experts // get_ep_group().world_size
         self.shared_experts = (
             ErnieMLP(
                 config.hidden_size,
@@ -155,6 +163,8 @@ class ErnieMoE(nn.Module):
             scoring_func="softmax",
             e_score_correction_bias=self.gate.e_score_correction_bias,
             router_logits_dtype=torch.float32,
+            enable_eplb=self.enable_eplb,
+            num_redundant_experts=self.n_redundant_experts,
             quant_config=quant_config,
             prefix=f"{prefix}.experts",
         )
@@ -358,7 +368,7 @@ class ErnieModel(nn.Module):
         return AutoWeightsLoader(self).load_weights(weights, mapper=self.hf_to_vllm_mapper)
 
 
-class Ernie4_5_MoeForCausalLM(nn.Module, SupportsPP):
+class Ernie4_5_MoeForCausalLM(nn.Module, SupportsPP, MixtureOfExperts):
     """ERNIE-4.5 MoE causal LM; replaces vLLM's built-in class of the same architecture name."""
 
     # Fused vLLM module -> checkpoint modules. ``experts`` lets per-layer quantization lookups
@@ -377,19 +387,60 @@ class Ernie4_5_MoeForCausalLM(nn.Module, SupportsPP):
         self.quant_config = vllm_config.quant_config
         self.checkpoint_dir = vllm_config.model_config.model
         self.model = ErnieModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
-        if get_pp_group().is_last_rank:
+        pp = get_pp_group()
+        # A tied head on a last pipeline rank that has no embedding loads its own copy of it.
+        self.head_copies_embedding = (
+            config.tie_word_embeddings and pp.is_last_rank and not pp.is_first_rank
+        )
+        if pp.is_last_rank:
             self.lm_head = ParallelLMHead(
                 config.vocab_size,
                 config.hidden_size,
                 quant_config=vllm_config.quant_config,
                 prefix=maybe_prefix(prefix, "lm_head"),
             )
-            if config.tie_word_embeddings:
+            if config.tie_word_embeddings and pp.is_first_rank:
                 self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
         else:
             self.lm_head = PPMissingLayer()
         self.logits_processor = LogitsProcessor(config.vocab_size)
+        self._init_expert_counts()
         self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors
+
+    def _moe_blocks(self) -> list[ErnieMoE]:
+        """The MoE blocks of this pipeline rank."""
+        return [
+            layer.mlp
+            for layer in islice(self.model.layers, self.model.start_layer, self.model.end_layer)
+            if isinstance(layer.mlp, ErnieMoE)
+        ]
+
+    def _init_expert_counts(self) -> None:
+        """vLLM's ``MixtureOfExperts`` interface (EPLB reads it), as its built-in class has it."""
+        blocks = self._moe_blocks()
+        self.moe_layers = [block.experts for block in blocks]
+        self.num_moe_layers = len(blocks)
+        self.num_expert_groups = 1
+        example = blocks[0] if blocks else None
+        self.num_logical_experts = example.n_logical_experts if example else 0
+        self.num_physical_experts = example.n_physical_experts if example else 0
+        self.num_local_physical_experts = example.n_local_physical_experts if example else 0
+        self.num_routed_experts = self.num_logical_experts
+        self.num_shared_experts = example.n_shared_experts if example else 0
+        self.num_redundant_experts = example.n_redundant_experts if example else 0
+
+    def update_physical_experts_metadata(
+        self, num_physical_experts: int, num_local_physical_experts: int
+    ) -> None:
+        """EPLB changed the number of physical experts: update the counts and the expert maps."""
+        assert self.num_local_physical_experts == num_local_physical_experts
+        self.num_physical_experts = num_physical_experts
+        self.num_redundant_experts = num_physical_experts - self.num_logical_experts
+        for block in self._moe_blocks():
+            block.n_physical_experts = num_physical_experts
+            block.n_local_physical_experts = num_local_physical_experts
+            block.n_redundant_experts = self.num_redundant_experts
+            block.experts.update_expert_map()
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_input_ids(input_ids)
@@ -420,6 +471,19 @@ class Ernie4_5_MoeForCausalLM(nn.Module, SupportsPP):
             description=quant_config.description if ours else None,
             strict=quant_config is None or ours,
         )
-        loaded = AutoWeightsLoader(self).load_weights(validator.check(weights))
+        tensors = validator.check(weights)
+        if self.head_copies_embedding:
+            tensors = _with_embedding_copied_to_head(tensors)
+        loaded = AutoWeightsLoader(self).load_weights(tensors)
         validator.check_complete()
         return loaded
+
+
+def _with_embedding_copied_to_head(
+    weights: Iterable[tuple[str, torch.Tensor]],
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Also hand ``model.embed_tokens.weight`` to an untied copy of the tied lm_head."""
+    for name, tensor in weights:
+        yield name, tensor
+        if name == "model.embed_tokens.weight":
+            yield "lm_head.weight", tensor
