@@ -1,8 +1,8 @@
 """Runtime patches to vLLM / vllm-ascend, installed as ``vllm_ernie_moe.patches``.
 
 One module per upstream target, named ``patch_<target>.py``; each documents its target, why, the
-upstream status, what decides that it applies (a probe of the bug, or a fingerprint of the target
-code the tests ran against) and when to remove it, and has its own test. Upstream-ready fixes:
+upstream status, what decides that it applies (a probe of the bug where one is possible, else the
+vLLM versions its tests ran on) and when to remove it, and has its own test. Upstream-ready fixes:
 ``docs/upstream/``.
 """
 
@@ -10,7 +10,6 @@ from vllm_ernie_moe.patches import (
     patch_ascend_grouped_topk_router,
     patch_cpu_router,
     patch_cpu_sgl_kernels,
-    patch_model_config,
 )
 
 
@@ -19,4 +18,3 @@ def apply_all() -> None:
     patch_ascend_grouped_topk_router.apply()
     patch_cpu_router.apply()
     patch_cpu_sgl_kernels.apply()
-    patch_model_config.apply()

@@ -47,18 +47,18 @@ def grouped_topk_router_class():
 
 def unpatched(router_cls):
     routing = router_cls._compute_routing
-    return getattr(routing, "__wrapped__", routing)
+    return routing.__wrapped__ if getattr(routing, "_vllm_ernie_moe_patch", False) else routing
 
 
 def _weights_are_biased(route, router_cls) -> bool:
     """Probe: logits [1, 0], bias [0, 0.5], top 2: ERNIE's weights are softmax = [0.731, 0.269]."""
-    router = router_cls.__new__(router_cls)
-    router.__dict__.update(
+    router = router_cls(
         top_k=2,
-        use_grouped_topk=False,
-        scoring_func="softmax",
+        global_num_experts=2,
+        num_expert_group=None,
+        topk_group=None,
         renormalize=True,
-        routed_scaling_factor=1.0,
+        scoring_func="softmax",
         e_score_correction_bias=torch.tensor([0.0, 0.5]),
     )
     logits = torch.tensor([[1.0, 0.0]])
@@ -69,9 +69,9 @@ def _weights_are_biased(route, router_cls) -> bool:
 
 def patch_router_class(router_cls) -> bool:
     """Replace ``_compute_routing`` on ``router_cls`` if the probe sees the bug; idempotent."""
-    original = unpatched(router_cls)
-    if router_cls._compute_routing is not original:
+    if getattr(router_cls._compute_routing, "_vllm_ernie_moe_patch", False):
         return True
+    original = router_cls._compute_routing
     if not _weights_are_biased(original, router_cls):
         logger.info("vllm-ascend's grouped top-k router weights are unbiased: patch not needed.")
         return False
@@ -86,6 +86,7 @@ def patch_router_class(router_cls) -> bool:
         topk_weights = self._renormalize_topk_weights(topk_weights) * self.routed_scaling_factor
         return topk_weights, topk_ids.to(torch.int32)
 
+    _compute_routing._vllm_ernie_moe_patch = True  # type: ignore[attr-defined]
     _compute_routing.__wrapped__ = original  # type: ignore[attr-defined]
     router_cls._compute_routing = _compute_routing
     logger.info("Patched vllm-ascend's grouped top-k router to weight by unbiased scores.")

@@ -15,8 +15,9 @@
 - Decided by behaviour: a probe routes one token between two experts where only the bias makes
   expert 1 the choice; the patch applies exactly when the probe sees expert 0 (bug present), on any
   version. Where neither target exists it says so once and stays off.
-- Upstream: present in vLLM 0.27.1, 0.32.0 and 0.33.0 (``_softmax_topk`` has no bias argument); no
-  upstream issue found. Upstream-ready fix with its test: ``docs/upstream/cpu-router-bias.md``.
+- Upstream: present in vLLM 0.27.1 (``select_experts`` uses the bias only for grouped top-k),
+  0.32.0 and 0.33.0 (``_softmax_topk`` has no bias argument); no upstream issue found.
+  Upstream-ready fix with its test: ``docs/upstream/cpu-router-bias.md``.
 - Remove when: the probe reports the bias honoured on every supported vLLM version (the plugin
   logs "not needed"), i.e. upstream ``CPURouter`` routes softmax with a correction bias.
 - Test: ``tests/test_patch_cpu_router.py``.

@@ -128,8 +128,7 @@ def routing_facts(model, device: str) -> dict:
     if device == "_310P" or not facts["fused_gating_supported"]:
         from vllm_ernie_moe.patches import patch_ascend_grouped_topk_router as fix
 
-        original = fix.unpatched(fix.grouped_topk_router_class())
-        weights, ids = original(router, hidden, logits, torch.int32)
+        weights, ids = router._compute_routing(hidden, logits, torch.int32)  # vllm-ascend's own
         facts["unpatched"] = {"ids": ids.tolist(), "weights": weights.float().tolist()}
         fix.patch_router_class(fix.grouped_topk_router_class())
         weights, ids = router._compute_routing(hidden, logits, torch.int32)

@@ -140,7 +140,6 @@ def test_fixture_tensors_fill_every_ascend_parameter(contract):
     """int8 weights bit-exact; fp32 scales as vllm-ascend stores them (model dtype on A2/A3)."""
     values = contract["quantization"]["values"]
     parameters = contract["quantization"]["parameters"]
-    assert values.keys() == parameters.keys()
     assert [name for name, ok in values.items() if ok is False] == []
     without_tensor = {name for name, ok in values.items() if ok is None}
     if contract["device"] == "_310P":

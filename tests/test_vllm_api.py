@@ -13,7 +13,6 @@ import vllm
 from vllm_source import VllmImport, VllmSource, package_imports
 
 from vllm_ernie_moe import compat, envs
-from vllm_ernie_moe.patches import patch_model_config
 
 
 def _sources() -> list:
@@ -60,9 +59,20 @@ def test_cpu_routing_patch_has_a_target(source):
     assert router is not None or select is not None
 
 
-def test_model_config_patch_target_is_the_tested_code(source):
-    """patch_model_config applies only to the code it was tested on: same AST in every release
-    supported (vLLM 0.27.1, 0.32.0, 0.33.0)."""
-    code = source.source_of("vllm.config", "ModelConfig._verify_quantization")
-    assert code is not None
-    assert compat.code_fingerprint(code) == patch_model_config.TESTED_TARGET
+def test_vllm_runs_the_config_hooks_before_picking_a_quantization(source):
+    """config_hooks rely on ModelConfig.__post_init__ calling the per-architecture hook table
+    before ``_verify_quantization`` (vLLM 0.27.1, 0.32.0, 0.33.0)."""
+    post_init = source.source_of("vllm.config", "ModelConfig.__post_init__")
+    hook = source.source_of("vllm.config", "ModelConfig._try_verify_and_update_model_config")
+    assert post_init is not None and hook is not None
+    assert post_init.index("_try_verify_and_update_model_config()") < post_init.index(
+        "_verify_quantization()"
+    )
+    assert "MODELS_CONFIG_MAP" in hook and "verify_and_update_model_config" in hook
+
+
+def test_attributes_the_package_uses_through_a_module(source):
+    """Used as ``module.attribute`` (looked up at run time), so not in any import line."""
+    assert source.definition("vllm.model_executor.layers.fused_moe", "FusedMoEFactory")
+    assert source.method("vllm.model_executor.models.config", "VerifyAndUpdateConfig")
+    assert source.definition("vllm.model_executor.models.config", "MODELS_CONFIG_MAP")

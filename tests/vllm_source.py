@@ -118,7 +118,12 @@ class VllmSource:
         return self._lazy_attribute(tree, module, name, depth)
 
     def _lazy_attribute(self, tree: ast.Module, module: str, name: str, depth: int):
-        """vLLM's ``__init__`` modules export names lazily: ``{"LLM": ".entrypoints.llm:LLM"}``."""
+        """vLLM's ``__init__`` modules export names lazily: a module ``__getattr__`` that names
+        it (``vllm.platforms.current_platform``), or ``{"LLM": ".entrypoints.llm:LLM"}``."""
+        for node in tree.body:
+            if isinstance(node, ast.FunctionDef) and node.name == "__getattr__":
+                if any(isinstance(c, ast.Constant) and c.value == name for c in ast.walk(node)):
+                    return node
         for node in ast.walk(tree):
             if not isinstance(node, ast.Dict):
                 continue
@@ -136,12 +141,13 @@ class VllmSource:
             return self.module_file(item.module) is not None
         return self.definition(item.module, item.name) is not None
 
-    def method(self, module: str, dotted: str) -> ast.FunctionDef | None:
-        """``Class.method`` or ``function`` defined in ``module`` (the class's own body only)."""
+    def method(self, module: str, dotted: str) -> ast.FunctionDef | ast.ClassDef | None:
+        """``Class.method``, ``function`` or ``Class`` defined in ``module`` (methods: the class's
+        own body only)."""
         head, _, method = dotted.partition(".")
         node = self.definition(module, head)
         if not method:
-            return node if isinstance(node, ast.FunctionDef) else None
+            return node if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else None
         if not isinstance(node, ast.ClassDef):
             return None
         return next(
@@ -149,15 +155,18 @@ class VllmSource:
         )
 
     def source_of(self, module: str, dotted: str) -> str | None:
-        """The code of ``module.dotted``, for ``compat.code_fingerprint`` (same AST)."""
+        """The code of ``module.dotted`` (unparsed from its AST)."""
         node = self.method(module, dotted)
         return ast.unparse(node) if node is not None else None
 
 
 def _top_level(tree: ast.Module) -> Iterator[ast.stmt]:
-    """Module-level statements, looking inside top-level ``if``/``try`` blocks."""
+    """Module-level statements, looking inside top-level ``if``/``try`` blocks (not inside
+    ``if TYPE_CHECKING:``: those names do not exist at run time)."""
     for node in tree.body:
-        if isinstance(node, ast.If):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            yield from node.orelse
+        elif isinstance(node, ast.If):
             yield from node.body
             yield from node.orelse
         elif isinstance(node, ast.Try):

@@ -10,8 +10,8 @@ _registered = False
 
 
 def register() -> None:
-    """Register the model class in place of vLLM's built-in one, the chat-template fallback and the
-    W8A8 method, and apply the runtime patches.
+    """Register the model class in place of vLLM's built-in one, its config hooks, the
+    chat-template fallback and the W8A8 method, and apply the runtime patches.
 
     Cheap and idempotent: the model module is imported lazily by vLLM, never here. Refuses a
     vLLM older than ``compat.SUPPORTED_VLLM`` (one line naming the range and the fix).
@@ -19,27 +19,28 @@ def register() -> None:
     global _registered
     if _registered:
         return
+    from vllm_ernie_moe import compat
+
+    version = compat.check_supported_vllm()  # first: nothing below may fail on an old vLLM
     from vllm import ModelRegistry
     from vllm.logger import init_logger
     from vllm.platforms import current_platform
 
-    from vllm_ernie_moe import compat
     from vllm_ernie_moe.chat import register_chat_template
-    from vllm_ernie_moe.engine_checks import register_engine_checks
+    from vllm_ernie_moe.config_hooks import register_config_hooks
     from vllm_ernie_moe.patches import apply_all
 
     # Named under "vllm." so that vLLM's log handler shows it.
     logger = init_logger(f"vllm.{__name__}")
-    version = compat.check_supported_vllm()
     if version not in compat.TESTED_VLLM:
         logger.warning(
             "vllm-ernie-moe: vLLM %s is newer than the versions it was tested on (%s); the "
-            "patches decide by probing, but report problems.",
+            "router patches decide by probing, but report problems.",
             version,
             compat.TESTED_VLLM,
         )
     ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
-    register_engine_checks(ARCHITECTURE)
+    register_config_hooks()
     logger.info(
         "vllm-ernie-moe: %s now served by %s (replaces vLLM's built-in class).",
         ARCHITECTURE,

@@ -2,8 +2,9 @@
 
 Supported: vLLM 0.27.1 (what vllm-ascend's main branch pairs with) through 0.33 (the newest). Code
 elsewhere asks this module about a *feature* (does vLLM have a CPU router class, do its CPU experts
-route by themselves, is a patch target still the code the tests ran against), never about a version
-number; the one version rule is :data:`SUPPORTED_VLLM`, checked by ``register()``.
+route by themselves), not about a version number. Version rules: :data:`SUPPORTED_VLLM`, checked
+by ``register()``, and the range of ``patches/patch_cpu_sgl_kernels.py`` (a kernel choice, valid
+only where it was measured and tested).
 
 - vLLM 0.23 (vllm-ascend's registry release 0.23.0.post1) has no ``FusedMoEFactory`` and no
   ``WeightsMapper.orig_to_new_stacked`` and its CPU wheel needs a torch this project cannot install:
@@ -16,13 +17,9 @@ number; the one version rule is :data:`SUPPORTED_VLLM`, checked by ``register()`
 
 from __future__ import annotations
 
-import ast
 import functools
-import hashlib
 import importlib
 import importlib.util
-import inspect
-import textwrap
 
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
@@ -84,14 +81,3 @@ def cpu_experts_route_themselves() -> bool:
     from vllm.model_executor.layers.fused_moe.modular_kernel import FusedMoEExpertsMonolithic
 
     return issubclass(CPUExpertsInt8, FusedMoEExpertsMonolithic)
-
-
-def code_fingerprint(source: str) -> str:
-    """A hash of the code of one function, insensitive to formatting and comments (its AST)."""
-    tree = ast.parse(textwrap.dedent(source))
-    return hashlib.sha256(ast.dump(tree.body[0]).encode()).hexdigest()[:16]
-
-
-def fingerprint_of(function) -> str:
-    """:func:`code_fingerprint` of a live function (what a patch is about to wrap)."""
-    return code_fingerprint(inspect.getsource(function))

@@ -32,7 +32,7 @@ def sgl_kernels_without_amx() -> bool:
 
 def ascend_source_dir() -> Path | None:
     """``VLLM_ERNIE_MOE_ASCEND_SRC``: a vllm-ascend source tree for the Ascend contract check
-    (``tests/test_ascend_contract.py``, ``make ascend-contract``); unset: the check is skipped."""
+    (``tests/test_ascend_contract.py``, ``tests/test_upstream_fixes.py``); unset: skipped."""
     path = os.environ.get("VLLM_ERNIE_MOE_ASCEND_SRC")
     return Path(path) if path else None
 

@@ -119,7 +119,8 @@ class ErnieMoE(nn.Module):
         # weights, fp32 input (see forward), so fp32 logits. No ``out_dtype``: with it, vLLM 0.27's
         # GateLinear casts the input to the dtype of a weight that its CPU GEMM dispatch has
         # replaced by an empty model-dtype tensor, and feeds bf16 to the fp32 oneDNN kernel (heap
-        # corruption). On CUDA its fast router kernels need bf16 weights: none is lost.
+        # corruption). On CUDA its fast router kernels want bf16 weights or inputs, or other
+        # shapes; only the opt-in bf16x3 kernel (Blackwell) would apply and is skipped.
         self.gate = GateLinear(
             config.hidden_size,
             num_experts,
@@ -135,9 +136,6 @@ class ErnieMoE(nn.Module):
         self.enable_eplb = parallel_config.enable_eplb
         self.n_shared_experts = num_shared
         self.n_logical_experts = num_experts
-        self.n_redundant_experts = parallel_config.eplb_config.num_redundant_experts
-        self.n_physical_experts = num_experts + self.n_redundant_experts
-        self.n_local_physical_experts = self.n_physical_experts // get_ep_group().world_size
         self.shared_experts = (
             ErnieMLP(
                 config.hidden_size,
@@ -164,10 +162,14 @@ class ErnieMoE(nn.Module):
             e_score_correction_bias=self.gate.e_score_correction_bias,
             router_logits_dtype=torch.float32,
             enable_eplb=self.enable_eplb,
-            num_redundant_experts=self.n_redundant_experts,
+            num_redundant_experts=parallel_config.eplb_config.num_redundant_experts,
             quant_config=quant_config,
             prefix=f"{prefix}.experts",
         )
+        # What was built (vllm-ascend's factory may set its own redundancy).
+        self.n_physical_experts = self.experts.routed_experts.global_num_experts
+        self.n_redundant_experts = self.n_physical_experts - num_experts
+        self.n_local_physical_experts = self.n_physical_experts // get_ep_group().world_size
         # vllm-ascend 0.23's AscendFusedMoE rounds the bias to the model dtype at construction;
         # ERNIE's bias is an fp32 tensor that only picks experts: keep it fp32 (no-op elsewhere).
         self.gate.e_score_correction_bias.data = self.gate.e_score_correction_bias.data.float()

@@ -2,7 +2,7 @@
 
 Two modes, one method:
 - a checkpoint with a msModelSlim description JSON is served as it is (picked automatically, see
-  ``patches/patch_model_config.py``); the description's label decides per tensor;
+  ``vllm_ernie_moe/config_hooks.py``); the description's label decides per tensor;
 - a BF16/FP16 checkpoint with ``--quantization ernie-w8a8-dynamic`` is quantized at load with
   msModelSlim's formula (``vllm_ernie_moe.w8a8.quantize_rows``): the same int8 weights and scales.
 
@@ -79,10 +79,11 @@ def _set_quantized(layer: Module, name: str, tensor: torch.Tensor) -> None:
 class ErnieCPUExpertsInt8(CPUExpertsInt8):
     """vLLM's int8 MoE experts, accepted for ERNIE's routing and on AVX512-VNNI CPUs.
 
-    Upstream refuses them for "routing method Unspecified" (softmax + correction bias), but the
-    experts never route: ``CPURouter`` (patched) computes the ids and weights before ``apply``,
-    exactly as for ``CPUUnquantizedExperts``. Upstream also asks for AMX; the kernel's int8 path
-    runs on AVX512-VNNI too (tests/test_w8a8.py compares it with a plain-PyTorch reference).
+    Upstream refuses them for "routing method Unspecified" (softmax + correction bias), but on
+    vLLM 0.32+ the experts never route: ``CPURouter`` (patched) computes the ids and weights before
+    ``apply``, exactly as for ``CPUUnquantizedExperts`` (vLLM 0.27: see the subclass below).
+    Upstream also asks for AMX; the kernel's int8 path runs on AVX512-VNNI too
+    (tests/test_w8a8.py compares it with a plain-PyTorch reference).
     """
 
     @staticmethod

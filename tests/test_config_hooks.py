@@ -1,4 +1,5 @@
-"""patch_model_config: msModelSlim ERNIE checkpoints get ernie-w8a8-dynamic, and only they do."""
+"""config_hooks: msModelSlim ERNIE checkpoints get ernie-w8a8-dynamic (on an NPU: a name vllm-ascend
+detects), and only they do; vLLM calls the hooks for the architecture."""
 
 import json
 import shutil
@@ -7,18 +8,20 @@ from pathlib import Path
 import pytest
 from vllm.config import ModelConfig
 
-from vllm_ernie_moe.patches import patch_model_config
+from vllm_ernie_moe import ARCHITECTURE, config_hooks
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
 @pytest.fixture(autouse=True)
 def plugin():
-    """What vLLM's plugin loader runs: registers the method and applies the patches."""
+    """What vLLM's plugin loader runs: registers the method and the hooks."""
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+
     import vllm_ernie_moe
 
     vllm_ernie_moe.register()
-    assert patch_model_config.apply()  # already active: idempotent
+    assert MODELS_CONFIG_MAP[ARCHITECTURE] is config_hooks.ErnieMoeConfigHooks
 
 
 def test_msmodelslim_checkpoint_is_detected():
@@ -57,7 +60,7 @@ def test_other_architectures_are_not_claimed(tmp_path):
         hf_config=type("Config", (), {"architectures": config["architectures"]})(),
         model_arch_config=type("Arch", (), {"quantization_config": None})(),
     )
-    assert not patch_model_config.claims(model_config)
+    assert config_hooks.unflagged_description(model_config) is None
 
 
 @pytest.fixture
@@ -88,12 +91,14 @@ def test_npu_leaves_the_method_to_vllm_ascend(on_npu):
     assert ModelConfig(model=str(FIXTURES / "ernie-tiny-w8a8-msmodelslim")).quantization is None
 
 
-def test_a_changed_target_is_left_alone(monkeypatch):
-    """The patch wraps only the code it was tested against (its AST fingerprint)."""
-
-    def changed(self) -> None:
-        pass
-
-    monkeypatch.setattr(ModelConfig, "_verify_quantization", changed)
-    assert patch_model_config.apply() is False
-    assert ModelConfig._verify_quantization is changed
+def test_an_explicit_npu_method_wins_over_the_name_check(tmp_path, on_npu):
+    """--quantization given: the hook leaves the checkpoint to the method asked for."""
+    model_config = ModelConfig.__new__(ModelConfig)
+    model_config.__dict__.update(
+        quantization="ascend",
+        model=str(_v0_checkpoint(tmp_path)),
+        hf_config=type("Config", (), {"architectures": [ARCHITECTURE]})(),
+        model_arch_config=type("Arch", (), {"quantization_config": None})(),
+    )
+    config_hooks.ErnieMoeConfigHooks.verify_and_update_model_config(model_config)
+    assert model_config.quantization == "ascend"

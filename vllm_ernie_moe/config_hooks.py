@@ -1,0 +1,92 @@
+"""vLLM's per-architecture config hooks for ERNIE-4.5 MoE, run while vLLM builds its config in the
+calling process, before any engine starts.
+
+``register()`` puts :class:`ErnieMoeConfigHooks` in ``MODELS_CONFIG_MAP``, the table vLLM's own
+models use (vLLM 0.27 to 0.33: ``ModelConfig.__post_init__`` calls
+``verify_and_update_model_config`` right before ``_verify_quantization``, and ``VllmConfig`` calls
+``verify_and_update_config``). No vLLM function is patched.
+
+- msModelSlim detection: vLLM picks a quantization method only from ``quantization_config`` in
+  config.json; msModelSlim removes that key and writes ``quant_model_description.json``. Without a
+  flag, an int8 checkpoint would load as BF16. On CPU (and CUDA) the hook picks
+  ``ernie-w8a8-dynamic``; on an NPU vllm-ascend's platform picks ``ascend`` later, but detects only
+  ``quant_model_description.json``: a checkpoint with only msModelSlim v0's name is refused with the
+  fix. An explicit ``--quantization`` always wins.
+- Parallel modes vLLM's CPU backend cannot run (expert and pipeline parallel) are refused.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vllm.logger import init_logger
+from vllm.model_executor.models.config import VerifyAndUpdateConfig
+
+from vllm_ernie_moe import ARCHITECTURE
+from vllm_ernie_moe.w8a8 import QUANTIZATION_NAME, QuantizationFormatError, find_description
+
+logger = init_logger(f"vllm.{__name__}")  # under "vllm.": vLLM's log handler shows it
+
+NPU_DESCRIPTION = "quant_model_description.json"  # the only name vllm-ascend detects
+
+
+def unflagged_description(model_config) -> Path | None:
+    """The description JSON of an ERNIE-4.5 MoE msModelSlim checkpoint with no method asked for."""
+    if (
+        model_config.quantization is None
+        and model_config.model_arch_config.quantization_config is None
+        and ARCHITECTURE in (getattr(model_config.hf_config, "architectures", None) or [])
+    ):
+        return find_description(model_config.model)
+    return None
+
+
+class ErnieMoeConfigHooks(VerifyAndUpdateConfig):
+    @staticmethod
+    def verify_and_update_model_config(model_config) -> None:
+        """Pick ``ernie-w8a8-dynamic`` for msModelSlim checkpoints (CPU, CUDA); on an NPU refuse a
+        description name vllm-ascend does not detect (it would load the int8 weights as BF16)."""
+        from vllm.platforms import current_platform
+
+        description = unflagged_description(model_config)
+        if description is None:
+            return
+        if current_platform.device_type != "npu":
+            logger.info("msModelSlim checkpoint detected: quantization=%s.", QUANTIZATION_NAME)
+            model_config.quantization = QUANTIZATION_NAME
+        elif description.name != NPU_DESCRIPTION:
+            raise QuantizationFormatError(
+                f"{description}: vllm-ascend detects msModelSlim checkpoints only by "
+                f"'{NPU_DESCRIPTION}': rename the file to {NPU_DESCRIPTION} (same content)."
+            )
+
+    @staticmethod
+    def verify_and_update_config(vllm_config) -> None:
+        """vLLM's CPU backend with expert or pipeline parallelism: refused (crashes upstream)."""
+        from vllm.platforms import current_platform
+
+        if not current_platform.is_cpu():
+            return
+        parallel = vllm_config.parallel_config
+        if parallel.enable_expert_parallel:
+            raise ValueError(
+                "--enable-expert-parallel is not supported on vLLM's CPU backend: its fused MoE "
+                "kernel (csrc/cpu/cpu_fused_moe.cpp) segfaults with an expert map, for vLLM's "
+                "built-in ERNIE class too. Drop the flag: --tensor-parallel-size shards the "
+                "experts across ranks instead (and EPLB, which needs expert parallelism, runs on "
+                "GPU/NPU only)."
+            )
+        if parallel.pipeline_parallel_size > 1:
+            raise ValueError(
+                f"--pipeline-parallel-size {parallel.pipeline_parallel_size} is not supported on "
+                "vLLM's CPU backend: its model runner fails on the first step "
+                "(sync_and_gather_intermediate_tensors), for vLLM's built-in ERNIE class too. "
+                "Use --tensor-parallel-size on CPU; pipeline parallelism is for GPU/NPU."
+            )
+
+
+def register_config_hooks() -> None:
+    """Put the hooks in vLLM's table for the architecture; idempotent."""
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+
+    MODELS_CONFIG_MAP[ARCHITECTURE] = ErnieMoeConfigHooks
