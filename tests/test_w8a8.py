@@ -188,7 +188,10 @@ def test_int8_lm_head_matches_fake_quant_reference(engine, tmp_path):
         prepare=lambda model: fake_quantize_activations(model, lm_head=True),
     )
     check_logprobs_close(reference, outputs)
-    assert_bf16_drift(reference, outputs)
+    # The int8 head also quantizes the final hidden state per token, right before the logits; the
+    # kernels round it differently from the fp32 reference. Measured p90: below 0.03 with vLLM
+    # 0.32's sgl int8 GEMM, 0.031 with vLLM 0.27's oneDNN one (the sgl patch is 0.32-only).
+    assert_bf16_drift(reference, outputs, p90=0.04)
     # The option changes the logits: the bf16-lm_head engine's are not these.
     assert logprob_drift(_results[ENGINES[0]], outputs).max() > 1e-3
 
