@@ -423,13 +423,13 @@ class Ernie4_5_MoeForCausalLM(nn.Module, SupportsPP, MixtureOfExperts):
         self.moe_layers = [block.experts for block in blocks]
         self.num_moe_layers = len(blocks)
         self.num_expert_groups = 1
-        example = blocks[0] if blocks else None
-        self.num_logical_experts = example.n_logical_experts if example else 0
-        self.num_physical_experts = example.n_physical_experts if example else 0
-        self.num_local_physical_experts = example.n_local_physical_experts if example else 0
+        example = blocks[0] if blocks else None  # no MoE layer on this rank: all counts 0
+        self.num_logical_experts = getattr(example, "n_logical_experts", 0)
+        self.num_physical_experts = getattr(example, "n_physical_experts", 0)
+        self.num_local_physical_experts = getattr(example, "n_local_physical_experts", 0)
         self.num_routed_experts = self.num_logical_experts
-        self.num_shared_experts = example.n_shared_experts if example else 0
-        self.num_redundant_experts = example.n_redundant_experts if example else 0
+        self.num_shared_experts = getattr(example, "n_shared_experts", 0)
+        self.num_redundant_experts = getattr(example, "n_redundant_experts", 0)
 
     def update_physical_experts_metadata(
         self, num_physical_experts: int, num_local_physical_experts: int
