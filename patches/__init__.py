@@ -8,6 +8,7 @@ vLLM versions its tests ran on) and when to remove it, and has its own test. Ups
 
 from vllm_ernie_moe.patches import (
     patch_ascend_grouped_topk_router,
+    patch_cpu_lora_base_tokens,
     patch_cpu_router,
     patch_cpu_sgl_kernels,
 )
@@ -16,5 +17,6 @@ from vllm_ernie_moe.patches import (
 def apply_all() -> None:
     """Apply every patch that the running platform and vLLM version need. Idempotent."""
     patch_ascend_grouped_topk_router.apply()
+    patch_cpu_lora_base_tokens.apply()
     patch_cpu_router.apply()
     patch_cpu_sgl_kernels.apply()

@@ -11,12 +11,20 @@ from pathlib import Path
 import openai
 import pytest
 import requests
+from peft_adapter import DENSE_MODULES, merged, write_adapter
+from reference import (
+    Generation,
+    check_logprobs_close,
+    prompt_token_ids,
+    transformers_greedy,
+)
 from transformers import AutoTokenizer
 
 from vllm_ernie_moe.chat import CHAT_TEMPLATE_PATH
 
 VLLM_CLI = Path(sys.executable).with_name("vllm")
 MAX_MODEL_LEN = 256
+LORA_NAME = "tiny-lora"
 
 
 def free_port() -> int:
@@ -29,7 +37,9 @@ def free_port() -> int:
 def server(checkpoint, tmp_path_factory):
     path = checkpoint("tiny-21b", "bfloat16")
     port = free_port()
-    log = (tmp_path_factory.mktemp("serve") / "server.log").open("w")
+    root = tmp_path_factory.mktemp("serve")
+    log = (root / "server.log").open("w")
+    adapter = write_adapter(path, root / LORA_NAME, DENSE_MODULES)
     process = subprocess.Popen(
         [
             str(VLLM_CLI),
@@ -45,6 +55,11 @@ def server(checkpoint, tmp_path_factory):
             "--max-num-seqs",
             "32",
             "--trust-request-chat-template",
+            "--enable-lora",
+            "--max-lora-rank",
+            "8",
+            "--lora-modules",
+            f"{LORA_NAME}={adapter}",
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -131,3 +146,45 @@ def test_bad_requests_get_http_errors_and_the_server_stays_up(server):
         client.completions.create(model=str(path), prompt="hi", max_tokens=4, temperature=-1)
     assert requests.get(f"{base}/health", timeout=5).status_code == 200
     assert client.completions.create(model=str(path), prompt="hi", max_tokens=2).choices
+
+
+def served_greedy(
+    client, model: str, prompts: list[list[int]], max_tokens: int
+) -> list[Generation]:
+    """Greedy completions with the top-5 log-probabilities per step, by token id."""
+    generations = []
+    for ids in prompts:
+        reply = client.completions.create(
+            model=model,
+            prompt=ids,
+            max_tokens=max_tokens,
+            temperature=0,
+            logprobs=5,
+            extra_body={"return_tokens_as_token_ids": True, "ignore_eos": True},
+        )
+        logprobs = reply.choices[0].logprobs
+
+        def token_id(token: str) -> int:
+            return int(token.removeprefix("token_id:"))
+
+        generations.append(
+            Generation(
+                [token_id(t) for t in logprobs.tokens],
+                [{token_id(t): lp for t, lp in step.items()} for step in logprobs.top_logprobs],
+            )
+        )
+    return generations
+
+
+def test_a_lora_module_is_served_by_its_name(server, tmp_path):
+    """``--lora-modules NAME=PATH``: requests naming the adapter get transformers' output with the
+    adapter merged into the weights; the base model's differs."""
+    path, _, client = server
+    assert LORA_NAME in {m.id for m in client.models.list()}
+    prompts = prompt_token_ids(path)
+    adapter = write_adapter(path, tmp_path / LORA_NAME, DENSE_MODULES)  # the same, rebuilt
+    reference = transformers_greedy(path, "bfloat16", 8, 5, prepare=merged(adapter))
+    with_adapter = served_greedy(client, LORA_NAME, prompts, 8)
+    check_logprobs_close(reference, with_adapter)
+    without = served_greedy(client, str(path), prompts, 8)
+    assert any(a.token_ids != b.token_ids for a, b in zip(with_adapter, without))

@@ -13,9 +13,6 @@ from vllm.model_executor.models import interfaces
 
 from vllm_ernie_moe import model as plugin_model
 
-#: Interfaces of vLLM's built-in class the plugin does not have yet, and why.
-NOT_YET = {"SupportsLoRA": "LoRA (issue 10): not built yet"}
-
 
 def test_plugin_declares_every_interface_of_the_builtin_class():
     """Fails when a vLLM release gives its built-in class an interface the plugin lacks."""
@@ -26,9 +23,9 @@ def test_plugin_declares_every_interface_of_the_builtin_class():
         for name, obj in vars(interfaces).items()
         if isinstance(obj, type) and getattr(obj, "_is_protocol", False) and obj in Builtin.__mro__
     }
-    assert {"SupportsPP", "MixtureOfExperts"} <= protocols
+    assert {"SupportsPP", "SupportsLoRA", "MixtureOfExperts"} <= protocols
     ours = {cls.__name__ for cls in plugin_model.Ernie4_5_MoeForCausalLM.__mro__}
-    assert protocols - ours == set(NOT_YET)
+    assert protocols - ours == set()
 
 
 @pytest.fixture(scope="module")

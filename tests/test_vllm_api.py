@@ -76,3 +76,19 @@ def test_attributes_the_package_uses_through_a_module(source):
     assert source.definition("vllm.model_executor.layers.fused_moe", "FusedMoEFactory")
     assert source.method("vllm.model_executor.models.config", "VerifyAndUpdateConfig")
     assert source.definition("vllm.model_executor.models.config", "MODELS_CONFIG_MAP")
+
+
+def test_what_cpu_lora_relies_on(source):
+    """The model builds FusedMoE with ``lora_config`` hidden (FusedMoE reads it from the current
+    vLLM config), hands vLLM's LoRA manager the routed-expert names through the model's
+    ``get_expert_mapping``, and patch_cpu_lora_base_tokens wraps the CPU LoRA ops by name."""
+    layer = source.module_file("vllm.model_executor.layers.fused_moe.layer")
+    assert "is_lora_enabled=vllm_config.lora_config is not None" in source.read(layer)
+    packed = source.source_of("vllm.lora.utils", "process_packed_modules_mapping")
+    assert packed is not None and "get_moe_expert_mapping(model)" in packed
+    from vllm_ernie_moe.patches import patch_cpu_lora_base_tokens as patch
+
+    for name in patch.OPS:
+        assert source.method(patch.OPS_MODULE, name), f"{patch.OPS_MODULE}.{name}"
+    for importer in patch.IMPORTERS:
+        assert all(source.definition(importer, name) for name in patch.OPS), importer

@@ -13,6 +13,9 @@ models use (vLLM 0.27 to 0.33: ``ModelConfig.__post_init__`` calls
   ``quant_model_description.json``: a checkpoint with only msModelSlim v0's name is refused with the
   fix. An explicit ``--quantization`` always wins.
 - Parallel modes vLLM's CPU backend cannot run (expert and pipeline parallel) are refused.
+- LoRA on CPU: vLLM's CPU LoRA kernels have no MoE path, so adapters apply to attention, dense
+  MLPs and shared experts (the default target list); a target list naming the routed experts or
+  the router is refused.
 """
 
 from __future__ import annotations
@@ -28,6 +31,11 @@ from vllm_ernie_moe.w8a8 import QUANTIZATION_NAME, QuantizationFormatError, find
 logger = init_logger(f"vllm.{__name__}")  # under "vllm.": vLLM's log handler shows it
 
 NPU_DESCRIPTION = "quant_model_description.json"  # the only name vllm-ascend detects
+
+#: vLLM modules LoRA adapts on CPU: attention, dense MLPs, shared experts (not routed experts).
+CPU_LORA_MODULES = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+#: Modules of the MoE blocks vLLM's CPU backend cannot adapt: routed experts and router.
+CPU_LORA_REFUSED = ("experts", "gate")
 
 
 def unflagged_description(model_config) -> Path | None:
@@ -62,11 +70,14 @@ class ErnieMoeConfigHooks(VerifyAndUpdateConfig):
 
     @staticmethod
     def verify_and_update_config(vllm_config) -> None:
-        """vLLM's CPU backend with expert or pipeline parallelism: refused (crashes upstream)."""
+        """vLLM's CPU backend: refuse expert or pipeline parallelism (they crash upstream), keep
+        LoRA off the routed experts."""
         from vllm.platforms import current_platform
 
         if not current_platform.is_cpu():
             return
+        if vllm_config.lora_config is not None:
+            restrict_lora_to_dense_modules(vllm_config.lora_config)
         parallel = vllm_config.parallel_config
         if parallel.enable_expert_parallel:
             raise ValueError(
@@ -83,6 +94,20 @@ class ErnieMoeConfigHooks(VerifyAndUpdateConfig):
                 "(sync_and_gather_intermediate_tensors), for vLLM's built-in ERNIE class too. "
                 "Use --tensor-parallel-size on CPU; pipeline parallelism is for GPU/NPU."
             )
+
+
+def restrict_lora_to_dense_modules(lora_config) -> None:
+    """Default LoRA targets on CPU to :data:`CPU_LORA_MODULES`; refuse routed experts/router."""
+    if lora_config.target_modules is None:
+        lora_config.target_modules = list(CPU_LORA_MODULES)
+        return
+    refused = sorted(m for m in lora_config.target_modules if m in CPU_LORA_REFUSED)
+    if refused:
+        raise ValueError(
+            f"LoRA target modules {refused} are not supported on vLLM's CPU backend: its LoRA "
+            "kernels have no MoE path (routed experts and their router). Target only "
+            f"{CPU_LORA_MODULES} (attention, dense MLP, shared experts), or serve on GPU."
+        )
 
 
 def register_config_hooks() -> None:

@@ -8,6 +8,7 @@ exactly that on every backend once ``vllm_ernie_moe.patches`` has fixed vLLM's C
 """
 
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from itertools import islice
 
 import torch
@@ -16,6 +17,7 @@ from transformers import PretrainedConfig
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import CacheConfig, VllmConfig, get_current_vllm_config
 from vllm.distributed import get_ep_group, get_pp_group, get_tensor_model_parallel_world_size
+from vllm.logger import init_logger
 from vllm.model_executor.layers import fused_moe
 from vllm.model_executor.layers.activation import SiluAndMul
 from vllm.model_executor.layers.attention import Attention
@@ -33,7 +35,7 @@ from vllm.model_executor.layers.vocab_parallel_embedding import (
     ParallelLMHead,
     VocabParallelEmbedding,
 )
-from vllm.model_executor.models.interfaces import MixtureOfExperts, SupportsPP
+from vllm.model_executor.models.interfaces import MixtureOfExperts, SupportsLoRA, SupportsPP
 from vllm.model_executor.models.utils import (
     AutoWeightsLoader,
     PPMissingLayer,
@@ -53,6 +55,8 @@ from vllm_ernie_moe.w8a8 import (
     find_description,
     read_labels,
 )
+
+logger = init_logger(f"vllm.{__name__}")  # under "vllm.": vLLM's log handler shows it
 
 #: vllm-ascend's msModelSlim method (``AscendModelSlimConfig``).
 ASCEND_QUANTIZATION = "ascend"
@@ -151,21 +155,22 @@ class ErnieMoE(nn.Module):
         )
         # Looked up when the layer is built: vllm-ascend replaces the factory at start-up, which
         # may come after this module was imported.
-        self.experts = fused_moe.FusedMoEFactory(
-            shared_experts=self.shared_experts,
-            num_experts=num_experts,
-            top_k=config.moe_k,
-            hidden_size=config.hidden_size,
-            intermediate_size=config.moe_intermediate_size,
-            renormalize=True,
-            scoring_func="softmax",
-            e_score_correction_bias=self.gate.e_score_correction_bias,
-            router_logits_dtype=torch.float32,
-            enable_eplb=self.enable_eplb,
-            num_redundant_experts=parallel_config.eplb_config.num_redundant_experts,
-            quant_config=quant_config,
-            prefix=f"{prefix}.experts",
-        )
+        with _routed_experts_without_lora_on_cpu():
+            self.experts = fused_moe.FusedMoEFactory(
+                shared_experts=self.shared_experts,
+                num_experts=num_experts,
+                top_k=config.moe_k,
+                hidden_size=config.hidden_size,
+                intermediate_size=config.moe_intermediate_size,
+                renormalize=True,
+                scoring_func="softmax",
+                e_score_correction_bias=self.gate.e_score_correction_bias,
+                router_logits_dtype=torch.float32,
+                enable_eplb=self.enable_eplb,
+                num_redundant_experts=parallel_config.eplb_config.num_redundant_experts,
+                quant_config=quant_config,
+                prefix=f"{prefix}.experts",
+            )
         # What was built (vllm-ascend's factory may set its own redundancy).
         self.n_physical_experts = self.experts.routed_experts.global_num_experts
         self.n_redundant_experts = self.n_physical_experts - num_experts
@@ -370,7 +375,7 @@ class ErnieModel(nn.Module):
         return AutoWeightsLoader(self).load_weights(weights, mapper=self.hf_to_vllm_mapper)
 
 
-class Ernie4_5_MoeForCausalLM(nn.Module, SupportsPP, MixtureOfExperts):
+class Ernie4_5_MoeForCausalLM(nn.Module, SupportsPP, SupportsLoRA, MixtureOfExperts):
     """ERNIE-4.5 MoE causal LM; replaces vLLM's built-in class of the same architecture name."""
 
     # Fused vLLM module -> checkpoint modules. ``experts`` lets per-layer quantization lookups
@@ -444,6 +449,24 @@ class Ernie4_5_MoeForCausalLM(nn.Module, SupportsPP, MixtureOfExperts):
             block.n_redundant_experts = self.num_redundant_experts
             block.experts.update_expert_map()
 
+    def get_expert_mapping(self) -> list[tuple[str, str, int, str]]:
+        """The routed-expert tensor names LoRA adapters may carry (vLLM's LoRA loader reads them).
+
+        None on vLLM's CPU backend, which has no MoE LoRA: vLLM then refuses an adapter with
+        routed-expert tensors, naming them, instead of ignoring them.
+        """
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu():
+            logger.info_once(
+                "LoRA on vLLM's CPU backend: the routed experts take no adapter (no CPU MoE LoRA); "
+                "adapters holding mlp.experts.* tensors are refused."
+            )
+            return []
+        if not self.moe_layers:
+            return []
+        return self.moe_layers[0].routed_experts.get_expert_mapping()
+
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_input_ids(input_ids)
 
@@ -479,6 +502,29 @@ class Ernie4_5_MoeForCausalLM(nn.Module, SupportsPP, MixtureOfExperts):
         loaded = AutoWeightsLoader(self).load_weights(tensors)
         validator.check_complete()
         return loaded
+
+
+@contextmanager
+def _routed_experts_without_lora_on_cpu() -> Iterator[None]:
+    """Build FusedMoE as without LoRA on vLLM's CPU backend.
+
+    With LoRA on, vLLM's MoE kernel oracle picks its Triton MoE-LoRA kernels on every in-tree
+    platform, which CPU lacks (first forward: ``triton.language has no attribute float32``), and
+    vLLM's CPU LoRA kernels have no MoE path. The config hook keeps LoRA off the routed experts
+    on CPU, so their CPU kernels serve them.
+    """
+    from vllm.platforms import current_platform
+
+    vllm_config = get_current_vllm_config()
+    lora_config = vllm_config.lora_config
+    if lora_config is None or not current_platform.is_cpu():
+        yield
+        return
+    vllm_config.lora_config = None
+    try:
+        yield
+    finally:
+        vllm_config.lora_config = lora_config
 
 
 def _with_embedding_copied_to_head(
