@@ -15,14 +15,16 @@ from vllm_ernie_moe.random_checkpoint import build_checkpoint  # noqa: E402
 
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory):
-    """checkpoint(geometry, dtype="float32") -> a random checkpoint, built once a session."""
-    built: dict[tuple[str, str], Path] = {}
+    """checkpoint(geometry, dtype="float32", mtp=False) -> a random checkpoint (with an MTP head),
+    built once a session."""
+    built: dict[tuple[str, str, bool], Path] = {}
 
-    def get(geometry: str, dtype: str = "float32") -> Path:
-        key = (geometry, dtype)
+    def get(geometry: str, dtype: str = "float32", mtp: bool = False) -> Path:
+        key = (geometry, dtype, mtp)
         if key not in built:
+            name = f"{geometry}-{dtype}{'-mtp' if mtp else ''}"
             built[key] = build_checkpoint(
-                tmp_path_factory.mktemp(f"{geometry}-{dtype}"), geometry, dtype=dtype
+                tmp_path_factory.mktemp(name), geometry, dtype=dtype, mtp=mtp
             )
         return built[key]
 

@@ -5,6 +5,9 @@ vLLM calls :func:`register` (entry point group ``vllm.general_plugins``) in ever
 
 ARCHITECTURE = "Ernie4_5_MoeForCausalLM"
 MODEL_CLASS = "vllm_ernie_moe.model:Ernie4_5_MoeForCausalLM"
+#: vLLM's name for ERNIE's MTP drafter (speculative method ``ernie_mtp`` / ``mtp``).
+MTP_ARCHITECTURE = "ErnieMTPModel"
+MTP_CLASS = "vllm_ernie_moe.mtp:ErnieMTP"
 
 _registered = False
 
@@ -40,11 +43,13 @@ def register() -> None:
             compat.TESTED_VLLM,
         )
     ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
+    ModelRegistry.register_model(MTP_ARCHITECTURE, MTP_CLASS)
     register_config_hooks()
     logger.info(
-        "vllm-ernie-moe: %s now served by %s (replaces vLLM's built-in class).",
+        "vllm-ernie-moe: %s now served by %s, its MTP drafter by %s (replace vLLM's classes).",
         ARCHITECTURE,
         MODEL_CLASS,
+        MTP_CLASS,
     )
     apply_all()
     register_chat_template()

@@ -13,6 +13,8 @@ models use (vLLM 0.27 to 0.33: ``ModelConfig.__post_init__`` calls
   ``quant_model_description.json``: a checkpoint with only msModelSlim v0's name is refused with the
   fix. An explicit ``--quantization`` always wins.
 - Parallel modes vLLM's CPU backend cannot run (expert and pipeline parallel) are refused.
+- MTP speculative decoding on a checkpoint without an MTP head (``num_nextn_predict_layers``) is
+  refused here, in the calling process, with the fix.
 - LoRA on CPU: vLLM's CPU LoRA kernels have no MoE path, so adapters apply to attention, dense
   MLPs and shared experts (the default target list); a target list naming the routed experts or
   the router is refused.
@@ -70,10 +72,13 @@ class ErnieMoeConfigHooks(VerifyAndUpdateConfig):
 
     @staticmethod
     def verify_and_update_config(vllm_config) -> None:
-        """vLLM's CPU backend: refuse expert or pipeline parallelism (they crash upstream), keep
-        LoRA off the routed experts."""
+        """MTP needs the head; vLLM's CPU backend: refuse expert or pipeline parallelism (they
+        crash upstream), keep LoRA off the routed experts."""
         from vllm.platforms import current_platform
 
+        speculative = vllm_config.speculative_config
+        if speculative is not None and speculative.method == "mtp":
+            check_mtp_head(vllm_config.model_config)
         if not current_platform.is_cpu():
             return
         if vllm_config.lora_config is not None:
@@ -94,6 +99,15 @@ class ErnieMoeConfigHooks(VerifyAndUpdateConfig):
                 "(sync_and_gather_intermediate_tensors), for vLLM's built-in ERNIE class too. "
                 "Use --tensor-parallel-size on CPU; pipeline parallelism is for GPU/NPU."
             )
+
+
+def check_mtp_head(model_config) -> None:
+    """Refuse MTP speculative decoding when config.json declares no MTP head."""
+    from vllm_ernie_moe.mtp import MTPHeadError, no_mtp_head_message
+
+    layers = getattr(model_config.hf_config, "num_nextn_predict_layers", 0) or 0
+    if layers < 1:
+        raise MTPHeadError(no_mtp_head_message(model_config.model, layers))
 
 
 def restrict_lora_to_dense_modules(lora_config) -> None:

@@ -250,10 +250,12 @@ class ErnieAttention(nn.Module):
 
 
 class ErnieDecoderLayer(nn.Module):
+    """Attention and an MoE block (``use_moe``) or a dense MLP (also the MTP head's block)."""
+
     def __init__(
         self,
         config: PretrainedConfig,
-        layer_id: int,
+        use_moe: bool,
         cache_config: CacheConfig | None,
         quant_config: QuantizationConfig | None,
         prefix: str = "",
@@ -263,7 +265,7 @@ class ErnieDecoderLayer(nn.Module):
             config, cache_config, quant_config, prefix=f"{prefix}.self_attn"
         )
         self.mlp: ErnieMoE | ErnieMLP
-        if layer_id in moe_layer_ids(config):
+        if use_moe:
             self.mlp = ErnieMoE(config, quant_config, prefix=f"{prefix}.mlp")
         else:
             self.mlp = ErnieMLP(
@@ -326,11 +328,12 @@ class ErnieModel(nn.Module):
             )
         else:
             self.embed_tokens = PPMissingLayer()
+        moe_layers = moe_layer_ids(config)
         self.start_layer, self.end_layer, self.layers = make_layers(
             config.num_hidden_layers,
             lambda prefix: ErnieDecoderLayer(
                 config,
-                extract_layer_index(prefix),
+                extract_layer_index(prefix) in moe_layers,
                 vllm_config.cache_config,
                 quant_config,
                 prefix=prefix,

@@ -165,7 +165,10 @@ def quantize_checkpoint(model_dir: Path, output_dir: Path, shard_size_gb: float 
         labels: dict[str, str] = {}
         for path, name in tqdm(tensors, desc="quantizing", unit="tensor"):
             if is_mtp_tensor_name(name):
-                continue  # the MTP head is not served; msModelSlim drops it too
+                # Kept as it is, for MTP speculative decoding (msModelSlim drops the head).
+                writer.add(name, _read(path, name))
+                labels[name] = FLOAT
+                continue
             for out_name, tensor, label in _converted(name, _read(path, name)):
                 writer.add(out_name, tensor)
                 labels[out_name] = label

@@ -156,9 +156,11 @@ def build_checkpoint(
     geometry: str = "tiny-21b",
     dtype: str = "float32",
     seed: int = 0,
+    mtp: bool = False,
     **config_overrides: Any,
 ) -> Path:
-    """Write a random-weight checkpoint (config, safetensors, tokenizer) to out_dir."""
+    """Write a random-weight checkpoint (config, safetensors, tokenizer) to out_dir; with ``mtp``
+    also a random MTP head, as -PT checkpoints carry one (transformers has none to write)."""
     import torch
     from transformers import Ernie4_5_MoeConfig, Ernie4_5_MoeForCausalLM
 
@@ -190,12 +192,53 @@ def build_checkpoint(
     # transformers rewrites -1 as the last layer index; keep what the author wrote, as Baidu's do.
     saved["moe_layer_end_index"] = end_index
     saved["_random_weights_notice"] = RANDOM_WEIGHTS_NOTICE
+    if mtp:
+        saved["num_nextn_predict_layers"] = 1
+        _add_random_mtp_head(out / "model.safetensors", config, generator)
     config_path.write_text(json.dumps(saved, indent=2))
     (out / "README.md").write_text(
         f"# Random ERNIE-4.5-MoE checkpoint ({geometry})\n\n{RANDOM_WEIGHTS_NOTICE}\n\n"
         f"Geometry: {spec.notes}. dtype {dtype}, seed {seed}.\n"
     )
     return out
+
+
+def _add_random_mtp_head(file: Path, config, generator) -> None:
+    """Add ``model.mtp_*.0.*`` in the -PT layout: two norms, the [H, 2H] projection, a decoder
+    layer with a dense MLP (``intermediate_size``). The final norm the head shares gets weights
+    other than ones: with ones, leaving it out would only scale the logits (same drafts)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(file))
+    hidden, head_dim = (
+        config.hidden_size,
+        config.head_dim or config.hidden_size // config.num_attention_heads,
+    )
+    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    shapes = {
+        "mtp_emb_norm.0.weight": (hidden,),
+        "mtp_hidden_norm.0.weight": (hidden,),
+        "mtp_linear_proj.0.weight": (hidden, 2 * hidden),
+        "mtp_block.0.input_layernorm.weight": (hidden,),
+        "mtp_block.0.post_attention_layernorm.weight": (hidden,),
+        "mtp_block.0.self_attn.q_proj.weight": (q, hidden),
+        "mtp_block.0.self_attn.k_proj.weight": (kv, hidden),
+        "mtp_block.0.self_attn.v_proj.weight": (kv, hidden),
+        "mtp_block.0.self_attn.o_proj.weight": (hidden, q),
+        "mtp_block.0.mlp.gate_proj.weight": (config.intermediate_size, hidden),
+        "mtp_block.0.mlp.up_proj.weight": (config.intermediate_size, hidden),
+        "mtp_block.0.mlp.down_proj.weight": (hidden, config.intermediate_size),
+    }
+    dtype = tensors["model.embed_tokens.weight"].dtype
+    shapes["norm.weight"] = (hidden,)
+    for name, shape in shapes.items():
+        if len(shape) == 1:  # norms near 1, not exactly: a skipped norm must show
+            tensor = 1 + 0.1 * torch.randn(shape, generator=generator)
+        else:
+            tensor = torch.randn(shape, generator=generator) * 0.08
+        tensors[f"model.{name}"] = tensor.to(dtype)
+    save_file(tensors, str(file), metadata={"format": "pt"})
 
 
 def default_checkpoint() -> Path:
