@@ -83,3 +83,22 @@ def test_vllm_ascend_grouped_topk_router_fix(tmp_path):
     assert before.returncode == 1, before.stdout[-2000:] + before.stderr[-2000:]
     after = run_upstream_test(test, module, patched, source)
     assert after.returncode == 0, after.stdout[-3000:] + after.stderr[-2000:]
+
+
+def test_vllm_ernie_mtp_fix(tmp_path):
+    import vllm
+
+    module = "vllm.model_executor.models.ernie_mtp"
+    relative = module.replace(".", "/") + ".py"
+    try:
+        patched = apply_diff(
+            UPSTREAM / "ernie-mtp.diff", Path(vllm.__file__).parent.parent, relative, tmp_path
+        )
+    except subprocess.CalledProcessError:
+        pytest.skip(f"the diff is against vLLM 0.32/0.33's {relative}, not {vllm.__version__}'s")
+    test = "test_ernie_mtp_reference.py"
+    before = run_upstream_test(test, module, None, None)
+    assert before.returncode == 1, before.stdout[-2000:] + before.stderr[-2000:]
+    assert "3 failed" in before.stdout, before.stdout[-2000:]  # each departure shows
+    after = run_upstream_test(test, module, patched, None)
+    assert after.returncode == 0, after.stdout[-3000:] + after.stderr[-2000:]
