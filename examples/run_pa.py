@@ -51,12 +51,12 @@ def main(argv: list[str] | None = None) -> None:
     envs.use_all_cpu_cores()
     from vllm import LLM, SamplingParams
 
-    from vllm_ernie_moe.random_checkpoint import RANDOM_WEIGHTS_NOTICE, default_checkpoint
+    from vllm_ernie_moe.small_model import NOTICE, SMALL_MODEL_DIR
 
     model = args.model_path
     if model is None:
-        model = str(default_checkpoint())
-        print(f"\n*** No --model_path given: using {model}\n*** {RANDOM_WEIGHTS_NOTICE}\n")
+        model = str(SMALL_MODEL_DIR)
+        print(f"\n*** No --model_path given: using {model},\n*** {NOTICE}.\n")
     llm = LLM(
         model=model,
         dtype=args.dtype,

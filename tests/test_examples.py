@@ -24,11 +24,14 @@ def test_dialog_on_default_checkpoint(tmp_path):
         "--input_texts", "What's Deep Learning?", "Hello", "--enforce_eager", cache=tmp_path
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "RANDOM weights" in done.stdout
-    assert done.stdout.count("Answer:") == 2
+    assert "trained in minutes on Python's pydoc topics" in done.stdout
+    answers = [line for line in done.stdout.splitlines() if line.startswith("Answer:")]
+    assert len(answers) == 2
+    # A trained model: mostly letters and spaces, words a newcomer can read.
+    text = "".join(answers)
+    assert sum(c.isalpha() or c.isspace() for c in text) > 0.8 * len(text)
     # The plugin announces, once per vLLM process, that it replaced the built-in class.
     assert "now served by vllm_ernie_moe.model:Ernie4_5_MoeForCausalLM" in done.stdout + done.stderr
-    assert (tmp_path / "default-tiny-21b-bf16" / "config.json").exists()
 
 
 def test_bad_arguments_are_rejected_without_a_traceback(tmp_path):

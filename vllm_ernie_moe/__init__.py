@@ -22,7 +22,7 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    from vllm_ernie_moe import compat
+    from vllm_ernie_moe import compat, envs
 
     version = compat.check_supported_vllm()  # first: nothing below may fail on an old vLLM
     from vllm import ModelRegistry
@@ -43,7 +43,8 @@ def register() -> None:
             compat.TESTED_VLLM,
         )
     ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
-    ModelRegistry.register_model(MTP_ARCHITECTURE, MTP_CLASS)
+    if not envs.vllm_mtp_drafter():
+        ModelRegistry.register_model(MTP_ARCHITECTURE, MTP_CLASS)
     register_config_hooks()
     logger.info(
         "vllm-ernie-moe: %s now served by %s, its MTP drafter by %s (replace vLLM's classes).",

@@ -3,7 +3,7 @@
 import os
 from pathlib import Path
 
-#: Where the dialog example's default random checkpoint is built and cached.
+#: The plugin's cache: downloaded vLLM wheels for the source check.
 VLLM_ERNIE_MOE_CACHE_DIR: str = os.environ.get(
     "VLLM_ERNIE_MOE_CACHE_DIR",
     os.path.join(os.path.expanduser("~"), ".cache", "vllm-ernie-moe"),
@@ -45,3 +45,9 @@ def vllm_wheel_dir() -> Path:
             "VLLM_ERNIE_MOE_VLLM_WHEELS", os.path.join(VLLM_ERNIE_MOE_CACHE_DIR, "wheels")
         )
     )
+
+
+def vllm_mtp_drafter() -> bool:
+    """``VLLM_ERNIE_MOE_VLLM_MTP=1`` leaves ERNIE's MTP drafter to vLLM's own ``ErnieMTP`` (to
+    compare the two on the same weights, ``benchmarks/bench_mtp.py``); default: the plugin's."""
+    return os.environ.get("VLLM_ERNIE_MOE_VLLM_MTP", "0") == "1"

@@ -15,8 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vllm_ernie_moe import envs
-
 BEGIN_OF_SENTENCE = "<|begin_of_sentence|>"
 END_OF_SENTENCE = "<|end_of_sentence|>"
 SPECIAL_TOKENS = ["<unk>", BEGIN_OF_SENTENCE, END_OF_SENTENCE]  # ids 0, 1, 2 as in ERNIE
@@ -123,8 +121,11 @@ GEOMETRIES: dict[str, Geometry] = {
 }
 
 
-def build_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 1024):
-    """Train a byte-level BPE tokenizer on the embedded text and save it in HF format."""
+def build_tokenizer(
+    out_dir: str | os.PathLike, vocab_size: int = 1024, texts: list[str] | None = None
+):
+    """Train a byte-level BPE tokenizer on ``texts`` (default: the embedded text) and save it in
+    HF format."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -137,7 +138,7 @@ def build_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 1024):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator([_TOKENIZER_TEXT] * 4, trainer=trainer)
+    tokenizer.train_from_iterator(texts or [_TOKENIZER_TEXT] * 4, trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         unk_token="<unk>",
@@ -239,13 +240,3 @@ def _add_random_mtp_head(file: Path, config, generator) -> None:
             tensor = torch.randn(shape, generator=generator) * 0.08
         tensors[f"model.{name}"] = tensor.to(dtype)
     save_file(tensors, str(file), metadata={"format": "pt"})
-
-
-def default_checkpoint() -> Path:
-    """The dialog example's default: the tiny 21B-like checkpoint, built once and cached."""
-    path = Path(envs.VLLM_ERNIE_MOE_CACHE_DIR) / "default-tiny-21b-bf16"
-    if not (path / "config.json").exists():
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        build_checkpoint(tmp, "tiny-21b", dtype="bfloat16")
-        tmp.rename(path)
-    return path

@@ -1,0 +1,202 @@
+"""The trained small ERNIE (``vllm_ernie_moe.small_model``) on held-out text, each engine in its
+own process, rounds interleaved in one run:
+
+- MTP speculative decoding: drafts accepted and bs=1 decode speed with the plugin's drafter, with
+  vLLM's built-in ``ErnieMTP`` on the same weights, and without speculation: 12 held-out passages
+  of 32 tokens, 48 greedy tokens each, one request at a time; the tokens must agree (lossless).
+- W8A8 accuracy: held-out perplexity of the bf16 model, its W8A8_DYNAMIC quantization
+  (``vllm-ernie-moe-quantize``), and W8A8 with the int8 lm_head.
+
+    python benchmarks/bench_small_model.py --model DIR [--rounds 2] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SPECULATIVE = {"method": "ernie_mtp", "num_speculative_tokens": 1}
+#: MTP case -> (speculative config, environment), fp32
+MTP_CASES = {
+    "no-spec": (None, {}),
+    "plugin-mtp": (SPECULATIVE, {}),
+    "vllm-mtp": (SPECULATIVE, {"VLLM_ERNIE_MOE_VLLM_MTP": "1"}),
+}
+#: perplexity case -> (quantized checkpoint, environment), bf16
+PPL_CASES = {
+    "bf16": (False, {}),
+    "w8a8": (True, {}),
+    "w8a8-int8-head": (True, {"VLLM_ERNIE_MOE_INT8_LM_HEAD": "1"}),
+}
+PPL_CHUNK = 256
+PROMPTS, PROMPT_TOKENS, MAX_TOKENS = 12, 32, 48
+COUNTERS = {
+    "vllm:spec_decode_num_drafts": "drafts",
+    "vllm:spec_decode_num_draft_tokens": "draft_tokens",
+    "vllm:spec_decode_num_accepted_tokens": "accepted",
+}
+
+
+def held_out_prompts(model: str) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    from vllm_ernie_moe.small_model import corpus
+
+    ids = AutoTokenizer.from_pretrained(model)(corpus()[1], add_special_tokens=False).input_ids
+    stride = len(ids) // PROMPTS
+    return [ids[i * stride : i * stride + PROMPT_TOKENS] for i in range(PROMPTS)]
+
+
+def perplexity_worker(model: str) -> dict:
+    """exp(mean negative log-likelihood) of the held-out text, in chunks of PPL_CHUNK tokens."""
+    import math
+
+    from transformers import AutoTokenizer
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from vllm_ernie_moe.small_model import corpus
+
+    ids = AutoTokenizer.from_pretrained(model)(corpus()[1], add_special_tokens=False).input_ids
+    chunks = [ids[i : i + PPL_CHUNK] for i in range(0, len(ids) - PPL_CHUNK, PPL_CHUNK)]
+    llm = LLM(model=model, dtype="bfloat16", max_model_len=512, enforce_eager=True, seed=0)
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0)
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=c) for c in chunks], params)
+    nll = [
+        -step[token].logprob
+        for chunk, out in zip(chunks, outputs, strict=True)
+        for token, step in zip(chunk[1:], out.prompt_logprobs[1:], strict=True)
+    ]
+    return {"perplexity": math.exp(sum(nll) / len(nll)), "tokens": len(nll)}
+
+
+def mtp_worker(model: str, case: str) -> dict:
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    speculative, _ = MTP_CASES[case]
+    llm = LLM(
+        model=model,
+        dtype="float32",
+        max_model_len=512,
+        enforce_eager=True,
+        speculative_config=speculative,
+        disable_log_stats=False,
+        seed=0,
+    )
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
+    prompts = [TokensPrompt(prompt_token_ids=p) for p in held_out_prompts(model)]
+    llm.generate(prompts[:1], params, use_tqdm=False)  # warm-up
+    before = counters(llm)
+    started = time.perf_counter()
+    outputs = [llm.generate(p, params, use_tqdm=False)[0] for p in prompts]
+    seconds = time.perf_counter() - started
+    after = counters(llm)
+    result = {name: after[name] - before[name] for name in after}
+    result |= {
+        "tokens_per_s": PROMPTS * MAX_TOKENS / seconds,
+        "token_ids": [list(o.outputs[0].token_ids) for o in outputs],
+    }
+    return result
+
+
+def counters(llm) -> dict[str, int]:
+    values = dict.fromkeys(COUNTERS.values(), 0)
+    for metric in llm.get_metrics():
+        if metric.name in COUNTERS:
+            values[COUNTERS[metric.name]] = int(metric.value)
+    return values
+
+
+def run(model: str, case: str, environment: dict[str, str]) -> dict:
+    env = dict(os.environ, **environment)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    with tempfile.TemporaryDirectory() as scratch:
+        out = Path(scratch) / "result.json"
+        done = subprocess.run(
+            [sys.executable, __file__, "--model", model, "--worker", case, "--json", str(out)],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if done.returncode != 0:
+            sys.exit(f"{case} failed:\n{done.stderr[-3000:]}")
+        return json.loads(out.read_text())
+
+
+def mtp_table(rounds: list[dict]) -> list[str]:
+    lines = [
+        "| round | drafter | drafts accepted | tokens per step | tok/s (bs=1) | vs no-spec |",
+        "|---|---|---|---|---|---|",
+    ]
+    for i, results in enumerate(rounds, 1):
+        base = results["no-spec"]
+        for case, r in results.items():
+            accepted = (
+                f"{r['accepted']}/{r['draft_tokens']} ({r['accepted'] / r['draft_tokens']:.0%})"
+                if r["draft_tokens"]
+                else "-"
+            )
+            per_step = f"{1 + r['accepted'] / r['drafts']:.2f}" if r["drafts"] else "1"
+            ratio = r["tokens_per_s"] / base["tokens_per_s"]
+            note = "" if r["token_ids"] == base["token_ids"] else " (tokens differ!)"
+            lines.append(
+                f"| {i} | {case} | {accepted} | {per_step} | {r['tokens_per_s']:.1f} | "
+                f"{ratio:.2f}{note} |"
+            )
+    return lines
+
+
+def ppl_table(results: dict) -> list[str]:
+    base = results["bf16"]["perplexity"]
+    lines = ["| weights | held-out perplexity | vs bf16 |", "|---|---|---|"]
+    for case, r in results.items():
+        lines.append(f"| {case} | {r['perplexity']:.3f} | {r['perplexity'] / base - 1:+.2%} |")
+    lines.append(f"\n{results['bf16']['tokens']} held-out tokens, chunks of {PPL_CHUNK}.")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, type=Path)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--worker", choices=[*MTP_CASES, "perplexity"], help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:  # one engine; its result to --json
+        model = str(args.model)
+        result = (
+            perplexity_worker(model)
+            if args.worker == "perplexity"
+            else mtp_worker(model, args.worker)
+        )
+        args.json.write_text(json.dumps(result))
+        return
+    from vllm_ernie_moe.quantize import quantize_checkpoint
+
+    model = args.model.resolve()
+    scratch = tempfile.TemporaryDirectory()
+    w8a8 = quantize_checkpoint(model, Path(scratch.name) / "w8a8")
+    rounds = [
+        {case: run(str(model), case, env) for case, (_, env) in MTP_CASES.items()}
+        for _ in range(args.rounds)
+    ]
+    perplexity = {
+        case: run(str(w8a8 if quant else model), "perplexity", env)
+        for case, (quant, env) in PPL_CASES.items()
+    }
+    print("\n".join(mtp_table(rounds) + [""] + ppl_table(perplexity)))
+    if args.json:
+        args.json.write_text(json.dumps({"mtp": rounds, "perplexity": perplexity}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
