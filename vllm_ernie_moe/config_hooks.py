@@ -78,7 +78,10 @@ class ErnieMoeConfigHooks(VerifyAndUpdateConfig):
 
         speculative = vllm_config.speculative_config
         if speculative is not None and speculative.method == "mtp":
-            check_mtp_head(vllm_config.model_config)
+            from vllm_ernie_moe.mtp import mtp_layer_count
+
+            model_config = vllm_config.model_config
+            mtp_layer_count(model_config.hf_config, model_config.model)
         if not current_platform.is_cpu():
             return
         if vllm_config.lora_config is not None:
@@ -99,15 +102,6 @@ class ErnieMoeConfigHooks(VerifyAndUpdateConfig):
                 "(sync_and_gather_intermediate_tensors), for vLLM's built-in ERNIE class too. "
                 "Use --tensor-parallel-size on CPU; pipeline parallelism is for GPU/NPU."
             )
-
-
-def check_mtp_head(model_config) -> None:
-    """Refuse MTP speculative decoding when config.json declares no MTP head."""
-    from vllm_ernie_moe.mtp import MTPHeadError, no_mtp_head_message
-
-    layers = getattr(model_config.hf_config, "num_nextn_predict_layers", 0) or 0
-    if layers < 1:
-        raise MTPHeadError(no_mtp_head_message(model_config.model, layers))
 
 
 def restrict_lora_to_dense_modules(lora_config) -> None:

@@ -49,5 +49,6 @@ def vllm_wheel_dir() -> Path:
 
 def vllm_mtp_drafter() -> bool:
     """``VLLM_ERNIE_MOE_VLLM_MTP=1`` leaves ERNIE's MTP drafter to vLLM's own ``ErnieMTP`` (to
-    compare the two on the same weights, ``benchmarks/bench_mtp.py``); default: the plugin's."""
+    compare the two on the same weights, ``benchmarks/bench_small_model.py``); default: the
+    plugin's."""
     return os.environ.get("VLLM_ERNIE_MOE_VLLM_MTP", "0") == "1"

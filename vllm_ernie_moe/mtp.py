@@ -46,12 +46,17 @@ class MTPHeadError(ValueError):
     """The checkpoint cannot serve ERNIE MTP speculative decoding."""
 
 
-def no_mtp_head_message(checkpoint: str, layers: int) -> str:
-    return (
-        f"{checkpoint}: config.json has num_nextn_predict_layers={layers}; ERNIE MTP "
-        "speculative decoding needs the MTP head of a -PT checkpoint (num_nextn_predict_layers: "
-        "1). Drop --speculative-config, or use a checkpoint that kept its MTP head."
-    )
+def mtp_layer_count(hf_config, checkpoint: str) -> int:
+    """``num_nextn_predict_layers``; :class:`MTPHeadError` when config.json declares no head."""
+    layers = getattr(hf_config, "num_nextn_predict_layers", 0) or 0
+    if layers < 1:
+        raise MTPHeadError(
+            f"{checkpoint}: config.json has num_nextn_predict_layers={layers}; ERNIE MTP "
+            "speculative decoding needs the MTP head of a -PT checkpoint "
+            "(num_nextn_predict_layers: 1). Drop --speculative-config, or use a checkpoint "
+            "that kept its MTP head."
+        )
+    return layers
 
 
 class ErnieMTPLayer(nn.Module):
@@ -88,11 +93,7 @@ class ErnieMTPModel(nn.Module):
         super().__init__()
         config = vllm_config.model_config.hf_config
         set_default_rope_theta(config, default_theta=ROPE_THETA_DEFAULT)
-        self.num_mtp_layers = getattr(config, "num_nextn_predict_layers", 0) or 0
-        if self.num_mtp_layers < 1:
-            raise MTPHeadError(
-                no_mtp_head_message(vllm_config.model_config.model, self.num_mtp_layers)
-            )
+        self.num_mtp_layers = mtp_layer_count(config, vllm_config.model_config.model)
         # After the main model's layers: vLLM binds KV caches by the layer index in the name.
         self.first_layer = config.num_hidden_layers
         self.layers = nn.ModuleDict(
