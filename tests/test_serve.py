@@ -34,12 +34,17 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(checkpoint, tmp_path_factory):
+def adapter(checkpoint, tmp_path_factory):
+    """The LoRA adapter the server serves as LORA_NAME."""
+    path = checkpoint("tiny-21b", "bfloat16")
+    return write_adapter(path, tmp_path_factory.mktemp("adapter"), DENSE_MODULES)
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, adapter, tmp_path_factory):
     path = checkpoint("tiny-21b", "bfloat16")
     port = free_port()
-    root = tmp_path_factory.mktemp("serve")
-    log = (root / "server.log").open("w")
-    adapter = write_adapter(path, root / LORA_NAME, DENSE_MODULES)
+    log = (tmp_path_factory.mktemp("serve") / "server.log").open("w")
     process = subprocess.Popen(
         [
             str(VLLM_CLI),
@@ -176,13 +181,12 @@ def served_greedy(
     return generations
 
 
-def test_a_lora_module_is_served_by_its_name(server, tmp_path):
+def test_a_lora_module_is_served_by_its_name(server, adapter):
     """``--lora-modules NAME=PATH``: requests naming the adapter get transformers' output with the
     adapter merged into the weights; the base model's differs."""
     path, _, client = server
     assert LORA_NAME in {m.id for m in client.models.list()}
     prompts = prompt_token_ids(path)
-    adapter = write_adapter(path, tmp_path / LORA_NAME, DENSE_MODULES)  # the same, rebuilt
     reference = transformers_greedy(path, "bfloat16", 8, 5, prepare=merged(adapter))
     with_adapter = served_greedy(client, LORA_NAME, prompts, 8)
     check_logprobs_close(reference, with_adapter)

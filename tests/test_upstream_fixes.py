@@ -53,6 +53,16 @@ def run_upstream_test(test: str, module: str, patched: Path | None, ascend: Path
     )
 
 
+def fails_before_passes_after(test: str, module: str, patched: Path, ascend: Path | None):
+    """The upstream test fails on the unpatched source and passes on the patched one; the
+    failing run, for further checks."""
+    before = run_upstream_test(test, module, None, ascend)
+    assert before.returncode == 1, before.stdout[-2000:] + before.stderr[-2000:]
+    after = run_upstream_test(test, module, patched, ascend)
+    assert after.returncode == 0, after.stdout[-3000:] + after.stderr[-2000:]
+    return before
+
+
 def test_vllm_cpu_router_fix(tmp_path):
     if compat.cpu_router_class() is None:
         pytest.skip("this vLLM routes on CPU in cpu_fused_moe (0.27): the fix targets 0.32+")
@@ -63,10 +73,7 @@ def test_vllm_cpu_router_fix(tmp_path):
     patched = apply_diff(
         UPSTREAM / "cpu-router-bias.diff", Path(vllm.__file__).parent.parent, relative, tmp_path
     )
-    before = run_upstream_test("test_cpu_router_bias.py", module, None, None)
-    assert before.returncode == 1, before.stdout[-2000:]  # the bug: the bias test fails
-    after = run_upstream_test("test_cpu_router_bias.py", module, patched, None)
-    assert after.returncode == 0, after.stdout[-3000:] + after.stderr[-2000:]
+    fails_before_passes_after("test_cpu_router_bias.py", module, patched, None)
 
 
 def test_vllm_ascend_grouped_topk_router_fix(tmp_path):
@@ -78,11 +85,7 @@ def test_vllm_ascend_grouped_topk_router_fix(tmp_path):
     patched = apply_diff(
         UPSTREAM / "ascend-grouped-topk-router-bias.diff", source, relative, tmp_path
     )
-    test = "test_grouped_topk_router_bias.py"
-    before = run_upstream_test(test, module, None, source)
-    assert before.returncode == 1, before.stdout[-2000:] + before.stderr[-2000:]
-    after = run_upstream_test(test, module, patched, source)
-    assert after.returncode == 0, after.stdout[-3000:] + after.stderr[-2000:]
+    fails_before_passes_after("test_grouped_topk_router_bias.py", module, patched, source)
 
 
 def test_vllm_ernie_mtp_fix(tmp_path):
@@ -96,9 +99,5 @@ def test_vllm_ernie_mtp_fix(tmp_path):
         )
     except subprocess.CalledProcessError:
         pytest.skip(f"the diff is against vLLM 0.32/0.33's {relative}, not {vllm.__version__}'s")
-    test = "test_ernie_mtp_reference.py"
-    before = run_upstream_test(test, module, None, None)
-    assert before.returncode == 1, before.stdout[-2000:] + before.stderr[-2000:]
+    before = fails_before_passes_after("test_ernie_mtp_reference.py", module, patched, None)
     assert "3 failed" in before.stdout, before.stdout[-2000:]  # each departure shows
-    after = run_upstream_test(test, module, patched, None)
-    assert after.returncode == 0, after.stdout[-3000:] + after.stderr[-2000:]
