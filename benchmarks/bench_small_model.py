@@ -7,19 +7,20 @@ own process, rounds interleaved in one run:
 - W8A8 accuracy: held-out perplexity of the bf16 model, its W8A8_DYNAMIC quantization
   (``vllm-ernie-moe-quantize``), and W8A8 with the int8 lm_head.
 
-    python benchmarks/bench_small_model.py --model DIR [--rounds 2] [--json out.json]
+    python benchmarks/bench_small_model.py [--model DIR] [--rounds 2] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
-import tempfile
+import shutil
 import time
 from pathlib import Path
+
+from bench_engines import REPO, run_child
+
+from vllm_ernie_moe.small_model import SMALL_MODEL_DIR
 
 SPECULATIVE = {"method": "ernie_mtp", "num_speculative_tokens": 1}
 #: MTP case -> (speculative config, environment), fp32
@@ -114,24 +115,6 @@ def counters(llm) -> dict[str, int]:
     return values
 
 
-def run(model: str, case: str, environment: dict[str, str]) -> dict:
-    env = dict(os.environ, **environment)
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-    with tempfile.TemporaryDirectory() as scratch:
-        out = Path(scratch) / "result.json"
-        done = subprocess.run(
-            [sys.executable, __file__, "--model", model, "--worker", case, "--json", str(out)],
-            env=env,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if done.returncode != 0:
-            sys.exit(f"{case} failed:\n{done.stderr[-3000:]}")
-        return json.loads(out.read_text())
-
-
 def mtp_table(rounds: list[dict]) -> list[str]:
     lines = [
         "| round | drafter | drafts accepted | tokens per step | tok/s (bs=1) | vs no-spec |",
@@ -166,31 +149,37 @@ def ppl_table(results: dict) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, type=Path)
+    parser.add_argument("--model", type=Path, default=SMALL_MODEL_DIR)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--cache", type=Path, default=REPO / "benchmarks" / "out" / "small-model")
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--worker", choices=[*MTP_CASES, "perplexity"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--child", nargs=3, metavar=("TASK", "CHECKPOINT", "OUT"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args(argv)
-    if args.worker:  # one engine; its result to --json
-        model = str(args.model)
-        result = (
-            perplexity_worker(model)
-            if args.worker == "perplexity"
-            else mtp_worker(model, args.worker)
-        )
-        args.json.write_text(json.dumps(result))
+    if args.child:  # one engine in this process; its result to OUT
+        task, model, out = args.child
+        result = perplexity_worker(model) if task == "perplexity" else mtp_worker(model, task)
+        Path(out).write_text(json.dumps(result))
         return
     from vllm_ernie_moe.quantize import quantize_checkpoint
 
-    model = args.model.resolve()
-    scratch = tempfile.TemporaryDirectory()
-    w8a8 = quantize_checkpoint(model, Path(scratch.name) / "w8a8")
+    model, cache = args.model.resolve(), args.cache
+    cache.mkdir(parents=True, exist_ok=True)
+    w8a8 = cache / "w8a8"
+    shutil.rmtree(w8a8, ignore_errors=True)  # made anew: the model may have changed
+    quantize_checkpoint(model, w8a8)
     rounds = [
-        {case: run(str(model), case, env) for case, (_, env) in MTP_CASES.items()}
-        for _ in range(args.rounds)
+        {
+            case: run_child(__file__, case, model, cache / f"{case}-{i}.json", env)
+            for case, (_, env) in MTP_CASES.items()
+        }
+        for i in range(args.rounds)
     ]
     perplexity = {
-        case: run(str(w8a8 if quant else model), "perplexity", env)
+        case: run_child(
+            __file__, "perplexity", w8a8 if quant else model, cache / f"ppl-{case}.json", env
+        )
         for case, (quant, env) in PPL_CASES.items()
     }
     print("\n".join(mtp_table(rounds) + [""] + ppl_table(perplexity)))
