@@ -1,13 +1,10 @@
 """The real ``vllm serve`` CLI on a tiny checkpoint, driven with the openai client over loopback."""
 
 import asyncio
-import os
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
+import json
+import re
 
+import jsonschema
 import openai
 import pytest
 import requests
@@ -21,16 +18,32 @@ from reference import (
 from transformers import AutoTokenizer
 
 from vllm_ernie_moe.chat import CHAT_TEMPLATE_PATH
+from vllm_ernie_moe.served import vllm_serve
 
-VLLM_CLI = Path(sys.executable).with_name("vllm")
 MAX_MODEL_LEN = 256
 LORA_NAME = "tiny-lora"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# Random weights put any whitespace the JSON grammar allows between tokens, up to max_tokens.
+STRUCTURED_OUTPUTS = {"backend": "xgrammar", "disable_any_whitespace": True}
+# Every string in the schemas has a pattern: xgrammar's JSON strings admit raw control characters
+# (random weights draw them), which strict JSON parsers refuse (docs/workflows.md).
+ANSWER_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "answer": {"enum": ["yes", "no"]},
+        "confidence": {"type": "integer", "minimum": 0, "maximum": 100},
+        "reason": {"type": "string", "pattern": "^[a-z ]{1,12}$"},
+    },
+    "required": ["answer", "confidence", "reason"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    {"type": "function", "function": {"name": name, "parameters": {
+        "type": "object", "properties": {arg: {"enum": values}}, "required": [arg],
+        "additionalProperties": False}}}
+    for name, arg, values in [("get_weather", "city", ["Paris", "Rome"]),
+                              ("get_time", "zone", ["UTC", "CET"])]
+]  # fmt: skip
+QUESTION = [{"role": "user", "content": "is the sky blue?"}]
 
 
 @pytest.fixture(scope="module")
@@ -43,48 +56,18 @@ def adapter(checkpoint, tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(checkpoint, adapter, tmp_path_factory):
     path = checkpoint("tiny-21b", "bfloat16")
-    port = free_port()
-    log = (tmp_path_factory.mktemp("serve") / "server.log").open("w")
-    process = subprocess.Popen(
-        [
-            str(VLLM_CLI),
-            "serve",
-            str(path),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--max-model-len",
-            str(MAX_MODEL_LEN),
-            "--enforce-eager",
-            "--max-num-seqs",
-            "32",
-            "--trust-request-chat-template",
-            "--enable-lora",
-            "--max-lora-rank",
-            "8",
-            "--lora-modules",
-            f"{LORA_NAME}={adapter}",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=dict(os.environ),
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        assert process.poll() is None, f"vllm serve exited; see {log.name}"
-        try:
-            if requests.get(f"{base}/health", timeout=2).status_code == 200:
-                break
-        except requests.ConnectionError:
-            pass
-        time.sleep(1)
-    else:
-        pytest.fail(f"vllm serve did not become healthy; see {log.name}")
-    yield path, base, openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
-    process.terminate()
-    process.wait(timeout=60)
+    args = ["--max-model-len", str(MAX_MODEL_LEN), "--enforce-eager", "--max-num-seqs", "32",
+            "--trust-request-chat-template", "--enable-lora", "--max-lora-rank", "8",
+            "--lora-modules", f"{LORA_NAME}={adapter}",
+            "--tool-call-parser", "ernie45", "--enable-auto-tool-choice",
+            "--structured-outputs-config", json.dumps(STRUCTURED_OUTPUTS)]  # fmt: skip
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    with vllm_serve(path, *args, log=log) as served:
+        yield (
+            path,
+            served.base_url,
+            openai.OpenAI(base_url=f"{served.base_url}/v1", api_key="none", max_retries=0),
+        )
 
 
 def test_chat_uses_the_official_template_when_the_tokenizer_has_none(server):
@@ -132,7 +115,9 @@ def test_32_concurrent_requests_are_all_answered(server):
         return await asyncio.gather(
             *(
                 client.completions.create(
-                    model=str(path), prompt=f"Question {i}:", max_tokens=16,
+                    model=str(path),
+                    prompt=f"Question {i}:",
+                    max_tokens=16,
                     extra_body={"ignore_eos": True},  # sampled: a random model may draw EOS
                 )
                 for i in range(32)
@@ -196,3 +181,65 @@ def test_a_lora_module_is_served_by_its_name(server, adapter):
     check_logprobs_close(reference, with_adapter)
     without = served_greedy(client, str(path), prompts, 8)
     assert any(a.token_ids != b.token_ids for a, b in zip(with_adapter, without))
+
+
+def sampled_chat(client, model: str, n: int, **request) -> list:
+    """``n`` sampled replies (temperature 1, a seed each): a constraint must hold every time."""
+    return [
+        client.chat.completions.create(
+            model=model, messages=QUESTION, temperature=1, seed=seed, **request
+        ).choices[0]
+        for seed in range(n)
+    ]
+
+
+def test_json_schema_replies_are_valid_json_matching_the_schema(server):
+    path, _, client = server
+    schema = {"type": "json_schema", "json_schema": {"name": "a", "schema": ANSWER_SCHEMA}}
+    for choice in sampled_chat(client, str(path), 8, max_tokens=64, response_format=schema):
+        assert choice.finish_reason == "stop"
+        jsonschema.validate(json.loads(choice.message.content), ANSWER_SCHEMA)
+
+
+def test_regex_and_choice_constrain_the_reply(server):
+    path, _, client = server
+    pattern = r"\d{3}-[a-z]{2,4}"
+    for choice in sampled_chat(client, str(path), 4, max_tokens=16,
+                               extra_body={"structured_outputs": {"regex": pattern}}):  # fmt: skip
+        assert re.fullmatch(pattern, choice.message.content)
+    options = ["yes", "no", "maybe"]
+    for choice in sampled_chat(client, str(path), 4, max_tokens=16,
+                               extra_body={"structured_outputs": {"choice": options}}):  # fmt: skip
+        assert choice.message.content in options
+
+
+def arguments(call, tool_name: str) -> dict:
+    """The call's arguments, checked against the parameters of the tool it names."""
+    assert call.type == "function" and call.function.name == tool_name
+    (parameters,) = [
+        t["function"]["parameters"] for t in TOOLS if t["function"]["name"] == tool_name
+    ]
+    args = json.loads(call.function.arguments)
+    jsonschema.validate(args, parameters)
+    return args
+
+
+def test_a_named_tool_is_called_with_valid_arguments(server):
+    path, _, client = server
+    named = {"type": "function", "function": {"name": "get_time"}}
+    for choice in sampled_chat(client, str(path), 4, max_tokens=32, tools=TOOLS, tool_choice=named):
+        (call,) = choice.message.tool_calls
+        arguments(call, "get_time")
+
+
+def test_tool_choice_required_calls_a_tool(server):
+    """``required``'s grammar is an unbounded array of calls; a logit bias on the tokens holding
+    ``]`` closes it after the first call (random weights would add calls up to max_tokens)."""
+    path, _, client = server
+    vocab = AutoTokenizer.from_pretrained(str(path)).get_vocab()
+    close = {str(i): 100 for token, i in vocab.items() if "]" in token}
+    for choice in sampled_chat(client, str(path), 4, max_tokens=64, tools=TOOLS,
+                               tool_choice="required", logit_bias=close):  # fmt: skip
+        assert choice.finish_reason == "tool_calls"
+        (call,) = choice.message.tool_calls
+        arguments(call, call.function.name)
