@@ -19,6 +19,7 @@ from transformers import AutoTokenizer
 
 from vllm_ernie_moe.chat import CHAT_TEMPLATE_PATH
 from vllm_ernie_moe.served import vllm_serve
+from vllm_ernie_moe.soak import soak
 
 MAX_MODEL_LEN = 256
 LORA_NAME = "tiny-lora"
@@ -63,15 +64,12 @@ def server(checkpoint, adapter, tmp_path_factory):
             "--structured-outputs-config", json.dumps(STRUCTURED_OUTPUTS)]  # fmt: skip
     log = tmp_path_factory.mktemp("serve") / "server.log"
     with vllm_serve(path, *args, log=log) as served:
-        yield (
-            path,
-            served.base_url,
-            openai.OpenAI(base_url=f"{served.base_url}/v1", api_key="none", max_retries=0),
-        )
+        client = openai.OpenAI(base_url=f"{served.base_url}/v1", api_key="none", max_retries=0)
+        yield path, served.base_url, client, served.pid
 
 
 def test_chat_uses_the_official_template_when_the_tokenizer_has_none(server):
-    path, _, client = server
+    path, _, client, _ = server
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     assert not tokenizer.chat_template
     messages = [{"role": "user", "content": "hello"}]
@@ -87,7 +85,7 @@ def test_chat_uses_the_official_template_when_the_tokenizer_has_none(server):
 
 
 def test_an_explicit_chat_template_wins(server):
-    path, _, client = server
+    path, _, client, _ = server
     reply = client.chat.completions.create(
         model=str(path),
         messages=[{"role": "user", "content": "hello"}],
@@ -99,7 +97,7 @@ def test_an_explicit_chat_template_wins(server):
 
 
 def test_completion_and_streaming(server):
-    path, _, client = server
+    path, _, client, _ = server
     request = dict(model=str(path), prompt="Deep learning is", max_tokens=8, temperature=0)
     reply = client.completions.create(**request)
     assert reply.usage.completion_tokens == 8
@@ -108,7 +106,7 @@ def test_completion_and_streaming(server):
 
 
 def test_32_concurrent_requests_are_all_answered(server):
-    path, base, _ = server
+    path, base, _, _ = server
 
     async def all_requests():
         client = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
@@ -131,7 +129,7 @@ def test_32_concurrent_requests_are_all_answered(server):
 
 
 def test_bad_requests_get_http_errors_and_the_server_stays_up(server):
-    path, base, client = server
+    path, base, client, _ = server
     with pytest.raises(openai.BadRequestError):
         client.completions.create(
             model=str(path), prompt="word " * (MAX_MODEL_LEN * 2), max_tokens=4
@@ -173,7 +171,7 @@ def served_greedy(
 def test_a_lora_module_is_served_by_its_name(server, adapter):
     """``--lora-modules NAME=PATH``: requests naming the adapter get transformers' output with the
     adapter merged into the weights; the base model's differs."""
-    path, _, client = server
+    path, _, client, _ = server
     assert LORA_NAME in {m.id for m in client.models.list()}
     prompts = prompt_token_ids(path)
     reference = transformers_greedy(path, "bfloat16", 8, 5, prepare=merged(adapter))
@@ -194,7 +192,7 @@ def sampled_chat(client, model: str, n: int, **request) -> list:
 
 
 def test_json_schema_replies_are_valid_json_matching_the_schema(server):
-    path, _, client = server
+    path, _, client, _ = server
     schema = {"type": "json_schema", "json_schema": {"name": "a", "schema": ANSWER_SCHEMA}}
     for choice in sampled_chat(client, str(path), 8, max_tokens=64, response_format=schema):
         assert choice.finish_reason == "stop"
@@ -202,7 +200,7 @@ def test_json_schema_replies_are_valid_json_matching_the_schema(server):
 
 
 def test_regex_and_choice_constrain_the_reply(server):
-    path, _, client = server
+    path, _, client, _ = server
     pattern = r"\d{3}-[a-z]{2,4}"
     for choice in sampled_chat(client, str(path), 4, max_tokens=16,
                                extra_body={"structured_outputs": {"regex": pattern}}):  # fmt: skip
@@ -225,7 +223,7 @@ def arguments(call, tool_name: str) -> dict:
 
 
 def test_a_named_tool_is_called_with_valid_arguments(server):
-    path, _, client = server
+    path, _, client, _ = server
     named = {"type": "function", "function": {"name": "get_time"}}
     for choice in sampled_chat(client, str(path), 4, max_tokens=32, tools=TOOLS, tool_choice=named):
         (call,) = choice.message.tool_calls
@@ -235,7 +233,7 @@ def test_a_named_tool_is_called_with_valid_arguments(server):
 def test_tool_choice_required_calls_a_tool(server):
     """``required``'s grammar is an unbounded array of calls; a logit bias on the tokens holding
     ``]`` closes it after the first call (random weights would add calls up to max_tokens)."""
-    path, _, client = server
+    path, _, client, _ = server
     vocab = AutoTokenizer.from_pretrained(str(path)).get_vocab()
     close = {str(i): 100 for token, i in vocab.items() if "]" in token}
     for choice in sampled_chat(client, str(path), 4, max_tokens=64, tools=TOOLS,
@@ -243,3 +241,15 @@ def test_tool_choice_required_calls_a_tool(server):
         assert choice.finish_reason == "tool_calls"
         (call,) = choice.message.tool_calls
         arguments(call, call.function.name)
+
+
+def test_a_short_soak_under_faults(server):
+    """CI's cut of ``python -m vllm_ernie_moe.soak`` (docs/benchmarks.md has the full run): every
+    valid request answered in full, every bad one a 4xx with a message, memory flat."""
+    path, base, _, pid = server
+    result = soak(base, str(path), requests=400, seconds=120, max_model_len=MAX_MODEL_LEN,
+                  lora=LORA_NAME, pid=pid)  # fmt: skip
+    assert result["failures"] == []
+    assert result["requests"] == 400 and result["healthy_after"]
+    assert all(row["sent"] == row["as_expected"] for row in result["by_kind"].values())
+    assert result["rss_mib_after"] < 1.1 * result["rss_mib_after_warmup"]
