@@ -26,7 +26,9 @@ $(STAMP): setup.py
 	$(PY) -m vllm_ernie_moe.cpu_setup
 	touch $(STAMP)
 
-.PHONY: install demo test vllm-wheels
+LM_EVAL_VENV := .venv-lm-eval
+
+.PHONY: install demo test vllm-wheels lm-eval
 install: $(STAMP)
 
 demo: $(STAMP)
@@ -39,3 +41,12 @@ test: $(STAMP)
 vllm-wheels:
 	@ls $(WHEELS)/vllm-$(NEWEST_VLLM)-*.whl >/dev/null 2>&1 || \
 		python3 -m pip download -q --no-deps -d $(WHEELS) "vllm==$(NEWEST_VLLM)"
+
+# lm-eval's own venv (its pins are not vLLM's): it talks to vllm serve over HTTP.
+$(LM_EVAL_VENV)/.installed:
+	python3 -m venv $(LM_EVAL_VENV)
+	$(LM_EVAL_VENV)/bin/pip install -q "lm-eval[api]==0.4.13" transformers "torch==2.13.0"
+	touch $@
+
+lm-eval: $(STAMP) $(LM_EVAL_VENV)/.installed
+	$(PY) benchmarks/lm_eval_boolq.py --lm-eval-python $(LM_EVAL_VENV)/bin/python

@@ -8,7 +8,15 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from vllm_ernie_moe.precision import answer_token_ids, read_boolq
+from vllm_ernie_moe.precision import (
+    BOOLQ_TASK,
+    answer_token_ids,
+    boolq_prompt,
+    lm_eval_command,
+    parse_args,
+    read_boolq,
+    write_boolq_task,
+)
 
 BOOLQ = Path(__file__).parent / "fixtures" / "boolq_small.jsonl"
 
@@ -66,3 +74,33 @@ def test_lm_eval_mode_explains_a_missing_install():
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode != 0 and "pip install 'lm-eval'" in done.stderr
+
+
+def test_the_lm_eval_boolq_task_renders_mindies_prompt_and_answer(tmp_path):
+    """The task YAML rendered as lm-eval renders it (Jinja): the same prompt as the BoolQ mode and
+    the answer's choice index. ``make lm-eval`` runs lm-eval itself against vllm serve."""
+    import jinja2
+
+    write_boolq_task(BOOLQ, tmp_path)
+    task = json.loads((tmp_path / f"{BOOLQ_TASK}.yaml").read_text())  # JSON is YAML
+    assert task["dataset_kwargs"]["data_files"]["test"] == str(BOOLQ.resolve())
+    records = [json.loads(line) for line in BOOLQ.read_text().splitlines() if line.strip()]
+    assert {r["answer"] for r in records} == {True, False}
+    for record in records:
+        text = jinja2.Template(task["doc_to_text"]).render(**record)
+        assert text == boolq_prompt(record)
+        target = int(jinja2.Template(task["doc_to_target"]).render(**record))
+        assert task["doc_to_choice"][target] == ("yes" if record["answer"] else "no")
+
+
+def test_lm_eval_against_a_server_uses_local_completions(tmp_path):
+    args, extra = parse_args(["lm-eval", "--model", "M", "--url", "http://127.0.0.1:9/",
+                              "--boolq", str(BOOLQ), "--limit", "4"])  # fmt: skip
+    command = lm_eval_command(args, extra, tmp_path)
+    assert command[command.index("--model") + 1] == "local-completions"
+    model_args = dict(kv.split("=") for kv in command[command.index("--model_args") + 1].split(","))
+    assert model_args == {"model": "M", "base_url": "http://127.0.0.1:9/v1/completions",
+                          "tokenizer": "M", "tokenized_requests": "False"}  # fmt: skip
+    assert command[command.index("--tasks") + 1] == BOOLQ_TASK
+    assert command[command.index("--include_path") + 1] == str(tmp_path)
+    assert command[-2:] == ["--limit", "4"]

@@ -2,18 +2,25 @@
 
     python -m vllm_ernie_moe.precision boolq --model M --data boolq_dir_or.jsonl [--tp 2]
     python -m vllm_ernie_moe.precision lm-eval --model M --tasks gsm8k,ceval-valid [--tp 2]
+    python -m vllm_ernie_moe.precision lm-eval --model M --url http://127.0.0.1:8000 \
+        [--boolq data.jsonl] [--tasks ...] [--lm-eval-python OTHER_VENV/bin/python]
 
 BoolQ (MindIE ``modeltest full_BoolQ``): each JSONL line has ``question``, ``passage``, ``title``
 and ``answer`` (true/false). The prompt is
 ``"{title} -- {passage}\\nQuestion: {question}?\\nAnswer:"``; one forward step; the answer is
 " yes" when its log-probability at the last position beats " no"'s (the token ids are the last
 tokens of ": yes" / ": no", encoded without special tokens). Accuracy per file and in total.
+
+lm-eval runs in-process on vLLM (``--model vllm``), or with ``--url`` against a running
+``vllm serve`` (``--model local-completions``, so lm-eval may live in a venv of its own).
+``--boolq FILE`` adds the same BoolQ protocol as the lm-eval task ``boolq_mindie``.
 """
 
 import argparse
 import json
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,29 +114,63 @@ def run_boolq(args: argparse.Namespace) -> dict:
     return {"files": results, "total": total}
 
 
-def lm_eval_command(args: argparse.Namespace, extra: list[str]) -> list[str]:
-    model_args = (
-        f"pretrained={args.model},tensor_parallel_size={args.tp},dtype={args.dtype},"
-        f"max_model_len={args.max_model_len},trust_remote_code={args.trust_remote_code}"
-    ) + (f",quantization={args.quantization}" if args.quantization else "")
-    return [
-        sys.executable, "-m", "lm_eval", "--model", "vllm", "--model_args", model_args,
-        "--tasks", args.tasks, "--batch_size", "auto", *extra,
-    ]  # fmt: skip
+BOOLQ_TASK = "boolq_mindie"
+
+
+def write_boolq_task(data: Path, include_dir: Path) -> None:
+    """An lm-eval task for a BoolQ JSONL with MindIE's prompt: a choice between " yes" and " no"
+    after the prompt (lm-eval's loglikelihood of each continuation, acc = the likelier one)."""
+    task = {
+        "task": BOOLQ_TASK,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(data.resolve())}},
+        "test_split": "test",
+        "output_type": "multiple_choice",
+        "doc_to_text": "{{title}} -- {{passage}}\nQuestion: {{question}}?\nAnswer:",
+        "doc_to_choice": ["yes", "no"],
+        "doc_to_target": "{{ 0 if answer | string | lower == 'true' else 1 }}",
+        "metric_list": [{"metric": "acc"}],
+    }
+    # JSON is YAML: no YAML writer needed.
+    (include_dir / f"{BOOLQ_TASK}.yaml").write_text(json.dumps(task, indent=2))
+
+
+def lm_eval_command(args: argparse.Namespace, extra: list[str], include_dir: Path) -> list[str]:
+    if args.url:
+        model_args = (
+            f"model={args.model},base_url={args.url.rstrip('/')}/v1/completions,"
+            f"tokenizer={args.model},tokenized_requests=False"
+        )
+        backend = ["--model", "local-completions", "--model_args", model_args]
+    else:
+        model_args = (
+            f"pretrained={args.model},tensor_parallel_size={args.tp},dtype={args.dtype},"
+            f"max_model_len={args.max_model_len},trust_remote_code={args.trust_remote_code}"
+        ) + (f",quantization={args.quantization}" if args.quantization else "")
+        backend = ["--model", "vllm", "--model_args", model_args, "--batch_size", "auto"]
+    tasks = ",".join(filter(None, [args.tasks, BOOLQ_TASK if args.boolq else None]))
+    include = ["--include_path", str(include_dir)] if args.boolq else []
+    return [args.lm_eval_python, "-m", "lm_eval", *backend, "--tasks", tasks, *include, *extra]
 
 
 def run_lm_eval(args: argparse.Namespace, extra: list[str]) -> int:
-    import importlib.util
-
-    if importlib.util.find_spec("lm_eval") is None:
+    found = subprocess.run(
+        [args.lm_eval_python, "-c", "import lm_eval"], capture_output=True
+    ).returncode == 0  # fmt: skip
+    if not found:
+        where = "this environment" if args.lm_eval_python == sys.executable else args.lm_eval_python
         raise SystemExit(
-            "lm-eval is not installed: pip install 'lm-eval' (its vLLM backend uses this "
-            "environment's vLLM and the plugin), then run this command again."
+            f"lm-eval is not installed in {where}: pip install 'lm-eval' (in-process it uses "
+            "this environment's vLLM and the plugin; with --url, pip install 'lm-eval[api]' "
+            "anywhere and pass --lm-eval-python), then run this command again."
         )
     envs.use_all_cpu_cores()
-    command = lm_eval_command(args, extra)
-    print(" ".join(command), flush=True)
-    return subprocess.call(command)
+    with tempfile.TemporaryDirectory(prefix="lm-eval-tasks-") as include_dir:
+        if args.boolq:
+            write_boolq_task(Path(args.boolq), Path(include_dir))
+        command = lm_eval_command(args, extra, Path(include_dir))
+        print(" ".join(command), flush=True)
+        return subprocess.call(command)
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -146,12 +187,20 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         add_engine_arguments(mode)
     sub.choices["boolq"].add_argument("--data", required=True, help="a .jsonl file or a folder")
     sub.choices["boolq"].add_argument("--json", help="also write the results here")
-    sub.choices["lm-eval"].add_argument(
-        "--tasks", required=True, help="e.g. gsm8k,ceval-valid,mmlu"
+    lm_eval = sub.choices["lm-eval"]
+    lm_eval.add_argument("--tasks", default="", help="e.g. gsm8k,ceval-valid,mmlu")
+    lm_eval.add_argument("--boolq", help=f"a BoolQ .jsonl to evaluate as the task {BOOLQ_TASK}")
+    lm_eval.add_argument("--url", help="a running vllm serve (http://HOST:PORT): local-completions")
+    lm_eval.add_argument(
+        "--lm-eval-python", default=sys.executable, help="the Python that has lm-eval installed"
     )
     args, extra = parser.parse_known_args(argv)
     if args.mode == "boolq" and extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.mode == "lm-eval" and not (args.tasks or args.boolq):
+        parser.error("lm-eval needs --tasks, --boolq or both")
+    if args.mode == "lm-eval" and args.boolq and not Path(args.boolq).is_file():
+        parser.error(f"--boolq {args.boolq} is not a file")
     check_engine_arguments(parser, args)
     if args.mode == "boolq" and not Path(args.data).exists():
         parser.error(f"--data {args.data} does not exist")

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import requests
 
+from vllm_ernie_moe import envs
+
 VLLM_CLI = Path(sys.executable).with_name("vllm")
 
 
@@ -37,7 +39,9 @@ def vllm_serve(
     model: str | os.PathLike, *args: str, log: Path, start_timeout: float = 300
 ) -> Iterator[Server]:
     """Start ``vllm serve MODEL ARGS`` on a free loopback port, wait for /health, stop it after.
-    Its output goes to ``log``; a server that exits or never gets healthy raises, naming the log."""
+    Its output goes to ``log``; a server that exits or never gets healthy raises, naming the log.
+    On CPU it computes on every core with a small KV cache unless the environment says otherwise."""
+    envs.use_all_cpu_cores()
     port = free_port()
     with log.open("w") as out:
         process = subprocess.Popen(

@@ -253,11 +253,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vllm_ernie_moe import envs
     from vllm_ernie_moe.served import vllm_serve
 
     args = parse_args(argv)
-    envs.use_all_cpu_cores()
     if args.url:
         server = nullcontext(None)
     else:
