@@ -15,10 +15,9 @@ from pathlib import Path
 
 from vllm_ernie_moe.random_checkpoint import (
     _TOKENIZER_TEXT,
-    BEGIN_OF_SENTENCE,
-    END_OF_SENTENCE,
     SPECIAL_TOKENS,
     build_checkpoint,
+    ernie_tokenizer,
 )
 
 THINK, END_THINK = "<think>", "</think>"
@@ -54,7 +53,6 @@ def build_thinking_tokenizer(out_dir: Path):
     newlines (so that ``\\n`` is always ``<0x0A>``), and the Thinking tokens as added, non-special
     tokens (they stay in the decoded text, where the parsers look for them)."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     spaces = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=False)
     trainer_tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -75,14 +73,7 @@ def build_thinking_tokenizer(out_dir: Path):
     )
     tokenizer.add_special_tokens(SPECIAL_TOKENS)
     tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINKING_TOKENS])
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        unk_token="<unk>",
-        pad_token="<unk>",
-        bos_token=BEGIN_OF_SENTENCE,
-        eos_token=END_OF_SENTENCE,
-        chat_template=THINKING_CHAT_TEMPLATE,
-    )
+    fast = ernie_tokenizer(tokenizer, chat_template=THINKING_CHAT_TEMPLATE)
     assert len(fast) <= VOCAB_SIZE, len(fast)
     fast.save_pretrained(str(out_dir))
     return fast

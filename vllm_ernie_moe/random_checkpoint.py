@@ -127,7 +127,6 @@ def build_tokenizer(
     """Train a byte-level BPE tokenizer on ``texts`` (default: the embedded text) and save it in
     HF format."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -139,17 +138,23 @@ def build_tokenizer(
         show_progress=False,
     )
     tokenizer.train_from_iterator(texts or [_TOKENIZER_TEXT] * 4, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
+    fast = ernie_tokenizer(tokenizer, cls_token=BEGIN_OF_SENTENCE, sep_token=END_OF_SENTENCE)
+    fast.save_pretrained(str(out_dir))
+    return fast
+
+
+def ernie_tokenizer(tokenizer, **fields: Any):
+    """A ``tokenizers.Tokenizer`` as a transformers tokenizer with ERNIE's special tokens."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         unk_token="<unk>",
         pad_token="<unk>",
         bos_token=BEGIN_OF_SENTENCE,
         eos_token=END_OF_SENTENCE,
-        cls_token=BEGIN_OF_SENTENCE,
-        sep_token=END_OF_SENTENCE,
+        **fields,
     )
-    fast.save_pretrained(str(out_dir))
-    return fast
 
 
 def build_checkpoint(

@@ -1,6 +1,6 @@
 """A soak of ``vllm serve`` under faults, on loopback, bounded in requests and time.
 
-    python -m vllm_ernie_moe.soak --model M [--requests 3000] [--minutes 10] [--json out.json]
+    python -m vllm_ernie_moe.soak --model M [--lora-adapter DIR] [--requests 3000] [--minutes 10]
     python -m vllm_ernie_moe.soak --url http://127.0.0.1:8000 --model M [--lora NAME]
 
 It mixes valid requests (completions, streamed chat, LoRA, named tool calls) with faults (clients
@@ -8,8 +8,8 @@ that drop a stream, requests aborted by a client timeout, malformed JSON, prompt
 length, invalid sampling parameters, unknown model names). Every valid request must be answered in
 full, every bad one must get a 4xx whose body says what is wrong, the server must stay healthy, and
 its memory (the API server and its engine processes) after the run is compared with after warm-up.
-Without ``--url`` it starts ``vllm serve`` itself: LoRA off, the ernie45 tool parser on, JSON
-without free whitespace (random weights fill any whitespace a grammar allows).
+Without ``--url`` it starts ``vllm serve`` itself: the ernie45 tool parser on, JSON without free
+whitespace (random weights fill any whitespace a grammar allows), LoRA on with ``--lora-adapter``.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ TOOL = {
 }
 
 
+SOAK_LORA = "soak-lora"
 COMPACT_JSON = {"backend": "xgrammar", "disable_any_whitespace": True}
 
 
@@ -240,7 +241,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--model", required=True, help="checkpoint (the served model name)")
     parser.add_argument("--url", help="a running server; default: start vllm serve on loopback")
-    parser.add_argument("--lora", help="a served LoRA module name to send requests to")
+    parser.add_argument("--lora", help="with --url: a served LoRA module to send requests to")
+    parser.add_argument("--lora-adapter", help="without --url: a PEFT adapter to serve, rank <= 16")
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--concurrency", type=int, default=16)
@@ -249,6 +251,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.requests < 1 or args.minutes <= 0 or args.concurrency < 1:
         parser.error("--requests and --concurrency must be >= 1 and --minutes > 0")
+    if args.url and args.lora_adapter:
+        parser.error("--lora-adapter is for the server the soak starts; with --url give --lora")
+    if args.lora_adapter:
+        if not Path(args.lora_adapter, "adapter_config.json").is_file():
+            parser.error(f"--lora-adapter {args.lora_adapter}: no adapter_config.json there")
+        args.lora = SOAK_LORA
     return args
 
 
@@ -263,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
                       "--max-num-seqs", str(args.concurrency), "--tool-call-parser", "ernie45",
                       "--enable-auto-tool-choice", "--structured-outputs-config",
                       json.dumps(COMPACT_JSON)]  # fmt: skip
+        if args.lora_adapter:
+            serve_args += ["--enable-lora", "--max-lora-rank", "16",
+                           "--lora-modules", f"{SOAK_LORA}={args.lora_adapter}"]  # fmt: skip
         log = Path(tempfile.mkdtemp(prefix="soak-")) / "server.log"
         server = vllm_serve(args.model, *serve_args, log=log)
     with server as served:
