@@ -28,7 +28,7 @@ $(STAMP): setup.py
 
 LM_EVAL_VENV := .venv-lm-eval
 
-.PHONY: install demo test vllm-wheels lm-eval
+.PHONY: install demo test vllm-wheels lm-eval bench-serve soak
 install: $(STAMP)
 
 demo: $(STAMP)
@@ -50,3 +50,11 @@ $(LM_EVAL_VENV)/.installed:
 
 lm-eval: $(STAMP) $(LM_EVAL_VENV)/.installed
 	$(PY) benchmarks/lm_eval_boolq.py --lm-eval-python $(LM_EVAL_VENV)/bin/python
+
+# vllm bench serve at several request rates on the 4-layer 21B geometry, and the perf tool.
+bench-serve: $(STAMP)
+	$(PY) benchmarks/bench_serve.py $(ARGS)
+
+# The soak under faults on the shipped small model with a LoRA adapter (docs/benchmarks.md).
+soak: $(STAMP)
+	$(PY) benchmarks/soak_small_model.py $(ARGS)

@@ -26,13 +26,16 @@ OUT = REPO / "benchmarks" / "out" / "serve"
 MAX_MODEL_LEN = 2048
 
 
-def bench_serve(server, tokenizer: str, rate: str, args: argparse.Namespace) -> dict:
+def bench_serve(
+    server, tokenizer: str, rate: str, args: argparse.Namespace, prompts: int | None = None
+) -> dict:
     name = f"rate-{rate}.json"
     command = [
         str(VLLM_CLI), "bench", "serve", "--backend", "vllm", "--base-url", server.base_url,
         "--model", server.model, "--tokenizer", tokenizer, "--dataset-name", "random",
         "--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len),
-        "--num-prompts", str(args.prompts), "--request-rate", rate, "--ignore-eos", "--seed", "0",
+        "--num-prompts", str(prompts or args.prompts), "--request-rate", rate, "--ignore-eos",
+        "--seed", "0",
         "--percentile-metrics", "ttft,tpot,itl,e2el", "--save-result", "--result-dir", str(OUT),
         "--result-filename", name, "--disable-tqdm",
     ]  # fmt: skip
@@ -91,6 +94,7 @@ def main() -> int:
     model = w8a8 if args.quantized else bf16
     serve_args = ["--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", "8"]
     with vllm_serve(model, *serve_args, log=OUT / "server.log", start_timeout=900) as server:
+        bench_serve(server, str(bf16), "inf", args, prompts=8)  # warm-up: compiles the shapes
         runs = {rate: bench_serve(server, str(bf16), rate, args) for rate in args.rates}
     perf = perf_tool(model, args)
     failed = sum(r.get("failed", 0) for r in runs.values())

@@ -200,9 +200,12 @@ def soak(
     lora: str | None = None,
     pid: int | None = None,
 ) -> dict:
-    """Warm up with 40 requests, then soak; ``pid`` (the API server's) to measure its memory."""
+    """Warm up with a tenth of ``requests`` (at least 40), then soak; ``pid`` (the API server's)
+    to measure its memory. The first thousands of requests raise the servers' RSS by a few percent
+    (allocator high-water marks; LoRA adds ~200 MiB over the first 6000 on the small model), then
+    it grows by ~20 MiB per 6000 requests, less each round (docs/benchmarks.md)."""
     runner = Soak(base_url, model, max_model_len, lora)
-    asyncio.run(runner.run(requests=40, seconds=120, concurrency=concurrency))
+    asyncio.run(runner.run(max(40, requests // 10), seconds / 2, concurrency))
     warm = server_rss_mib(pid) if pid else None
     runner = Soak(base_url, model, max_model_len, lora)
     seconds = asyncio.run(runner.run(requests, seconds, concurrency))
