@@ -153,7 +153,7 @@ def dequantized_checkpoint(
     int8_lm_head: bool = False,
     scale_dtype: torch.dtype = torch.float32,
 ) -> Path:
-    """A plain -PT checkpoint whose W8A8_DYNAMIC linears hold ``int8 * scale`` in fp32; with
+    """A plain -PT checkpoint whose int8 linears hold ``int8 * scale`` in fp32; with
     ``int8_lm_head`` also an untied lm_head quantized the same way (the embedding stays as is).
     ``scale_dtype``: round the scales first (vllm-ascend's A2/A3 methods keep them in bf16)."""
     import json
@@ -167,7 +167,7 @@ def dequantized_checkpoint(
     for name, tensor in tensors.items():
         if name.endswith(("_scale", "_offset")):
             continue
-        if description.get(name) == "W8A8_DYNAMIC":
+        if description.get(name) in ("W8A8_DYNAMIC", "W8A16"):
             tensor = tensor.float() * tensors[f"{name}_scale"].to(scale_dtype).float()
         plain[name] = tensor
     out_dir.mkdir(parents=True, exist_ok=True)

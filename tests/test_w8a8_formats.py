@@ -19,19 +19,24 @@ from vllm_ernie_moe.w8a8 import QuantizationFormatError, load_description, quant
 FIXTURES = Path(__file__).parent / "fixtures"
 BF16_SOURCE = FIXTURES / "ernie-tiny-bf16"
 MSMODELSLIM = FIXTURES / "ernie-tiny-w8a8-msmodelslim"
+MSMODELSLIM_W8A16 = FIXTURES / "ernie-tiny-w8a16-msmodelslim"
 
 
 def description_of(directory: Path) -> dict:
     return json.loads((directory / "quant_model_description.json").read_text())
 
 
-def test_offline_tool_reproduces_msmodelslim_bit_for_bit(tmp_path):
-    out = quantize.quantize_checkpoint(BF16_SOURCE, tmp_path / "out")
-    ours, theirs = load_tensors(out), load_tensors(MSMODELSLIM)
+@pytest.mark.parametrize(
+    "fmt,msmodelslim", [("w8a8-dynamic", MSMODELSLIM), ("w8a16", MSMODELSLIM_W8A16)]
+)
+def test_offline_tool_reproduces_msmodelslim_bit_for_bit(tmp_path, fmt, msmodelslim):
+    out = tmp_path / "out"
+    quantize.main(["--model", str(BF16_SOURCE), "--output", str(out), "--format", fmt])
+    ours, theirs = load_tensors(out), load_tensors(msmodelslim)
     assert ours.keys() == theirs.keys()
     for name, tensor in theirs.items():
         assert ours[name].dtype == tensor.dtype and torch.equal(ours[name], tensor), name
-    assert description_of(out) == description_of(MSMODELSLIM)
+    assert description_of(out) == description_of(msmodelslim)
     config = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in config
     assert (out / "tokenizer.json").read_bytes() == (BF16_SOURCE / "tokenizer.json").read_bytes()
@@ -164,7 +169,7 @@ def write_description(tmp_path: Path, **changes) -> Path:
     return path
 
 
-@pytest.mark.parametrize("label", ["W8A8", "W8A8_MIX", "W4A8_DYNAMIC", "W8A16"])
+@pytest.mark.parametrize("label", ["W8A8", "W8A8_MIX", "W4A8_DYNAMIC", "W4A16"])
 def test_unsupported_labels_are_named(tmp_path, label):
     tensor = "model.layers.1.self_attn.o_proj.weight"
     with pytest.raises(QuantizationFormatError, match=rf"'{tensor}' has label '{label}'"):
@@ -198,8 +203,18 @@ def validate(description_path: Path, tensors: dict) -> None:
     validator.check_complete()
 
 
-def test_fixture_passes_validation():
-    validate(MSMODELSLIM / "quant_model_description.json", load_tensors(MSMODELSLIM))
+@pytest.mark.parametrize("fixture", [MSMODELSLIM, MSMODELSLIM_W8A16], ids=["w8a8", "w8a16"])
+def test_fixture_passes_validation(fixture):
+    validate(fixture / "quant_model_description.json", load_tensors(fixture))
+
+
+def test_w8a16_label_on_a_float_weight_is_named(tmp_path):
+    """W8A16 promises int8 weights: a bf16 weight under that label is refused, by name."""
+    tensors = load_tensors(MSMODELSLIM_W8A16)
+    name = "model.layers.0.mlp.up_proj.weight"
+    tensors[name] = tensors[name].to(torch.bfloat16)
+    with pytest.raises(CheckpointError, match=rf"'{name}' is torch.bfloat16 but labelled W8A16"):
+        validate(MSMODELSLIM_W8A16 / "quant_model_description.json", tensors)
 
 
 def test_nonzero_weight_offset_is_rejected():

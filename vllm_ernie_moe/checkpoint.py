@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from transformers import PretrainedConfig
 
-from vllm_ernie_moe.w8a8 import W8A8_DYNAMIC, ModelSlimDescription, is_quantizable_weight
+from vllm_ernie_moe.w8a8 import INT8_WEIGHT_LABELS, ModelSlimDescription, is_quantizable_weight
 
 CORRECTION_BIAS = "mlp.moe_statics.e_score_correction_bias"
 # transformers 5 may save the bias under the router's name.
@@ -146,10 +146,10 @@ class TensorLocator:
 def add_quantized_tensors(
     shapes: dict[str, tuple[int, ...]], description: ModelSlimDescription
 ) -> dict[str, tuple[int, ...]]:
-    """Add the scale and offset [out, 1] of every linear weight labelled W8A8_DYNAMIC."""
+    """Add the scale and offset [out, 1] of every linear weight with an int8 label."""
     quantized = dict(shapes)
     for name, shape in shapes.items():
-        if is_quantizable_weight(name) and description.label(name) == W8A8_DYNAMIC:
+        if is_quantizable_weight(name) and description.label(name) in INT8_WEIGHT_LABELS:
             quantized[f"{name}_scale"] = (shape[0], 1)
             quantized[f"{name}_offset"] = (shape[0], 1)
     return quantized
@@ -247,13 +247,13 @@ class CheckpointValidator:
                 raise self._fail(
                     name,
                     "is non-zero (asymmetric weight quantization)",
-                    "W8A8_DYNAMIC is symmetric: re-quantize with symmetric weights.",
+                    "Only symmetric int8 weights are served: re-quantize with symmetric weights.",
                 )
             return
         if not is_quantizable_weight(canonical):
             return
         label = self.description.label(name)
-        if (label == W8A8_DYNAMIC) != (tensor.dtype == torch.int8):
+        if (label in INT8_WEIGHT_LABELS) != (tensor.dtype == torch.int8):
             raise self._fail(
                 name,
                 f"is {tensor.dtype} but labelled {label} in {self.description.path.name}",

@@ -1,12 +1,16 @@
-"""vLLM quantization method ``ernie-w8a8-dynamic``: msModelSlim W8A8_DYNAMIC on vLLM's int8 kernels.
+"""vLLM quantization method ``ernie-w8a8-dynamic``: msModelSlim int8 checkpoints on vLLM's kernels.
 
 Two modes, one method:
 - a checkpoint with a msModelSlim description JSON is served as it is (picked automatically, see
-  ``vllm_ernie_moe/config_hooks.py``); the description's label decides per tensor;
+  ``vllm_ernie_moe/config_hooks.py``); the description's label decides per tensor: W8A8_DYNAMIC,
+  W8A16 or FLOAT;
 - a BF16/FP16 checkpoint with ``--quantization ernie-w8a8-dynamic`` is quantized at load with
   msModelSlim's formula (``vllm_ernie_moe.w8a8.quantize_rows``): the same int8 weights and scales.
 
-Kernels are vLLM's own: oneDNN int8 scaled-mm for linear layers, ``CPUExpertsInt8`` for experts.
+Kernels are vLLM's own: oneDNN int8 scaled-mm for W8A8 linear layers, ``CPUExpertsInt8`` for W8A8
+experts. vLLM has no CPU GEMM for int8 weights with unquantized activations (its CPU WNA16 kernels
+take 4-bit weights only), so W8A16 weights are dequantized at load and run on the unquantized
+kernels: msModelSlim's weights and numbers, BF16's memory and speed.
 On Ascend NPUs vllm-ascend loads msModelSlim checkpoints itself (method ``ascend``): this method
 refuses to run there rather than shadow it.
 """
@@ -52,6 +56,7 @@ from vllm_ernie_moe.patches.patch_cpu_router import biased_softmax_topk
 from vllm_ernie_moe.w8a8 import (
     QUANTIZATION_NAME,
     W8A8_DYNAMIC,
+    W8A16,
     ModelSlimDescription,
     QuantizationFormatError,
     find_description,
@@ -68,6 +73,38 @@ def _row_amax(weight: torch.Tensor, group=None) -> torch.Tensor:
     if group is not None:
         torch.distributed.all_reduce(amax, op=torch.distributed.ReduceOp.MAX, group=group)
     return amax
+
+
+def _register_linear_scale(layer: Module, rows: int, weight_loader) -> None:
+    """``weight_scale`` [out, 1] fp32 of an int8 linear, sharded with the output rows."""
+    layer.register_parameter(
+        "weight_scale",
+        ChannelQuantScaleParameter(
+            data=torch.empty(rows, 1, dtype=torch.float32),
+            output_dim=0,
+            weight_loader=weight_loader,
+        ),
+    )
+
+
+def _register_expert_scale(layer: Module, weight_name: str, extra_weight_attrs: dict) -> None:
+    """``<weight_name>_scale`` [E, out, 1] fp32 of int8 experts, loaded per output channel."""
+    weight = getattr(layer, weight_name)
+    scale = Parameter(torch.empty(*weight.shape[:2], 1, dtype=torch.float32), requires_grad=False)
+    layer.register_parameter(f"{weight_name}_scale", scale)
+    set_weight_attrs(
+        scale,
+        {**extra_weight_attrs, "quant_method": FusedMoeWeightScaleSupported.CHANNEL.value},
+    )
+
+
+def _dequantize(layer: Module, weight_name: str, dtype: torch.dtype) -> None:
+    """Replace int8 ``weight_name`` by ``int8 * scale`` in ``dtype`` (fp32 product, then cast) and
+    drop the scale."""
+    scale_name = f"{weight_name}_scale"
+    weight = getattr(layer, weight_name).float() * getattr(layer, scale_name)
+    _set_quantized(layer, weight_name, weight.to(dtype))
+    delattr(layer, scale_name)
 
 
 def _set_quantized(layer: Module, name: str, tensor: torch.Tensor) -> None:
@@ -174,14 +211,7 @@ class ErnieW8A8LinearMethod(LinearMethodBase):
             ),
         )
         if self.prequantized:
-            layer.register_parameter(
-                "weight_scale",
-                ChannelQuantScaleParameter(
-                    data=torch.empty(rows, 1, dtype=torch.float32),
-                    output_dim=0,
-                    weight_loader=weight_loader,
-                ),
-            )
+            _register_linear_scale(layer, rows, weight_loader)
         for unused in ("input_scale", "input_zero_point", "azp_adj"):
             layer.register_parameter(unused, None)
 
@@ -247,17 +277,7 @@ class ErnieW8A8MoEMethod(FusedMoEMethodBase):
             layer.register_parameter(name, weight)
             set_weight_attrs(weight, extra_weight_attrs)
             if self.prequantized:
-                scale = Parameter(
-                    torch.empty(*shape[:2], 1, dtype=torch.float32), requires_grad=False
-                )
-                layer.register_parameter(f"{name}_scale", scale)
-                set_weight_attrs(
-                    scale,
-                    {
-                        **extra_weight_attrs,
-                        "quant_method": FusedMoeWeightScaleSupported.CHANNEL.value,
-                    },
-                )
+                _register_expert_scale(layer, name, extra_weight_attrs)
         layer.w13_input_scale = None
         layer.w2_input_scale = None
 
@@ -333,9 +353,72 @@ class ErnieW8A8MoEMethod(FusedMoEMethodBase):
         )
 
 
+@register_weight_loader_v2_supported_method
+class ErnieW8A16LinearMethod(UnquantizedLinearMethod):
+    """msModelSlim W8A16 linear: int8 per-channel weights, dequantized at load (see module doc)."""
+
+    def create_weights(
+        self,
+        layer: Module,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs,
+    ) -> None:
+        self.params_dtype = params_dtype
+        weight_loader = extra_weight_attrs["weight_loader"]
+        super().create_weights(
+            layer,
+            input_size_per_partition,
+            output_partition_sizes,
+            input_size,
+            output_size,
+            torch.int8,
+            **extra_weight_attrs,
+        )
+        _register_linear_scale(layer, sum(output_partition_sizes), weight_loader)
+
+    def process_weights_after_loading(self, layer: Module) -> None:
+        _dequantize(layer, "weight", self.params_dtype)
+        super().process_weights_after_loading(layer)
+
+
+class ErnieW8A16MoEMethod(UnquantizedFusedMoEMethod):
+    """msModelSlim W8A16 routed experts: int8 per-channel, dequantized at load (see module doc)."""
+
+    def create_weights(
+        self,
+        layer: Module,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size_per_partition: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs,
+    ) -> None:
+        self.params_dtype = params_dtype
+        super().create_weights(
+            layer,
+            num_experts,
+            hidden_size,
+            intermediate_size_per_partition,
+            torch.int8,
+            **extra_weight_attrs,
+        )
+        for name in ("w13_weight", "w2_weight"):
+            _register_expert_scale(layer, name, extra_weight_attrs)
+
+    def process_weights_after_loading(self, layer: Module) -> None:
+        for name in ("w13_weight", "w2_weight"):
+            _dequantize(layer, name, self.params_dtype)
+        super().process_weights_after_loading(layer)
+
+
 @register_quantization_config(QUANTIZATION_NAME)
 class ErnieW8A8DynamicConfig(QuantizationConfig):
-    """msModelSlim W8A8_DYNAMIC: served from its description JSON, or applied to BF16 at load."""
+    """msModelSlim W8A8_DYNAMIC and W8A16: served from the description JSON; W8A8_DYNAMIC also
+    applied to BF16 at load."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -398,11 +481,18 @@ class ErnieW8A8DynamicConfig(QuantizationConfig):
             return None  # embeddings, lm_head, attention: unquantized
         prefix = prefix.removesuffix(".routed_experts")
         prequantized = self.description is not None
-        quantized = not prequantized or (
-            self._label(self._first_checkpoint_module(layer, prefix)) == W8A8_DYNAMIC
+        label = (
+            self._label(self._first_checkpoint_module(layer, prefix))
+            if prequantized
+            else W8A8_DYNAMIC
         )
-        if isinstance(layer, RoutedExperts):
-            if quantized:
-                return ErnieW8A8MoEMethod(layer.moe_config, prequantized)
-            return UnquantizedFusedMoEMethod(layer.moe_config)
-        return ErnieW8A8LinearMethod(prequantized) if quantized else UnquantizedLinearMethod()
+        experts = isinstance(layer, RoutedExperts)
+        if label == W8A8_DYNAMIC:
+            return (
+                ErnieW8A8MoEMethod(layer.moe_config, prequantized)
+                if experts
+                else ErnieW8A8LinearMethod(prequantized)
+            )
+        if label == W8A16:
+            return ErnieW8A16MoEMethod(layer.moe_config) if experts else ErnieW8A16LinearMethod()
+        return UnquantizedFusedMoEMethod(layer.moe_config) if experts else UnquantizedLinearMethod()

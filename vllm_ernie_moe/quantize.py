@@ -1,6 +1,10 @@
-"""Quantize a BF16 ERNIE-4.5 MoE ``-PT`` checkpoint to msModelSlim's W8A8_DYNAMIC v1 format.
+"""Quantize a BF16 ERNIE-4.5 MoE ``-PT`` checkpoint to msModelSlim W8A8_DYNAMIC or W8A16 (v1).
 
-    python -m vllm_ernie_moe.quantize --model IN --output OUT      (or: vllm-ernie-moe-quantize)
+    python -m vllm_ernie_moe.quantize --model IN --output OUT [--format w8a16]
+    (or: vllm-ernie-moe-quantize)
+
+Both formats store the same int8 weights and scales (msModelSlim's per-channel symmetric minmax);
+only the labels differ, which tell the server whether to quantize activations too.
 
 The output loads in vllm-ascend (``ascend``) and in this plugin, and holds the same int8 weights and
 scales msModelSlim writes for the same input. It streams one tensor at a time, so peak memory is
@@ -23,6 +27,7 @@ from vllm_ernie_moe.checkpoint import is_mtp_tensor_name, is_paddle_tensor_name
 from vllm_ernie_moe.w8a8 import (
     FLOAT,
     W8A8_DYNAMIC,
+    W8A16,
     is_fused_expert_tensor,
     is_quantizable_weight,
     quantize_rows,
@@ -34,6 +39,8 @@ INDEX = f"{WEIGHTS_PREFIX}.safetensors.index.json"
 # What msModelSlim's saver copies besides the weights (tokenizer, generation and chat files).
 COPIED_SUFFIXES = (".json", ".py", ".txt", ".jinja", ".model", ".tiktoken")
 NOT_COPIED = ("model.safetensors.index.json", "config.json")
+#: ``--format`` values and the label each writes.
+FORMATS = {"w8a8-dynamic": W8A8_DYNAMIC, "w8a16": W8A16}
 
 
 class QuantizeError(Exception):
@@ -87,15 +94,17 @@ def _read(path: Path, name: str) -> torch.Tensor:
         return f.get_tensor(name)
 
 
-def _converted(name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor, str]]:
-    """The output tensors for one input tensor, with their labels."""
+def _converted(
+    name: str, tensor: torch.Tensor, label: str
+) -> Iterator[tuple[str, torch.Tensor, str]]:
+    """The output tensors for one input tensor, with their labels (``label`` if quantized)."""
     if not (is_quantizable_weight(name) and tensor.dim() == 2 and tensor.is_floating_point()):
         yield name, tensor, FLOAT
         return
     quantized, scale = quantize_rows(tensor)
-    yield name, quantized, W8A8_DYNAMIC
-    yield f"{name}_scale", scale, W8A8_DYNAMIC
-    yield f"{name}_offset", torch.zeros_like(scale), W8A8_DYNAMIC
+    yield name, quantized, label
+    yield f"{name}_scale", scale, label
+    yield f"{name}_offset", torch.zeros_like(scale), label
 
 
 class _ShardWriter:
@@ -137,8 +146,11 @@ class _ShardWriter:
         (self.out_dir / INDEX).write_text(json.dumps(index, indent=2))
 
 
-def quantize_checkpoint(model_dir: Path, output_dir: Path, shard_size_gb: float = 2.0) -> Path:
-    """Write the W8A8_DYNAMIC checkpoint of ``model_dir`` to ``output_dir``; returns it."""
+def quantize_checkpoint(
+    model_dir: Path, output_dir: Path, shard_size_gb: float = 2.0, label: str = W8A8_DYNAMIC
+) -> Path:
+    """Write the ``label`` (W8A8_DYNAMIC or W8A16) checkpoint of ``model_dir`` to ``output_dir``;
+    returns it."""
     from tqdm import tqdm
 
     model_dir, output_dir = model_dir.resolve(), output_dir.resolve()
@@ -169,9 +181,9 @@ def quantize_checkpoint(model_dir: Path, output_dir: Path, shard_size_gb: float 
                 writer.add(name, _read(path, name))
                 labels[name] = FLOAT
                 continue
-            for out_name, tensor, label in _converted(name, _read(path, name)):
+            for out_name, tensor, out_label in _converted(name, _read(path, name), label):
                 writer.add(out_name, tensor)
-                labels[out_name] = label
+                labels[out_name] = out_label
         if ties_word_embeddings(config) and "lm_head.weight" not in labels:
             # msModelSlim writes the tied head explicitly; vllm-ascend expects it.
             embedding = next(p for p, n in tensors if n == "model.embed_tokens.weight")
@@ -181,7 +193,7 @@ def quantize_checkpoint(model_dir: Path, output_dir: Path, shard_size_gb: float 
         description = dict(
             labels,
             version="1.0.0",
-            model_quant_type=W8A8_DYNAMIC,
+            model_quant_type=label,
             metadata={},
             group_size=0,
             optional={},
@@ -202,12 +214,19 @@ def quantize_checkpoint(model_dir: Path, output_dir: Path, shard_size_gb: float 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="vllm-ernie-moe-quantize",
-        description="Quantize an ERNIE-4.5 MoE -PT checkpoint to msModelSlim W8A8_DYNAMIC (v1).",
+        description="Quantize an ERNIE-4.5 MoE -PT checkpoint to msModelSlim W8A8_DYNAMIC or "
+        "W8A16 (v1).",
     )
     parser.add_argument("--model", required=True, type=Path, help="input checkpoint directory")
     parser.add_argument("--output", required=True, type=Path, help="new output directory")
     parser.add_argument(
         "--shard-size-gb", type=float, default=2.0, help="max size of one weight file (GiB)"
+    )
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="w8a8-dynamic",
+        help="w8a8-dynamic: int8 weights and per-token int8 activations; w8a16: int8 weights only",
     )
     args = parser.parse_args(argv)
     if not args.model.is_dir():
@@ -215,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.shard_size_gb <= 0:
         parser.error("--shard-size-gb must be positive")
     try:
-        out = quantize_checkpoint(args.model, args.output, args.shard_size_gb)
+        out = quantize_checkpoint(args.model, args.output, args.shard_size_gb, FORMATS[args.format])
     except (QuantizeError, OSError) as error:
         sys.exit(f"vllm-ernie-moe-quantize: {error}")
     print(f"wrote {out} (serve it with: vllm serve {out})")

@@ -1,10 +1,11 @@
-"""msModelSlim's W8A8_DYNAMIC format and math: shared by the loader, online and offline quantizing.
+"""msModelSlim's int8 formats and math: shared by the loader, online and offline quantizing.
 
-Format (see docs/w8a8.md): a description JSON maps every tensor name to a label; a W8A8_DYNAMIC
-linear ``P`` stores ``P.weight`` int8 [out, in], ``P.weight_scale`` [out, 1] and ``P.weight_offset``
-[out, 1] (all zeros: symmetric). Math: per output channel ``s_w = max|W_row| / 127`` and
-``q = clamp(round(W / s_w), -128, 127)``, computed in the weight's own dtype as msModelSlim does;
-activations are quantized per token at run time.
+Format (see docs/w8a8.md): a description JSON maps every tensor name to a label; a W8A8_DYNAMIC or
+W8A16 linear ``P`` stores ``P.weight`` int8 [out, in], ``P.weight_scale`` [out, 1] and
+``P.weight_offset`` [out, 1] (all zeros: symmetric). Math: per output channel
+``s_w = max|W_row| / 127`` and ``q = clamp(round(W / s_w), -128, 127)``, computed in the weight's
+own dtype as msModelSlim does. W8A8_DYNAMIC also quantizes activations per token at run time; W8A16
+leaves them in the model dtype.
 """
 
 import json
@@ -17,8 +18,11 @@ import torch
 #: This plugin's vLLM quantization method name (distinct from vllm-ascend's "ascend").
 QUANTIZATION_NAME = "ernie-w8a8-dynamic"
 W8A8_DYNAMIC = "W8A8_DYNAMIC"
+W8A16 = "W8A16"
 FLOAT = "FLOAT"
-SUPPORTED_LABELS = (W8A8_DYNAMIC, FLOAT)
+#: Labels whose weights are int8 per channel with a scale and a zero offset.
+INT8_WEIGHT_LABELS = (W8A8_DYNAMIC, W8A16)
+SUPPORTED_LABELS = (*INT8_WEIGHT_LABELS, FLOAT)
 # v1 CLI / v0 ascendV1 writers, then the v0 safe_tensor writer.
 DESCRIPTION_FILES = ("quant_model_description.json", "quant_model_description_w8a8_dynamic.json")
 METADATA_KEYS = frozenset(
@@ -175,7 +179,7 @@ def find_description(model_dir: str | os.PathLike) -> Path | None:
 
 
 def load_description(path: Path) -> ModelSlimDescription:
-    """Parse and validate: only per-channel W8A8_DYNAMIC and FLOAT, no quantized KV cache."""
+    """Parse and validate: only per-channel W8A8_DYNAMIC, W8A16 and FLOAT, no quantized KV cache."""
     raw = json.loads(path.read_text())
     labels = read_labels(path)
     metadata = {k: v for k, v in raw.items() if k in METADATA_KEYS}
@@ -183,7 +187,7 @@ def load_description(path: Path) -> ModelSlimDescription:
     if group_size > 0:
         raise QuantizationFormatError(
             f"{path}: group_size={group_size} (per-group quantization) is not supported; "
-            "W8A8_DYNAMIC here is per channel: quantize with group_size 0."
+            "W8A8_DYNAMIC and W8A16 here are per channel: quantize with group_size 0."
         )
     for key in ("kv_quant_type", "fa_quant_type", "kv_cache_type"):
         if metadata.get(key) not in (None, FLOAT, "", "None"):
@@ -195,9 +199,9 @@ def load_description(path: Path) -> ModelSlimDescription:
         if label not in SUPPORTED_LABELS:
             raise QuantizationFormatError(
                 f"{path}: tensor '{tensor}' has label {label!r}; only W8A8_DYNAMIC (int8 "
-                "per-channel weights, per-token dynamic activations) and FLOAT are supported, "
-                "as in MindIE. "
-                "Re-quantize with msModelSlim's w8a8 dynamic mode."
+                "per-channel weights, per-token dynamic activations), W8A16 (int8 per-channel "
+                "weights only) and FLOAT are supported. Re-quantize with msModelSlim's w8a8 "
+                "dynamic or w8a16 mode."
             )
         if label != FLOAT:
             _check_quantizable(path, tensor, label)
