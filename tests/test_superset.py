@@ -105,3 +105,20 @@ def test_tied_head_on_a_last_pipeline_stage_loads_the_embedding(built, monkeypat
 def test_cpu_refuses_what_crashes_upstream_before_an_engine_starts(checkpoint, flags, message):
     with pytest.raises(ValueError, match=message):
         LLM(model=str(checkpoint("tiny-21b")), max_model_len=256, enforce_eager=True, **flags)
+
+
+def test_ray_executor_is_refused_while_vllm_cpu_has_no_ray():
+    """With Ray installed, vLLM's CPU engine dies in its core process ('current platform cpu does
+    not support ray', measured on 0.32); the hook says so first. Without Ray, vLLM's own config
+    says to install it."""
+    from vllm.platforms.cpu import CpuPlatform
+
+    from vllm_ernie_moe.config_hooks import ErnieMoeConfigHooks
+
+    assert not CpuPlatform.ray_device_key, "vLLM's CPU platform has Ray now: drop the refusal"
+    parallel = SimpleNamespace(
+        enable_expert_parallel=False, pipeline_parallel_size=1, distributed_executor_backend="ray"
+    )
+    config = SimpleNamespace(speculative_config=None, lora_config=None, parallel_config=parallel)
+    with pytest.raises(ValueError, match="--distributed-executor-backend ray is not supported"):
+        ErnieMoeConfigHooks.verify_and_update_config(config)

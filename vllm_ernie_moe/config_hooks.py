@@ -12,7 +12,8 @@ models use (vLLM 0.27 to 0.33: ``ModelConfig.__post_init__`` calls
   ``ernie-w8a8-dynamic``; on an NPU vllm-ascend's platform picks ``ascend`` later, but detects only
   ``quant_model_description.json``: a checkpoint with only msModelSlim v0's name is refused with the
   fix. An explicit ``--quantization`` always wins.
-- Parallel modes vLLM's CPU backend cannot run (expert and pipeline parallel) are refused.
+- Parallel modes vLLM's CPU backend cannot run (expert and pipeline parallel, the Ray executor)
+  are refused.
 - MTP speculative decoding on a checkpoint without an MTP head (``num_nextn_predict_layers``) is
   refused here, in the calling process, with the fix.
 - LoRA on CPU: vLLM's CPU LoRA kernels have no MoE path, so adapters apply to attention, dense
@@ -73,7 +74,7 @@ class ErnieMoeConfigHooks(VerifyAndUpdateConfig):
     @staticmethod
     def verify_and_update_config(vllm_config) -> None:
         """MTP needs the head; vLLM's CPU backend: refuse expert or pipeline parallelism (they
-        crash upstream), keep LoRA off the routed experts."""
+        crash upstream) and the Ray executor (no CPU support), keep LoRA off the routed experts."""
         from vllm.platforms import current_platform
 
         speculative = vllm_config.speculative_config
@@ -94,6 +95,13 @@ class ErnieMoeConfigHooks(VerifyAndUpdateConfig):
                 "built-in ERNIE class too. Drop the flag: --tensor-parallel-size shards the "
                 "experts across ranks instead (and EPLB, which needs expert parallelism, runs on "
                 "GPU/NPU only)."
+            )
+        if parallel.distributed_executor_backend == "ray" and not current_platform.ray_device_key:
+            raise ValueError(
+                "--distributed-executor-backend ray is not supported on vLLM's CPU backend: its "
+                "CPU platform declares no Ray device (the engine would fail with 'current "
+                "platform cpu does not support ray'). Drop the flag: the default 'mp' backend runs "
+                "--tensor-parallel-size on one machine; Ray multi-node is for GPU/NPU."
             )
         if parallel.pipeline_parallel_size > 1:
             raise ValueError(
