@@ -21,6 +21,12 @@ from single_rank import init_single_rank
 FIXTURES = Path(__file__).parent / "fixtures"
 BF16 = FIXTURES / "ernie-tiny-bf16"
 MSMODELSLIM = FIXTURES / "ernie-tiny-w8a8-msmodelslim"
+#: The msModelSlim fixtures the probe loads through vllm-ascend's ``ascend`` method.
+QUANTIZED = {
+    "w8a8": MSMODELSLIM,
+    "w4a8": FIXTURES / "ernie-tiny-w4a8-msmodelslim",
+    "w8a16": FIXTURES / "ernie-tiny-w8a16-msmodelslim",
+}
 #: Routing probe: expert 0 leads the logits; the bias pulls experts 6 and 7 into the top 2.
 ROUTING_LOGITS = [[2.0, 1.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.1]]
 ROUTING_BIAS = [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.5, 0.5]
@@ -85,7 +91,10 @@ def modelslim_config_class(device: str):
 
 
 def _build(vllm_config, model_cls):
-    with patch("vllm_ascend.quantization.methods.w8a8_dynamic.get_mc2_group") as mc2:
+    with (
+        patch("vllm_ascend.quantization.methods.w8a8_dynamic.get_mc2_group") as mc2,
+        patch("vllm_ascend.quantization.methods.w4a8.get_mc2_group", mc2),
+    ):
         mc2.side_effect = AttributeError  # no MC2 communication group on CPU
         return model_cls(vllm_config=vllm_config, prefix="")
 
@@ -265,9 +274,10 @@ def main() -> None:
     adapt_patch(True)  # vllm-ascend's platform patches, including the FusedMoE factory
     torch.Tensor.npu = lambda self, *args, **kwargs: self  # Ascend layers move buffers: stay on CPU
     facts: dict = {"device": device, "vllm": vllm.__version__}
-    for name, checkpoint in (("bf16", BF16), ("w8a8", MSMODELSLIM)):
+    facts["quantization"] = {}
+    for name, checkpoint in (("bf16", BF16), *QUANTIZED.items()):
         vllm_config = VllmConfig(model_config=ModelConfig(model=str(checkpoint), dtype="bfloat16"))
-        if name == "w8a8":
+        if name != "bf16":
             quant_config = modelslim_config_class(device)(
                 json.loads((checkpoint / "quant_model_description.json").read_text())
             )
@@ -278,13 +288,19 @@ def main() -> None:
             init_ascend_config(vllm_config)
             register_ascend_customop(vllm_config)  # stock layers -> Ascend classes, by name
             torch.set_default_dtype(torch.bfloat16)
-            model = _build(vllm_config, Ernie4_5_MoeForCausalLM)
-            torch.set_default_dtype(torch.float32)
+            try:
+                model = _build(vllm_config, Ernie4_5_MoeForCausalLM)
+            except Exception as error:  # noqa: BLE001  (a format vllm-ascend refuses: asserted)
+                facts["quantization"][name] = {"build_error": f"{type(error).__name__}: {error}"}
+                continue
+            finally:
+                torch.set_default_dtype(torch.float32)
             if name == "bf16":
                 facts["module_classes"] = _classes(model)
                 facts["routing"] = routing_facts(model, device)
             else:
-                facts["quantization"] = quantization_facts(model, checkpoint)
+                facts["quantization"][name] = quantization_facts(model, checkpoint)
+            if name == "w8a8":
                 facts["mixed_labels"] = mixed_label_facts(model, checkpoint)
     from vllm.model_executor.custom_op import op_registry_oot
 

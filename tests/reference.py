@@ -147,6 +147,16 @@ def int8_rows_dequantized(weight: torch.Tensor) -> torch.Tensor:
     return quantized.float() * scale.float()
 
 
+def unpacked_int4(packed: torch.Tensor) -> torch.Tensor:
+    """msModelSlim's W4A8 packing read nibble by nibble: packed row j holds row 2j in its low 4 bits
+    and row 2j + 1 in its high 4 bits, each two's complement."""
+    nibbles = packed.to(torch.int16) & 0xFF
+    low, high = nibbles & 0xF, nibbles >> 4
+    rows = torch.empty(2 * packed.shape[0], packed.shape[1], dtype=torch.int16)
+    rows[0::2], rows[1::2] = low, high
+    return torch.where(rows >= 8, rows - 16, rows).to(torch.int8)
+
+
 def dequantized_checkpoint(
     quantized_dir: Path,
     out_dir: Path,
@@ -165,9 +175,11 @@ def dequantized_checkpoint(
     tensors = load_tensors(quantized_dir)
     plain = {}
     for name, tensor in tensors.items():
-        if name.endswith(("_scale", "_offset")):
+        if name.endswith(("_scale", "_offset", ".scale_bias")):
             continue
-        if description.get(name) in ("W8A8_DYNAMIC", "W8A16"):
+        if description.get(name) == "W4A8_DYNAMIC":
+            tensor = unpacked_int4(tensor)
+        if description.get(name) in ("W8A8_DYNAMIC", "W8A16", "W4A8_DYNAMIC"):
             tensor = tensor.float() * tensors[f"{name}_scale"].to(scale_dtype).float()
         plain[name] = tensor
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -5,8 +5,9 @@ without one), and the vLLM it pairs with (its ``.github/vllm-release-tag.commit`
 another). Checked: every layer of the model is swapped for an Ascend class by name or is on
 :data:`STAYS_STOCK`; the router vllm-ascend picks for ERNIE and what it passes to the fused gating
 kernel (A2/A3) or computes (310P, before and after ``patch_ascend_grouped_topk_router``); the
-msModelSlim method per layer; the real msModelSlim fixture's tensors in the parameters vllm-ascend's
-W8A8_DYNAMIC methods create, every parameter, bit for bit after vllm-ascend's dtype cast.
+msModelSlim method per layer; the real msModelSlim fixtures' tensors in the parameters vllm-ascend's
+W8A8_DYNAMIC and W4A8_DYNAMIC methods create, every parameter, bit for bit after vllm-ascend's
+dtype cast; which formats vllm-ascend itself refuses for ERNIE (W8A16 experts; on 310P W4A8 too).
 """
 
 import json
@@ -16,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from ascend_contract_probe import MSMODELSLIM, ROUTING_BIAS, ROUTING_LOGITS
+from ascend_contract_probe import QUANTIZED, ROUTING_BIAS, ROUTING_LOGITS
 
 from vllm_ernie_moe import compat, envs
 
@@ -116,44 +117,84 @@ def test_310p_router_weights_are_fixed_by_the_patch(contract):
         assert matches == correct, f"{result}: {got} vs ERNIE {expected}"
 
 
-def test_msmodelslim_method_for_every_layer(contract):
-    methods = contract["quantization"]["methods"]
-    description = json.loads((MSMODELSLIM / "quant_model_description.json").read_text())
-    for prefix, (method, scheme) in methods.items():
-        if prefix.endswith(".experts.routed_experts"):
-            label = description[prefix.replace("routed_experts", "0.gate_proj.weight")]
-            want = "AscendW8A8DynamicFusedMoEMethod" if label == "W8A8_DYNAMIC" else None
-        elif prefix.endswith(".mlp.gate") or prefix in ("lm_head", "model.embed_tokens"):
-            want = None  # router (no quant config), embedding and lm_head: FLOAT
+#: vllm-ascend's scheme per msModelSlim label: (linear layers, routed experts).
+ASCEND_SCHEMES = {
+    "W8A8_DYNAMIC": ("AscendW8A8DynamicLinearMethod", "AscendW8A8DynamicFusedMoEMethod"),
+    "W4A8_DYNAMIC": (None, "AscendW4A8DynamicFusedMoEMethod"),
+    "FLOAT": (None, None),
+}
+#: What vllm-ascend refuses when it builds the model, per device: (fixture, its error).
+REFUSED_BY_ASCEND = {
+    "A2": {"w8a16": "quant_type=W8A16 for layer_type=moe"},
+    "_310P": {
+        "w8a16": "quant_type=W8A16 for layer_type=linear",
+        "w4a8": "quant_type=W4A8_DYNAMIC for layer_type=moe",
+    },
+}
+
+
+def _served(contract) -> list[str]:
+    return [n for n in QUANTIZED if n not in REFUSED_BY_ASCEND[contract["device"]]]
+
+
+def test_vllm_ascend_refuses_what_it_has_no_scheme_for(contract):
+    refused = REFUSED_BY_ASCEND[contract["device"]]
+    for name, facts in contract["quantization"].items():
+        error = facts.get("build_error")
+        if name in refused:
+            assert error and error.startswith("NotImplementedError") and refused[name] in error
         else:
-            parent, _, name = prefix.rpartition(".")
-            first = {"qkv_proj": "q_proj", "gate_up_proj": "gate_proj"}.get(name, name)
-            label = description[f"{parent}.{first}.weight"]
-            want = "AscendW8A8DynamicLinearMethod" if label == "W8A8_DYNAMIC" else None
-        scheme = scheme.removesuffix("310") if scheme else None  # 310P: its own scheme classes
-        assert scheme == want, f"{prefix}: {method}/{scheme}, description says {want}"
-    moe_schemes = [s for _, s in methods.values() if s and "FusedMoEMethod" in s]
-    assert [s.removesuffix("310") for s in moe_schemes] == ["AscendW8A8DynamicFusedMoEMethod"] * 2
+            assert error is None, f"{name}: {error}"
+
+
+def test_msmodelslim_method_for_every_layer(contract):
+    for fixture in _served(contract):
+        methods = contract["quantization"][fixture]["methods"]
+        description = json.loads((QUANTIZED[fixture] / "quant_model_description.json").read_text())
+        for prefix, (method, scheme) in methods.items():
+            if prefix.endswith(".experts.routed_experts"):
+                label = description[prefix.replace("routed_experts", "0.gate_proj.weight")]
+                want = ASCEND_SCHEMES[label][1]
+            elif prefix.endswith(".mlp.gate") or prefix in ("lm_head", "model.embed_tokens"):
+                want = None  # router (no quant config), embedding and lm_head: FLOAT
+            else:
+                parent, _, name = prefix.rpartition(".")
+                first = {"qkv_proj": "q_proj", "gate_up_proj": "gate_proj"}.get(name, name)
+                want = ASCEND_SCHEMES[description[f"{parent}.{first}.weight"]][0]
+            scheme = scheme.removesuffix("310") if scheme else None  # 310P: its own classes
+            assert scheme == want, f"{fixture} {prefix}: {method}/{scheme}, want {want}"
+        moe_schemes = [s.removesuffix("310") for _, s in methods.values() if s and "MoEMethod" in s]
+        assert len(moe_schemes) == 2 and all(s.startswith("AscendW") for s in moe_schemes)
 
 
 def test_fixture_tensors_fill_every_ascend_parameter(contract):
-    """int8 weights bit-exact; fp32 scales as vllm-ascend stores them (model dtype on A2/A3)."""
-    values = contract["quantization"]["values"]
-    parameters = contract["quantization"]["parameters"]
-    assert [name for name, ok in values.items() if ok is False] == []
-    without_tensor = {name for name, ok in values.items() if ok is None}
-    if contract["device"] == "_310P":
-        # 310P's W8A8_DYNAMIC linear scheme inherits the static scheme's activation scale and
-        # offset parameters; its apply() quantizes activations dynamically and never reads them.
-        assert without_tensor and all(
-            name.endswith((".input_scale", ".input_offset")) for name in without_tensor
-        )
-    else:
-        assert without_tensor == set()
-    shape, dtype = parameters["model.layers.1.mlp.experts.routed_experts.w13_weight"]
-    assert dtype == "torch.int8" and shape[0] == 8
-    scale_dtype = parameters["model.layers.0.self_attn.qkv_proj.weight_scale"][1]
-    assert scale_dtype == ("torch.float32" if contract["device"] == "_310P" else "torch.bfloat16")
+    """int8 weights (two int4 per int8 for W4A8) bit-exact; fp32 scales and W4A8's scale_bias as
+    vllm-ascend stores them (W8A8 scales in the model dtype on A2/A3)."""
+    for fixture in _served(contract):
+        values = contract["quantization"][fixture]["values"]
+        parameters = contract["quantization"][fixture]["parameters"]
+        assert [name for name, ok in values.items() if ok is False] == [], fixture
+        without_tensor = {name for name, ok in values.items() if ok is None}
+        if contract["device"] == "_310P":
+            # 310P's W8A8_DYNAMIC linear scheme inherits the static scheme's activation scale and
+            # offset parameters; its apply() quantizes activations dynamically, never reads them.
+            assert without_tensor and all(
+                name.endswith((".input_scale", ".input_offset")) for name in without_tensor
+            )
+        else:
+            assert without_tensor == set(), fixture
+        shape, dtype = parameters["model.layers.1.mlp.experts.routed_experts.w13_weight"]
+        # W4A8: [E, 2 x moe_intermediate_size / 2, hidden] packed; W8A8: [E, 2 x 64, hidden].
+        assert dtype == "torch.int8" and shape == [8, 64 if fixture == "w4a8" else 128, 64]
+        scale_dtype = parameters["model.layers.0.self_attn.qkv_proj.weight_scale"][1]
+        on_310p = contract["device"] == "_310P"
+        assert scale_dtype == ("torch.float32" if on_310p else "torch.bfloat16")
+    if "w4a8" in _served(contract):
+        parameters = contract["quantization"]["w4a8"]["parameters"]
+        assert parameters["model.layers.1.mlp.experts.routed_experts.w2_scale_bias"] == [
+            [8, 64, 16],
+            "torch.float32",
+        ]
 
 
 def test_mixed_expert_labels_pass_vllm_ascend_but_not_the_plugin(contract):

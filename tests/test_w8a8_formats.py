@@ -14,12 +14,18 @@ from transformers import Ernie4_5_MoeConfig
 
 from vllm_ernie_moe import quantize
 from vllm_ernie_moe.checkpoint import CheckpointError, CheckpointValidator
-from vllm_ernie_moe.w8a8 import QuantizationFormatError, load_description, quantize_rows
+from vllm_ernie_moe.w8a8 import (
+    QuantizationFormatError,
+    load_description,
+    quantize_rows,
+    unpack_int4_rows,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 BF16_SOURCE = FIXTURES / "ernie-tiny-bf16"
 MSMODELSLIM = FIXTURES / "ernie-tiny-w8a8-msmodelslim"
 MSMODELSLIM_W8A16 = FIXTURES / "ernie-tiny-w8a16-msmodelslim"
+MSMODELSLIM_W4A8 = FIXTURES / "ernie-tiny-w4a8-msmodelslim"
 
 
 def description_of(directory: Path) -> dict:
@@ -169,7 +175,7 @@ def write_description(tmp_path: Path, **changes) -> Path:
     return path
 
 
-@pytest.mark.parametrize("label", ["W8A8", "W8A8_MIX", "W4A8_DYNAMIC", "W4A16"])
+@pytest.mark.parametrize("label", ["W8A8", "W8A8_MIX", "W4A4_DYNAMIC", "W4A16"])
 def test_unsupported_labels_are_named(tmp_path, label):
     tensor = "model.layers.1.self_attn.o_proj.weight"
     with pytest.raises(QuantizationFormatError, match=rf"'{tensor}' has label '{label}'"):
@@ -203,9 +209,43 @@ def validate(description_path: Path, tensors: dict) -> None:
     validator.check_complete()
 
 
-@pytest.mark.parametrize("fixture", [MSMODELSLIM, MSMODELSLIM_W8A16], ids=["w8a8", "w8a16"])
+@pytest.mark.parametrize(
+    "fixture", [MSMODELSLIM, MSMODELSLIM_W8A16, MSMODELSLIM_W4A8], ids=["w8a8", "w8a16", "w4a8"]
+)
 def test_fixture_passes_validation(fixture):
     validate(fixture / "quant_model_description.json", load_tensors(fixture))
+
+
+def test_int4_unpacking_reproduces_msmodelslims_own_scale_bias():
+    """msModelSlim computed ``scale_bias`` (8 x row sums, in 16 column groups for down_proj) from
+    its unpacked int4 weights: the plugin's unpacking must give the same sums."""
+    tensors = load_tensors(MSMODELSLIM_W4A8)
+    checked = 0
+    for name, scale_bias in tensors.items():
+        if not name.endswith(".scale_bias"):
+            continue
+        module = name.removesuffix(".scale_bias")
+        weight = unpack_int4_rows(tensors[f"{module}.weight"]).float()
+        weight = weight * tensors[f"{module}.weight_scale"]
+        sums = 8 * weight.reshape(weight.shape[0], scale_bias.shape[1], -1).sum(-1)
+        torch.testing.assert_close(sums, scale_bias, rtol=1e-5, atol=1e-5)
+        checked += 1
+    assert checked == 2 * 8 * 3  # 2 MoE layers x 8 experts x gate/up/down
+
+
+def test_w4a8_outside_the_routed_experts_is_refused(tmp_path):
+    tensor = "model.layers.1.mlp.shared_experts.down_proj.weight"
+    with pytest.raises(QuantizationFormatError, match=rf"'{tensor}' is labelled W4A8_DYNAMIC"):
+        load_description(write_description(tmp_path, **{tensor: "W4A8_DYNAMIC"}))
+
+
+def test_mispacked_int4_expert_is_named():
+    """An unpacked [out, in] tensor under the W4A8_DYNAMIC label: refused by name and shape."""
+    tensors = load_tensors(MSMODELSLIM_W4A8)
+    name = "model.layers.2.mlp.experts.5.up_proj.weight"
+    tensors[name] = unpack_int4_rows(tensors[name])
+    with pytest.raises(CheckpointError, match=rf"'{name}' has shape \[64, 64\].*\[32, 64\]"):
+        validate(MSMODELSLIM_W4A8 / "quant_model_description.json", tensors)
 
 
 def test_w8a16_label_on_a_float_weight_is_named(tmp_path):

@@ -16,7 +16,14 @@ from pathlib import Path
 import torch
 from transformers import PretrainedConfig
 
-from vllm_ernie_moe.w8a8 import INT8_WEIGHT_LABELS, ModelSlimDescription, is_quantizable_weight
+from vllm_ernie_moe.w8a8 import (
+    INT8_WEIGHT_LABELS,
+    ROW_PARALLEL_PROJECTIONS,
+    SCALE_BIAS_GROUPS,
+    W4A8_DYNAMIC,
+    ModelSlimDescription,
+    is_quantizable_weight,
+)
 
 CORRECTION_BIAS = "mlp.moe_statics.e_score_correction_bias"
 # transformers 5 may save the bias under the router's name.
@@ -146,12 +153,23 @@ class TensorLocator:
 def add_quantized_tensors(
     shapes: dict[str, tuple[int, ...]], description: ModelSlimDescription
 ) -> dict[str, tuple[int, ...]]:
-    """Add the scale and offset [out, 1] of every linear weight with an int8 label."""
+    """Add the scale and offset [out, 1] of every quantized linear weight; a W4A8_DYNAMIC weight
+    is packed [out/2, in] and has a ``scale_bias`` ([out, 16] for row-parallel projections)."""
     quantized = dict(shapes)
     for name, shape in shapes.items():
-        if is_quantizable_weight(name) and description.label(name) in INT8_WEIGHT_LABELS:
-            quantized[f"{name}_scale"] = (shape[0], 1)
-            quantized[f"{name}_offset"] = (shape[0], 1)
+        if not is_quantizable_weight(name):
+            continue
+        label = description.label(name)
+        if label not in INT8_WEIGHT_LABELS:
+            continue
+        out, columns = shape
+        quantized[f"{name}_scale"] = (out, 1)
+        quantized[f"{name}_offset"] = (out, 1)
+        if label == W4A8_DYNAMIC:
+            quantized[name] = (out // 2, columns)
+            row_parallel = name.split(".")[-2] in ROW_PARALLEL_PROJECTIONS
+            module = name.removesuffix(".weight")
+            quantized[f"{module}.scale_bias"] = (out, SCALE_BIAS_GROUPS if row_parallel else 1)
     return quantized
 
 
@@ -234,8 +252,8 @@ class CheckpointValidator:
             self.seen.add(canonical)
             if self.description is not None:
                 self._check_quantized(name, canonical, tensor)
-                if canonical.endswith(".weight_offset"):
-                    continue  # all zeros (checked): nothing to load
+                if canonical.endswith((".weight_offset", ".scale_bias")):
+                    continue  # zeros (checked) / the NPU kernel's precomputed sums: not needed
             if canonical.endswith("_scale"):
                 tensor = tensor.reshape(shape)
             yield canonical, _canonical_bias(canonical, tensor)

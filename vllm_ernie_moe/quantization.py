@@ -3,14 +3,15 @@
 Two modes, one method:
 - a checkpoint with a msModelSlim description JSON is served as it is (picked automatically, see
   ``vllm_ernie_moe/config_hooks.py``); the description's label decides per tensor: W8A8_DYNAMIC,
-  W8A16 or FLOAT;
+  W8A16, W4A8_DYNAMIC (routed experts) or FLOAT;
 - a BF16/FP16 checkpoint with ``--quantization ernie-w8a8-dynamic`` is quantized at load with
   msModelSlim's formula (``vllm_ernie_moe.w8a8.quantize_rows``): the same int8 weights and scales.
 
 Kernels are vLLM's own: oneDNN int8 scaled-mm for W8A8 linear layers, ``CPUExpertsInt8`` for W8A8
-experts. vLLM has no CPU GEMM for int8 weights with unquantized activations (its CPU WNA16 kernels
-take 4-bit weights only), so W8A16 weights are dequantized at load and run on the unquantized
-kernels: msModelSlim's weights and numbers, BF16's memory and speed.
+experts (also W4A8_DYNAMIC experts, unpacked to int8 at load). vLLM has no CPU GEMM for int8
+weights with unquantized activations (its CPU WNA16 kernels take 4-bit weights only), so W8A16
+weights are dequantized at load and run on the unquantized kernels: msModelSlim's weights and
+numbers, BF16's memory and speed.
 On Ascend NPUs vllm-ascend loads msModelSlim checkpoints itself (method ``ascend``): this method
 refuses to run there rather than shadow it.
 """
@@ -55,6 +56,7 @@ from vllm_ernie_moe import compat, envs
 from vllm_ernie_moe.patches.patch_cpu_router import biased_softmax_topk
 from vllm_ernie_moe.w8a8 import (
     QUANTIZATION_NAME,
+    W4A8_DYNAMIC,
     W8A8_DYNAMIC,
     W8A16,
     ModelSlimDescription,
@@ -62,6 +64,7 @@ from vllm_ernie_moe.w8a8 import (
     find_description,
     load_description,
     quantize_rows,
+    unpack_int4_rows,
 )
 
 logger = init_logger(f"vllm.{__name__}")
@@ -87,10 +90,11 @@ def _register_linear_scale(layer: Module, rows: int, weight_loader) -> None:
     )
 
 
-def _register_expert_scale(layer: Module, weight_name: str, extra_weight_attrs: dict) -> None:
+def _register_expert_scale(
+    layer: Module, weight_name: str, experts_and_rows: tuple[int, int], extra_weight_attrs: dict
+) -> None:
     """``<weight_name>_scale`` [E, out, 1] fp32 of int8 experts, loaded per output channel."""
-    weight = getattr(layer, weight_name)
-    scale = Parameter(torch.empty(*weight.shape[:2], 1, dtype=torch.float32), requires_grad=False)
+    scale = Parameter(torch.empty(*experts_and_rows, 1, dtype=torch.float32), requires_grad=False)
     layer.register_parameter(f"{weight_name}_scale", scale)
     set_weight_attrs(
         scale,
@@ -233,11 +237,18 @@ class ErnieW8A8LinearMethod(LinearMethodBase):
 
 
 class ErnieW8A8MoEMethod(FusedMoEMethodBase):
-    """Routed experts in int8 (per-channel weights, per-token activations) on CPUExpertsInt8."""
+    """Routed experts in int8 (per-channel weights, per-token activations) on CPUExpertsInt8.
 
-    def __init__(self, moe: FusedMoEConfig, prequantized: bool) -> None:
+    ``packed_int4``: msModelSlim W4A8_DYNAMIC experts, int4 packed two per int8 along the output
+    rows. Unpacked at load into int8 holding the int4 values, with the same scales: the int8 GEMM
+    then computes exactly W4A8's integer products (int8 activations times int4 weights), at int8's
+    memory (vLLM's CPU int4 kernels take bf16 activations, or int8 ones on AMX only).
+    """
+
+    def __init__(self, moe: FusedMoEConfig, prequantized: bool, packed_int4: bool = False) -> None:
         super().__init__(moe)
         self.prequantized = prequantized
+        self.packed_int4 = packed_int4
         if not current_platform.is_cpu():
             raise QuantizationFormatError(
                 f"{QUANTIZATION_NAME}: int8 experts are implemented for vLLM's CPU backend only "
@@ -272,16 +283,22 @@ class ErnieW8A8MoEMethod(FusedMoEMethodBase):
             "w13_weight": (num_experts, 2 * intermediate_size_per_partition, hidden_size),
             "w2_weight": (num_experts, hidden_size, intermediate_size_per_partition),
         }
-        for name, shape in shapes.items():
-            weight = Parameter(torch.empty(shape, dtype=weight_dtype), requires_grad=False)
+        for name, (experts, rows, columns) in shapes.items():
+            stored_rows = rows // 2 if self.packed_int4 else rows
+            weight = Parameter(
+                torch.empty(experts, stored_rows, columns, dtype=weight_dtype), requires_grad=False
+            )
             layer.register_parameter(name, weight)
             set_weight_attrs(weight, extra_weight_attrs)
             if self.prequantized:
-                _register_expert_scale(layer, name, extra_weight_attrs)
+                _register_expert_scale(layer, name, (experts, rows), extra_weight_attrs)
         layer.w13_input_scale = None
         layer.w2_input_scale = None
 
     def process_weights_after_loading(self, layer: Module) -> None:
+        if self.packed_int4:
+            for name in ("w13_weight", "w2_weight"):
+                _set_quantized(layer, name, unpack_int4_rows(getattr(layer, name).data))
         if not self.prequantized:
             for name in ("w13_weight", "w2_weight"):
                 weight = getattr(layer, name).data
@@ -407,7 +424,7 @@ class ErnieW8A16MoEMethod(UnquantizedFusedMoEMethod):
             **extra_weight_attrs,
         )
         for name in ("w13_weight", "w2_weight"):
-            _register_expert_scale(layer, name, extra_weight_attrs)
+            _register_expert_scale(layer, name, getattr(layer, name).shape[:2], extra_weight_attrs)
 
     def process_weights_after_loading(self, layer: Module) -> None:
         for name in ("w13_weight", "w2_weight"):
@@ -495,4 +512,6 @@ class ErnieW8A8DynamicConfig(QuantizationConfig):
             )
         if label == W8A16:
             return ErnieW8A16MoEMethod(layer.moe_config) if experts else ErnieW8A16LinearMethod()
+        if label == W4A8_DYNAMIC:  # routed experts only (load_description checks)
+            return ErnieW8A8MoEMethod(layer.moe_config, prequantized, packed_int4=True)
         return UnquantizedFusedMoEMethod(layer.moe_config) if experts else UnquantizedLinearMethod()

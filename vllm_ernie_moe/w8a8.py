@@ -5,7 +5,11 @@ W8A16 linear ``P`` stores ``P.weight`` int8 [out, in], ``P.weight_scale`` [out, 
 ``P.weight_offset`` [out, 1] (all zeros: symmetric). Math: per output channel
 ``s_w = max|W_row| / 127`` and ``q = clamp(round(W / s_w), -128, 127)``, computed in the weight's
 own dtype as msModelSlim does. W8A8_DYNAMIC also quantizes activations per token at run time; W8A16
-leaves them in the model dtype.
+leaves them in the model dtype. W4A8_DYNAMIC (routed experts) stores int4 weights two per int8
+along the output dimension (``P.weight`` [out/2, in]: row ``2j`` in the low nibble of packed row
+``j``, row ``2j + 1`` in the high one), its scale and offset [out, 1], and ``P.scale_bias``
+(``8 * sum`` of the dequantized row, for the NPU kernel's unsigned int4 trick; [out, 1], or
+[out, 16] partial sums for the row-parallel down_proj/o_proj); activations as W8A8_DYNAMIC.
 """
 
 import json
@@ -19,10 +23,14 @@ import torch
 QUANTIZATION_NAME = "ernie-w8a8-dynamic"
 W8A8_DYNAMIC = "W8A8_DYNAMIC"
 W8A16 = "W8A16"
+W4A8_DYNAMIC = "W4A8_DYNAMIC"
 FLOAT = "FLOAT"
-#: Labels whose weights are int8 per channel with a scale and a zero offset.
-INT8_WEIGHT_LABELS = (W8A8_DYNAMIC, W8A16)
+#: Labels whose weights are stored as int8 tensors with a per-channel scale and a zero offset.
+INT8_WEIGHT_LABELS = (W8A8_DYNAMIC, W8A16, W4A8_DYNAMIC)
 SUPPORTED_LABELS = (*INT8_WEIGHT_LABELS, FLOAT)
+#: Column groups of a W4A8_DYNAMIC row-parallel ``scale_bias`` (msModelSlim's fixed ``tp_num``).
+SCALE_BIAS_GROUPS = 16
+ROW_PARALLEL_PROJECTIONS = ("o_proj", "down_proj")
 # v1 CLI / v0 ascendV1 writers, then the v0 safe_tensor writer.
 DESCRIPTION_FILES = ("quant_model_description.json", "quant_model_description_w8a8_dynamic.json")
 METADATA_KEYS = frozenset(
@@ -55,11 +63,11 @@ class QuantizationFormatError(ValueError):
     """A quantized checkpoint this plugin cannot serve correctly; the message names the fix."""
 
 
-QUANTIZED_SUFFIXES = (".weight", ".weight_scale", ".weight_offset")
+QUANTIZED_SUFFIXES = (".weight", ".weight_scale", ".weight_offset", ".scale_bias")
 
 
 def _module_of(tensor: str) -> str:
-    """``P.weight`` / ``P.weight_scale`` / ``P.weight_offset`` -> ``P``."""
+    """``P.weight`` / ``P.weight_scale`` / ``P.weight_offset`` / ``P.scale_bias`` -> ``P``."""
     return next((tensor[: -len(s)] for s in QUANTIZED_SUFFIXES if tensor.endswith(s)), tensor)
 
 
@@ -130,6 +138,16 @@ def read_labels(path: Path) -> dict[str, str]:
     return {k: v for k, v in json.loads(path.read_text()).items() if k not in METADATA_KEYS}
 
 
+def unpack_int4_rows(packed: torch.Tensor) -> torch.Tensor:
+    """msModelSlim's W4A8 packing undone: ``[..., out/2, in]`` int8 -> ``[..., out, in]`` int8
+    holding int4 values (-8..7); row ``2j`` is packed row ``j``'s low nibble, ``2j + 1`` its
+    high one."""
+    low = torch.bitwise_left_shift(packed, 4) >> 4  # arithmetic shifts keep the sign
+    high = packed >> 4
+    rows = torch.stack([low, high], dim=-2)  # [..., out/2, 2, in]
+    return rows.reshape(*packed.shape[:-2], 2 * packed.shape[-2], packed.shape[-1])
+
+
 def quantize_rows(
     weight: torch.Tensor, amax: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,7 +197,8 @@ def find_description(model_dir: str | os.PathLike) -> Path | None:
 
 
 def load_description(path: Path) -> ModelSlimDescription:
-    """Parse and validate: only per-channel W8A8_DYNAMIC, W8A16 and FLOAT, no quantized KV cache."""
+    """Parse and validate: only per-channel W8A8_DYNAMIC, W8A16, W4A8_DYNAMIC and FLOAT, no
+    quantized KV cache."""
     raw = json.loads(path.read_text())
     labels = read_labels(path)
     metadata = {k: v for k, v in raw.items() if k in METADATA_KEYS}
@@ -187,7 +206,7 @@ def load_description(path: Path) -> ModelSlimDescription:
     if group_size > 0:
         raise QuantizationFormatError(
             f"{path}: group_size={group_size} (per-group quantization) is not supported; "
-            "W8A8_DYNAMIC and W8A16 here are per channel: quantize with group_size 0."
+            "the int8 and int4 weights here are per channel: quantize with group_size 0."
         )
     for key in ("kv_quant_type", "fa_quant_type", "kv_cache_type"):
         if metadata.get(key) not in (None, FLOAT, "", "None"):
@@ -200,10 +219,17 @@ def load_description(path: Path) -> ModelSlimDescription:
             raise QuantizationFormatError(
                 f"{path}: tensor '{tensor}' has label {label!r}; only W8A8_DYNAMIC (int8 "
                 "per-channel weights, per-token dynamic activations), W8A16 (int8 per-channel "
-                "weights only) and FLOAT are supported. Re-quantize with msModelSlim's w8a8 "
-                "dynamic or w8a16 mode."
+                "weights only), W4A8_DYNAMIC (int4 per-channel weights, per-token dynamic "
+                "activations) and FLOAT are supported. Re-quantize with msModelSlim's w8a8 "
+                "dynamic, w8a16 or w4a8 dynamic mode."
             )
         if label != FLOAT:
             _check_quantizable(path, tensor, label)
+        if label == W4A8_DYNAMIC and ".mlp.experts." not in tensor:
+            raise QuantizationFormatError(
+                f"{path}: tensor '{tensor}' is labelled W4A8_DYNAMIC, which is served on the "
+                "routed experts (mlp.experts.*) only, as in vllm-ascend; quantize the other "
+                "linears W8A8_DYNAMIC, as msModelSlim's w4a8 practices do."
+            )
     check_fused_labels(path, labels)
     return ModelSlimDescription(path, labels, metadata)

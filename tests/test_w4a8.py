@@ -1,0 +1,87 @@
+"""msModelSlim W4A8_DYNAMIC (int4 routed experts, W8A8_DYNAMIC elsewhere) on vLLM's CPU backend.
+
+Fixture ``ernie-tiny-w4a8-msmodelslim``: what msModelSlim 26.1.0 wrote for ``ernie-tiny-bf16``
+(``MODE=w4a8 tests/fixtures/msmodelslim/recipe.sh``, int4 scales by its "ssz" search). Reference:
+transformers in fp32 on the checkpoint with the int4 values read nibble by nibble and multiplied by
+their scales, activations fake-quantized per token as W4A8_DYNAMIC does.
+"""
+
+import os
+from pathlib import Path
+
+import pytest
+from reference import (
+    assert_bf16_drift,
+    check_logprobs_close,
+    dequantized_checkpoint,
+    fake_quantize_activations,
+    logprob_drift,
+    prompt_token_ids,
+    transformers_greedy,
+    vllm_generations,
+)
+from vllm import LLM, SamplingParams
+from vllm.inputs import TokensPrompt
+
+FIXTURES = Path(__file__).parent / "fixtures"
+W4A8 = FIXTURES / "ernie-tiny-w4a8-msmodelslim"
+W8A8 = FIXTURES / "ernie-tiny-w8a8-msmodelslim"
+MAX_TOKENS, TOP_K = 32, 5
+_results: dict[int, list] = {}
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=lambda tp: f"tp{tp}")
+def engine(request):
+    tp = request.param
+    saved = dict(os.environ)
+    if tp > 1:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"
+    try:
+        llm = LLM(
+            model=str(W4A8),
+            dtype="bfloat16",
+            tensor_parallel_size=tp,
+            max_model_len=512,
+            max_num_seqs=8,
+            enforce_eager=True,
+        )
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    prompts = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_token_ids(W4A8)]
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, logprobs=TOP_K, ignore_eos=True)
+    _results[tp] = vllm_generations(llm.generate(prompts, params, use_tqdm=False))
+    yield tp, _results[tp]
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+
+
+def test_matches_fake_quant_reference(engine, tmp_path):
+    tp, outputs = engine
+    if tp != 1:
+        pytest.skip("compared once, at TP=1")
+    plain = dequantized_checkpoint(W4A8, tmp_path / "dequantized")
+    reference = transformers_greedy(
+        plain, "float32", MAX_TOKENS, TOP_K, prepare=fake_quantize_activations
+    )
+    check_logprobs_close(reference, outputs)
+    assert_bf16_drift(reference, outputs)
+    # The int4 experts move the logits: W8A8's reference is not this one, so the check can fail.
+    w8a8 = transformers_greedy(
+        dequantized_checkpoint(W8A8, tmp_path / "w8a8"),
+        "float32",
+        MAX_TOKENS,
+        TOP_K,
+        prepare=fake_quantize_activations,
+    )
+    assert logprob_drift(w8a8, reference).max() > 0.05
+
+
+def test_tensor_parallel_matches_tp1(engine):
+    tp, outputs = engine
+    if tp == 1:
+        pytest.skip("TP=1 is the baseline")
+    # Each rank quantizes its own activation shard in row-parallel layers (as vllm-ascend does):
+    # not bit-equal. Measured p90: below 0.03 on vLLM 0.32, 0.031 on 0.27.1's oneDNN int8 GEMM.
+    check_logprobs_close(_results[1], outputs)
+    assert_bf16_drift(_results[1], outputs, p90=0.04)
