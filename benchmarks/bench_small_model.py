@@ -4,10 +4,13 @@ own process, rounds interleaved in one run:
 - MTP speculative decoding: drafts accepted and bs=1 decode speed with the plugin's drafter, with
   vLLM's built-in ``ErnieMTP`` on the same weights, and without speculation: 12 held-out passages
   of 32 tokens, 48 greedy tokens each, one request at a time; the tokens must agree (lossless).
-- W8A8 accuracy: held-out perplexity of the bf16 model, its W8A8_DYNAMIC quantization
-  (``vllm-ernie-moe-quantize``), and W8A8 with the int8 lm_head.
+- Quantized accuracy: held-out perplexity of the bf16 model, its W8A8_DYNAMIC and W8A16
+  quantizations (``vllm-ernie-moe-quantize``), W8A8 with the int8 lm_head, and with ``--w4a8 DIR``
+  msModelSlim's W4A8_DYNAMIC of it (``MODE=w4a8 tests/fixtures/msmodelslim/recipe.sh MODEL DIR``).
 
-    python benchmarks/bench_small_model.py [--model DIR] [--rounds 2] [--json out.json]
+    python benchmarks/bench_small_model.py [--model DIR] [--rounds 2] [--w4a8 DIR] [--json out.json]
+
+``--rounds 0`` measures the perplexities only.
 """
 
 from __future__ import annotations
@@ -29,11 +32,13 @@ MTP_CASES = {
     "plugin-mtp": (SPECULATIVE, {}),
     "vllm-mtp": (SPECULATIVE, {"VLLM_ERNIE_MOE_VLLM_MTP": "1"}),
 }
-#: perplexity case -> (quantized checkpoint, environment), bf16
+#: perplexity case -> (checkpoint, environment), bf16
 PPL_CASES = {
-    "bf16": (False, {}),
-    "w8a8": (True, {}),
-    "w8a8-int8-head": (True, {"VLLM_ERNIE_MOE_INT8_LM_HEAD": "1"}),
+    "bf16": ("bf16", {}),
+    "w8a8": ("w8a8", {}),
+    "w8a8-int8-head": ("w8a8", {"VLLM_ERNIE_MOE_INT8_LM_HEAD": "1"}),
+    "w8a16": ("w8a16", {}),
+    "w4a8": ("w4a8", {}),
 }
 PPL_CHUNK = 256
 PROMPTS, PROMPT_TOKENS, MAX_TOKENS = 12, 32, 48
@@ -69,6 +74,7 @@ def perplexity_worker(model: str) -> dict:
     llm = LLM(model=model, dtype="bfloat16", max_model_len=512, enforce_eager=True, seed=0)
     params = SamplingParams(max_tokens=1, prompt_logprobs=0)
     outputs = llm.generate([TokensPrompt(prompt_token_ids=c) for c in chunks], params)
+    llm.llm_engine.engine_core.shutdown()  # before exit: teardown at exit can abort the process
     nll = [
         -step[token].logprob
         for chunk, out in zip(chunks, outputs, strict=True)
@@ -152,6 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", type=Path, default=SMALL_MODEL_DIR)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--cache", type=Path, default=REPO / "benchmarks" / "out" / "small-model")
+    parser.add_argument("--w4a8", type=Path, help="msModelSlim's W4A8_DYNAMIC of --model")
     parser.add_argument("--json", type=Path)
     parser.add_argument(
         "--child", nargs=3, metavar=("TASK", "CHECKPOINT", "OUT"), help=argparse.SUPPRESS
@@ -162,13 +169,15 @@ def main(argv: list[str] | None = None) -> None:
         result = perplexity_worker(model) if task == "perplexity" else mtp_worker(model, task)
         Path(out).write_text(json.dumps(result))
         return
-    from vllm_ernie_moe.quantize import quantize_checkpoint
+    from vllm_ernie_moe.quantize import FORMATS, quantize_checkpoint
 
     model, cache = args.model.resolve(), args.cache
     cache.mkdir(parents=True, exist_ok=True)
-    w8a8 = cache / "w8a8"
-    shutil.rmtree(w8a8, ignore_errors=True)  # made anew: the model may have changed
-    quantize_checkpoint(model, w8a8)
+    checkpoints = {"bf16": model, "w4a8": args.w4a8}
+    for name, fmt in (("w8a8", "w8a8-dynamic"), ("w8a16", "w8a16")):
+        checkpoints[name] = cache / name
+        shutil.rmtree(checkpoints[name], ignore_errors=True)  # anew: the model may have changed
+        quantize_checkpoint(model, checkpoints[name], label=FORMATS[fmt])
     rounds = [
         {
             case: run_child(__file__, case, model, cache / f"{case}-{i}.json", env)
@@ -177,12 +186,11 @@ def main(argv: list[str] | None = None) -> None:
         for i in range(args.rounds)
     ]
     perplexity = {
-        case: run_child(
-            __file__, "perplexity", w8a8 if quant else model, cache / f"ppl-{case}.json", env
-        )
-        for case, (quant, env) in PPL_CASES.items()
+        case: run_child(__file__, "perplexity", checkpoints[name], cache / f"ppl-{case}.json", env)
+        for case, (name, env) in PPL_CASES.items()
+        if checkpoints[name] is not None
     }
-    print("\n".join(mtp_table(rounds) + [""] + ppl_table(perplexity)))
+    print("\n".join((mtp_table(rounds) + [""] if rounds else []) + ppl_table(perplexity)))
     if args.json:
         args.json.write_text(json.dumps({"mtp": rounds, "perplexity": perplexity}, indent=2))
 
