@@ -33,7 +33,12 @@ def description_of(directory: Path) -> dict:
 
 
 @pytest.mark.parametrize(
-    "fmt,msmodelslim", [("w8a8-dynamic", MSMODELSLIM), ("w8a16", MSMODELSLIM_W8A16)]
+    "fmt,msmodelslim",
+    [
+        ("w8a8-dynamic", MSMODELSLIM),
+        ("w8a16", MSMODELSLIM_W8A16),
+        ("w4a8-dynamic", MSMODELSLIM_W4A8),
+    ],
 )
 def test_offline_tool_reproduces_msmodelslim_bit_for_bit(tmp_path, fmt, msmodelslim):
     out = tmp_path / "out"

@@ -1,10 +1,13 @@
-"""Quantize a BF16 ERNIE-4.5 MoE ``-PT`` checkpoint to msModelSlim W8A8_DYNAMIC or W8A16 (v1).
+"""Quantize a BF16 ERNIE-4.5 MoE ``-PT`` checkpoint to msModelSlim's v1 format: W8A8_DYNAMIC,
+W8A16, or W4A8_DYNAMIC routed experts with W8A8_DYNAMIC elsewhere.
 
-    python -m vllm_ernie_moe.quantize --model IN --output OUT [--format w8a16]
+    python -m vllm_ernie_moe.quantize --model IN --output OUT [--format w8a16|w4a8-dynamic]
     (or: vllm-ernie-moe-quantize)
 
-Both formats store the same int8 weights and scales (msModelSlim's per-channel symmetric minmax);
-only the labels differ, which tell the server whether to quantize activations too.
+W8A8_DYNAMIC and W8A16 store the same int8 weights and scales (msModelSlim's per-channel symmetric
+minmax); only the labels differ, which tell the server whether to quantize activations too.
+W4A8_DYNAMIC experts get msModelSlim's "ssz" int4 scales, its packing and ``scale_bias``, as its
+w4a8 practices write them.
 
 The output loads in vllm-ascend (``ascend``) and in this plugin, and holds the same int8 weights and
 scales msModelSlim writes for the same input. It streams one tensor at a time, so peak memory is
@@ -26,10 +29,15 @@ import torch
 from vllm_ernie_moe.checkpoint import is_mtp_tensor_name, is_paddle_tensor_name
 from vllm_ernie_moe.w8a8 import (
     FLOAT,
+    ROW_PARALLEL_PROJECTIONS,
+    W4A8_DYNAMIC,
     W8A8_DYNAMIC,
     W8A16,
+    int4_scale_bias,
     is_fused_expert_tensor,
     is_quantizable_weight,
+    pack_int4_rows,
+    quantize_int4_rows_ssz,
     quantize_rows,
 )
 
@@ -40,7 +48,7 @@ INDEX = f"{WEIGHTS_PREFIX}.safetensors.index.json"
 COPIED_SUFFIXES = (".json", ".py", ".txt", ".jinja", ".model", ".tiktoken")
 NOT_COPIED = ("model.safetensors.index.json", "config.json")
 #: ``--format`` values and the label each writes.
-FORMATS = {"w8a8-dynamic": W8A8_DYNAMIC, "w8a16": W8A16}
+FORMATS = {"w8a8-dynamic": W8A8_DYNAMIC, "w8a16": W8A16, "w4a8-dynamic": W4A8_DYNAMIC}
 
 
 class QuantizeError(Exception):
@@ -97,12 +105,24 @@ def _read(path: Path, name: str) -> torch.Tensor:
 def _converted(
     name: str, tensor: torch.Tensor, label: str
 ) -> Iterator[tuple[str, torch.Tensor, str]]:
-    """The output tensors for one input tensor, with their labels (``label`` if quantized)."""
+    """The output tensors for one input tensor, with their labels: W4A8_DYNAMIC applies to the
+    routed experts, the other quantized linears get W8A8_DYNAMIC (msModelSlim's w4a8 practice)."""
     if not (is_quantizable_weight(name) and tensor.dim() == 2 and tensor.is_floating_point()):
         yield name, tensor, FLOAT
         return
-    quantized, scale = quantize_rows(tensor)
-    yield name, quantized, label
+    if label == W4A8_DYNAMIC and ".mlp.experts." in name:
+        values, scale = quantize_int4_rows_ssz(tensor)
+        row_parallel = name.split(".")[-2] in ROW_PARALLEL_PROJECTIONS
+        yield name, pack_int4_rows(values), label
+        yield (
+            f"{name.removesuffix('.weight')}.scale_bias",
+            int4_scale_bias(values, scale, row_parallel),
+            label,
+        )
+    else:
+        label = W8A8_DYNAMIC if label == W4A8_DYNAMIC else label
+        quantized, scale = quantize_rows(tensor)
+        yield name, quantized, label
     yield f"{name}_scale", scale, label
     yield f"{name}_offset", torch.zeros_like(scale), label
 
@@ -149,8 +169,8 @@ class _ShardWriter:
 def quantize_checkpoint(
     model_dir: Path, output_dir: Path, shard_size_gb: float = 2.0, label: str = W8A8_DYNAMIC
 ) -> Path:
-    """Write the ``label`` (W8A8_DYNAMIC or W8A16) checkpoint of ``model_dir`` to ``output_dir``;
-    returns it."""
+    """Write the ``label`` (a :data:`FORMATS` value) checkpoint of ``model_dir`` to
+    ``output_dir``; returns it."""
     from tqdm import tqdm
 
     model_dir, output_dir = model_dir.resolve(), output_dir.resolve()
@@ -193,7 +213,8 @@ def quantize_checkpoint(
         description = dict(
             labels,
             version="1.0.0",
-            model_quant_type=label,
+            # msModelSlim names the highest type but hides W4A8_DYNAMIC behind W8A8_DYNAMIC.
+            model_quant_type=W8A8_DYNAMIC if label == W4A8_DYNAMIC else label,
             metadata={},
             group_size=0,
             optional={},
@@ -214,8 +235,8 @@ def quantize_checkpoint(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="vllm-ernie-moe-quantize",
-        description="Quantize an ERNIE-4.5 MoE -PT checkpoint to msModelSlim W8A8_DYNAMIC or "
-        "W8A16 (v1).",
+        description="Quantize an ERNIE-4.5 MoE -PT checkpoint to msModelSlim W8A8_DYNAMIC, W8A16 "
+        "or W4A8_DYNAMIC (v1).",
     )
     parser.add_argument("--model", required=True, type=Path, help="input checkpoint directory")
     parser.add_argument("--output", required=True, type=Path, help="new output directory")
@@ -226,7 +247,8 @@ def main(argv: list[str] | None = None) -> None:
         "--format",
         choices=FORMATS,
         default="w8a8-dynamic",
-        help="w8a8-dynamic: int8 weights and per-token int8 activations; w8a16: int8 weights only",
+        help="w8a8-dynamic: int8 weights and per-token int8 activations; w8a16: int8 weights "
+        "only; w4a8-dynamic: int4 routed experts, w8a8-dynamic elsewhere",
     )
     args = parser.parse_args(argv)
     if not args.model.is_dir():

@@ -148,6 +148,69 @@ def unpack_int4_rows(packed: torch.Tensor) -> torch.Tensor:
     return rows.reshape(*packed.shape[:-2], 2 * packed.shape[-2], packed.shape[-1])
 
 
+#: msModelSlim's "ssz" scale search: at most this many least-squares refinements per weight.
+SSZ_ITERATIONS = 50
+SSZ_CONVERGED = 1e-10
+
+
+def quantize_int4_rows_ssz(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int4 of ``weight [out, in]`` by msModelSlim's "ssz" search, bit for bit.
+
+    Start from the min/max scale (``max|row| / 7``); then repeatedly refit each row's scale by least
+    squares to the current int4 values (``sum(w q) / sum(q q)``), re-quantize, and keep a row's new
+    scale where its mean squared error (fp32) dropped; stop when no row changes. The arithmetic
+    stays in the weight's dtype, as msModelSlim's. Returns int8 holding -8..7 and the fp32 scale
+    ``[out, 1]``.
+    """
+    rows = weight.T  # msModelSlim works on [in, out], one column per output row
+    zero = torch.zeros(1, dtype=weight.dtype)
+    peak = torch.max(-torch.min(rows.amin(0), zero), torch.max(rows.amax(0), zero))
+    floor = torch.tensor([torch.finfo(torch.float32).eps]).type_as(peak)
+    scale = torch.max(peak / 7.0, floor)
+
+    def quantized(s: torch.Tensor) -> torch.Tensor:
+        return (rows / s).round_().clamp_(-8, 7)
+
+    def error(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        return torch.mean((rows - (q * s).float()).abs().pow(2), dim=0, keepdim=True)
+
+    q = quantized(scale)
+    best_scale, best_error = scale, error(q, scale)
+    for _ in range(SSZ_ITERATIONS):
+        fitted = torch.sum(rows * q, 0, keepdim=True) / torch.sum(q * q, 0, keepdim=True).clamp(
+            min=1e-30
+        )
+        fitted = fitted.squeeze()
+        q = quantized(fitted)
+        current = error(q, fitted).squeeze()
+        change = best_error - current
+        settled = (change / best_error.clamp(min=1e-4) < SSZ_CONVERGED) | (
+            change.abs() < SSZ_CONVERGED
+        )
+        if bool(settled.all()):
+            break
+        better = (current < best_error).to(torch.int32)
+        best_error = best_error * (1 - better) + current * better
+        best_scale = (best_scale * (1 - better) + fitted * better).squeeze()
+    return quantized(best_scale).T.to(torch.int8), best_scale.float()[:, None]
+
+
+def pack_int4_rows(values: torch.Tensor) -> torch.Tensor:
+    """int8 ``[out, in]`` holding -8..7 -> msModelSlim's packing ``[out/2, in]`` (inverse of
+    :func:`unpack_int4_rows`)."""
+    return torch.bitwise_left_shift(values[1::2], 4) | (values[0::2] & 0x0F)
+
+
+def int4_scale_bias(values: torch.Tensor, scale: torch.Tensor, row_parallel: bool) -> torch.Tensor:
+    """msModelSlim's ``scale_bias``: 8 x the dequantized row sums, for a row-parallel projection
+    in :data:`SCALE_BIAS_GROUPS` column groups (fp32, its order of operations)."""
+    dequantized = (values.float().T * scale.reshape(-1)).T
+    if not row_parallel:
+        return 8 * dequantized.sum(dim=1, keepdim=True)
+    groups = dequantized.reshape(-1, dequantized.shape[1] // SCALE_BIAS_GROUPS)
+    return (8 * groups.sum(dim=1, keepdim=True)).reshape(dequantized.shape[0], -1)
+
+
 def quantize_rows(
     weight: torch.Tensor, amax: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
