@@ -76,6 +76,36 @@ def vllm_generations(outputs) -> list[Generation]:
     ]
 
 
+def vllm_greedy(path: Path, dtype: str, tp: int, max_tokens: int, top_k: int) -> list[Generation]:
+    """Greedy generation on the prompts with a vLLM engine of its own (TP ranks bound one core
+    each), which is shut down before returning."""
+    import os
+
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    saved = dict(os.environ)
+    if tp > 1:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(rank) for rank in range(tp))
+    try:
+        llm = LLM(
+            model=str(path),
+            dtype=dtype,
+            tensor_parallel_size=tp,
+            max_model_len=512,
+            max_num_seqs=8,
+            enforce_eager=True,
+        )
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    prompts = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_token_ids(path)]
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, logprobs=top_k, ignore_eos=True)
+    outputs = vllm_generations(llm.generate(prompts, params, use_tqdm=False))
+    llm.llm_engine.engine_core.shutdown()
+    return outputs
+
+
 def check_logprobs_close(reference: list[Generation], tested: list[Generation]) -> None:
     """vLLM's rule (tests/models/utils.py): greedy tokens agree until the first difference, and
     there each side's token is among the other side's top-k; nothing is compared after it."""

@@ -6,7 +6,6 @@ transformers in fp32 on the checkpoint with the int4 values read nibble by nibbl
 their scales, activations fake-quantized per token as W4A8_DYNAMIC does.
 """
 
-import os
 from pathlib import Path
 
 import pytest
@@ -16,12 +15,9 @@ from reference import (
     dequantized_checkpoint,
     fake_quantize_activations,
     logprob_drift,
-    prompt_token_ids,
     transformers_greedy,
-    vllm_generations,
+    vllm_greedy,
 )
-from vllm import LLM, SamplingParams
-from vllm.inputs import TokensPrompt
 
 FIXTURES = Path(__file__).parent / "fixtures"
 W4A8 = FIXTURES / "ernie-tiny-w4a8-msmodelslim"
@@ -33,27 +29,8 @@ _results: dict[int, list] = {}
 @pytest.fixture(scope="module", params=[1, 2], ids=lambda tp: f"tp{tp}")
 def engine(request):
     tp = request.param
-    saved = dict(os.environ)
-    if tp > 1:
-        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"
-    try:
-        llm = LLM(
-            model=str(W4A8),
-            dtype="bfloat16",
-            tensor_parallel_size=tp,
-            max_model_len=512,
-            max_num_seqs=8,
-            enforce_eager=True,
-        )
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-    prompts = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_token_ids(W4A8)]
-    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, logprobs=TOP_K, ignore_eos=True)
-    _results[tp] = vllm_generations(llm.generate(prompts, params, use_tqdm=False))
-    yield tp, _results[tp]
-    llm.llm_engine.engine_core.shutdown()
-    del llm
+    _results[tp] = vllm_greedy(W4A8, "bfloat16", tp, MAX_TOKENS, TOP_K)
+    return tp, _results[tp]
 
 
 def test_matches_fake_quant_reference(engine, tmp_path):

@@ -6,7 +6,6 @@ checkpoint with ``int8 * scale`` written back (independent of the plugin's loade
 unquantized path on that same dequantized checkpoint, which must give the same numbers bit for bit.
 """
 
-import os
 from pathlib import Path
 
 import pytest
@@ -15,12 +14,9 @@ from reference import (
     check_logprobs_close,
     dequantized_checkpoint,
     logprob_drift,
-    prompt_token_ids,
     transformers_greedy,
-    vllm_generations,
+    vllm_greedy,
 )
-from vllm import LLM, SamplingParams
-from vllm.inputs import TokensPrompt
 
 FIXTURES = Path(__file__).parent / "fixtures"
 W8A16 = FIXTURES / "ernie-tiny-w8a16-msmodelslim"
@@ -41,28 +37,8 @@ def dequantized(tmp_path_factory) -> Path:
 def engine(request, dequantized):
     checkpoint, tp = request.param
     path = W8A16 if checkpoint == "w8a16" else dequantized
-    saved = dict(os.environ)
-    if tp > 1:
-        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"
-    try:
-        llm = LLM(
-            model=str(path),
-            dtype="bfloat16",
-            tensor_parallel_size=tp,
-            max_model_len=512,
-            max_num_seqs=8,
-            enforce_eager=True,
-        )
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-    prompts = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_token_ids(path)]
-    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, logprobs=TOP_K, ignore_eos=True)
-    outputs = vllm_generations(llm.generate(prompts, params, use_tqdm=False))
-    _results[request.param] = outputs
-    yield request.param, outputs
-    llm.llm_engine.engine_core.shutdown()
-    del llm
+    _results[request.param] = vllm_greedy(path, "bfloat16", tp, MAX_TOKENS, TOP_K)
+    return request.param, _results[request.param]
 
 
 def test_matches_fp32_reference_on_dequantized_weights(engine, dequantized):
