@@ -434,8 +434,8 @@ class ErnieW8A16MoEMethod(UnquantizedFusedMoEMethod):
 
 @register_quantization_config(QUANTIZATION_NAME)
 class ErnieW8A8DynamicConfig(QuantizationConfig):
-    """msModelSlim W8A8_DYNAMIC and W8A16: served from the description JSON; W8A8_DYNAMIC also
-    applied to BF16 at load."""
+    """msModelSlim W8A8_DYNAMIC, W8A16 and W4A8_DYNAMIC: served from the description JSON;
+    W8A8_DYNAMIC also applied to BF16 at load."""
 
     def __init__(self) -> None:
         super().__init__()
