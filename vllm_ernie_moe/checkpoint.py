@@ -18,11 +18,11 @@ from transformers import PretrainedConfig
 
 from vllm_ernie_moe.w8a8 import (
     INT8_WEIGHT_LABELS,
-    ROW_PARALLEL_PROJECTIONS,
-    SCALE_BIAS_GROUPS,
     W4A8_DYNAMIC,
     ModelSlimDescription,
     is_quantizable_weight,
+    scale_bias_groups,
+    scale_bias_name,
 )
 
 CORRECTION_BIAS = "mlp.moe_statics.e_score_correction_bias"
@@ -167,9 +167,7 @@ def add_quantized_tensors(
         quantized[f"{name}_offset"] = (out, 1)
         if label == W4A8_DYNAMIC:
             quantized[name] = (out // 2, columns)
-            row_parallel = name.split(".")[-2] in ROW_PARALLEL_PROJECTIONS
-            module = name.removesuffix(".weight")
-            quantized[f"{module}.scale_bias"] = (out, SCALE_BIAS_GROUPS if row_parallel else 1)
+            quantized[scale_bias_name(name)] = (out, scale_bias_groups(name))
     return quantized
 
 

@@ -29,16 +29,18 @@ import torch
 from vllm_ernie_moe.checkpoint import is_mtp_tensor_name, is_paddle_tensor_name
 from vllm_ernie_moe.w8a8 import (
     FLOAT,
-    ROW_PARALLEL_PROJECTIONS,
     W4A8_DYNAMIC,
     W8A8_DYNAMIC,
     W8A16,
     int4_scale_bias,
     is_fused_expert_tensor,
     is_quantizable_weight,
+    is_routed_expert,
     pack_int4_rows,
     quantize_int4_rows_ssz,
     quantize_rows,
+    scale_bias_groups,
+    scale_bias_name,
 )
 
 DESCRIPTION = "quant_model_description.json"
@@ -110,15 +112,10 @@ def _converted(
     if not (is_quantizable_weight(name) and tensor.dim() == 2 and tensor.is_floating_point()):
         yield name, tensor, FLOAT
         return
-    if label == W4A8_DYNAMIC and ".mlp.experts." in name:
+    if label == W4A8_DYNAMIC and is_routed_expert(name):
         values, scale = quantize_int4_rows_ssz(tensor)
-        row_parallel = name.split(".")[-2] in ROW_PARALLEL_PROJECTIONS
         yield name, pack_int4_rows(values), label
-        yield (
-            f"{name.removesuffix('.weight')}.scale_bias",
-            int4_scale_bias(values, scale, row_parallel),
-            label,
-        )
+        yield scale_bias_name(name), int4_scale_bias(values, scale, scale_bias_groups(name)), label
     else:
         label = W8A8_DYNAMIC if label == W4A8_DYNAMIC else label
         quantized, scale = quantize_rows(tensor)

@@ -201,14 +201,31 @@ def pack_int4_rows(values: torch.Tensor) -> torch.Tensor:
     return torch.bitwise_left_shift(values[1::2], 4) | (values[0::2] & 0x0F)
 
 
-def int4_scale_bias(values: torch.Tensor, scale: torch.Tensor, row_parallel: bool) -> torch.Tensor:
-    """msModelSlim's ``scale_bias``: 8 x the dequantized row sums, for a row-parallel projection
-    in :data:`SCALE_BIAS_GROUPS` column groups (fp32, its order of operations)."""
+def is_routed_expert(tensor: str) -> bool:
+    """A routed expert's tensor (``mlp.experts.E.*``), not a shared expert's: where
+    W4A8_DYNAMIC applies."""
+    return ".mlp.experts." in tensor
+
+
+def scale_bias_name(weight: str) -> str:
+    """``P.weight`` -> ``P.scale_bias``."""
+    return f"{weight.removesuffix('.weight')}.scale_bias"
+
+
+def scale_bias_groups(weight: str) -> int:
+    """Column groups of the W4A8_DYNAMIC ``scale_bias`` of ``P.weight``: :data:`SCALE_BIAS_GROUPS`
+    for a row-parallel projection, 1 otherwise."""
+    return SCALE_BIAS_GROUPS if weight.split(".")[-2] in ROW_PARALLEL_PROJECTIONS else 1
+
+
+def int4_scale_bias(values: torch.Tensor, scale: torch.Tensor, groups: int) -> torch.Tensor:
+    """msModelSlim's ``scale_bias`` [out, groups]: 8 x the dequantized row sums over ``groups``
+    column groups (fp32, in its order of operations)."""
     dequantized = (values.float().T * scale.reshape(-1)).T
-    if not row_parallel:
+    if groups == 1:
         return 8 * dequantized.sum(dim=1, keepdim=True)
-    groups = dequantized.reshape(-1, dequantized.shape[1] // SCALE_BIAS_GROUPS)
-    return (8 * groups.sum(dim=1, keepdim=True)).reshape(dequantized.shape[0], -1)
+    parts = dequantized.reshape(-1, dequantized.shape[1] // groups)
+    return (8 * parts.sum(dim=1, keepdim=True)).reshape(dequantized.shape[0], -1)
 
 
 def quantize_rows(
@@ -288,7 +305,7 @@ def load_description(path: Path) -> ModelSlimDescription:
             )
         if label != FLOAT:
             _check_quantizable(path, tensor, label)
-        if label == W4A8_DYNAMIC and ".mlp.experts." not in tensor:
+        if label == W4A8_DYNAMIC and not is_routed_expert(tensor):
             raise QuantizationFormatError(
                 f"{path}: tensor '{tensor}' is labelled W4A8_DYNAMIC, which is served on the "
                 "routed experts (mlp.experts.*) only, as in vllm-ascend; quantize the other "
