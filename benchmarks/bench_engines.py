@@ -3,14 +3,21 @@
 Checkpoint: the exact ERNIE-4.5-21B-A3B geometry with 4 layers (dense layer 0 + 3 MoE layers),
 random bf16 weights with a random router (built once and cached), its W8A8_DYNAMIC version
 written by ``vllm_ernie_moe.quantize`` and, for llama.cpp, GGUF BF16 / Q8_0 conversions of the
-same weights. Each engine runs in its own subprocess on the same cores; rows: bs=1 decode (128 in /
-64 out), bs=8 decode, 1024-token prefill; for vLLM also engine load time and peak memory while
+same weights. The W4A8_DYNAMIC engines (the plugin's ``w4a8``, llama.cpp's Q4_0 and Q4_K_M)
+share a random W4A8_DYNAMIC checkpoint written tensor by tensor (``build_w4a8_checkpoint``);
+llama.cpp's files are its dequantized weights, converted to Q8_0 and quantized by llama.cpp's own
+quantizer. ``--layers 28`` is the whole ERNIE-4.5-21B-A3B: only the W4A8 engines run at that
+size (its bf16 checkpoint, 43 GB, does not fit this machine's memory; W8A8 needs ~22 GB).
+
+Each engine runs in its own subprocess on the same cores; rows: bs=1 decode (128 in / 64 out),
+bs=8 decode, 1024-token prefill; for vLLM also engine load time and peak memory while
 loading (PSS of the benchmark process and its engine/worker children, sampled every 0.1 s;
 serving adds only the fixed 1 GiB KV cache, already allocated at load). "roofline" is not an
 engine: the bs=1 decode speed at which the weights stream at the best GEMV rate measured.
 
     python benchmarks/bench_engines.py --rounds 2   # every engine installed, interleaved rounds
     python benchmarks/bench_engines.py --engines plugin builtin --json out.json
+    python benchmarks/bench_engines.py --layers 28 --engines w4a8 llama.cpp-q4_0 llama.cpp-q4_k_m
 
 Decode tok/s = generated tokens after the first / (time for 64 tokens - time for 1 token).
 """
@@ -37,7 +44,12 @@ ENGINES = {
     "w8a8-stock-kernels": "vLLM + vllm-ernie-moe, W8A8_DYNAMIC, VLLM_ERNIE_MOE_SGL_KERNELS=0",
     "llama.cpp-bf16": "llama.cpp BF16 (llama-cpp-python 0.3.36)",
     "llama.cpp-q8_0": "llama.cpp Q8_0 (llama-cpp-python 0.3.36)",
+    "w4a8": "vLLM + vllm-ernie-moe, W4A8_DYNAMIC (int4 experts)",
+    "llama.cpp-q4_0": "llama.cpp Q4_0 of the W4A8 weights (llama-cpp-python 0.3.36)",
+    "llama.cpp-q4_k_m": "llama.cpp Q4_K_M of the W4A8 weights (llama-cpp-python 0.3.36)",
 }
+#: Engines that load the W4A8_DYNAMIC checkpoint or GGUF files made from it.
+W4A8_ENGINES = ("w4a8", "llama.cpp-q4_0", "llama.cpp-q4_k_m")
 # Engine -> extra environment for its process.
 ENGINE_ENV = {
     "builtin": {"VLLM_PLUGINS": "none"},  # load no general plugin: vLLM's own ERNIE class
@@ -191,6 +203,10 @@ def child(engine: str, checkpoint: str, out: str) -> None:
     Path(out).write_text(json.dumps(result))
 
 
+def _geometry(layers: int) -> dict[str, int]:
+    return dict(num_hidden_layers=layers, moe_layer_end_index=layers - 1)
+
+
 def checkpoint_paths(cache: Path, layers: int = 4) -> tuple[Path, Path]:
     """The BF16 21B-geometry checkpoint with ``layers`` layers (dense layer 0, the rest MoE) and its
     W8A8_DYNAMIC (msModelSlim format) version, built once."""
@@ -200,32 +216,53 @@ def checkpoint_paths(cache: Path, layers: int = 4) -> tuple[Path, Path]:
     bf16, w8a8 = cache / f"21b-{layers}layers-bf16", cache / f"21b-{layers}layers-w8a8"
     if not (bf16 / "config.json").exists():
         print(f"building the 21B-geometry {layers}-layer checkpoint in {bf16} ...", flush=True)
-        build_checkpoint(
-            bf16,
-            "21b-4layers",
-            dtype="bfloat16",
-            num_hidden_layers=layers,
-            moe_layer_end_index=layers - 1,
-        )
+        build_checkpoint(bf16, "21b-4layers", dtype="bfloat16", **_geometry(layers))
     if not w8a8.exists():
         quantize_checkpoint(bf16, w8a8)
     return bf16, w8a8
 
 
-def engine_checkpoint(engine: str, bf16: Path, w8a8: Path, llama_src: str | None) -> Path:
-    """What ``engine`` loads; llama.cpp's GGUF files are converted from the BF16 one, once."""
-    if engine.startswith("w8a8"):
-        return w8a8
-    if not engine.startswith("llama.cpp"):
-        return bf16
-    outtype = engine.removeprefix("llama.cpp-")
-    gguf = bf16.with_name(f"{bf16.name.removesuffix('-bf16')}-{outtype}.gguf")
-    if not gguf.exists():
-        if llama_src is None:
-            sys.exit(f"{engine}: pass --llama-cpp-src (see benchmarks/llama_cpp_engine.py)")
-        from llama_cpp_engine import convert
+def w4a8_checkpoint(cache: Path, layers: int) -> Path:
+    """The random W4A8_DYNAMIC 21B-geometry checkpoint with ``layers`` layers, built once."""
+    from vllm_ernie_moe.random_checkpoint import build_w4a8_checkpoint
 
-        convert(bf16, gguf, outtype, Path(llama_src))
+    w4a8 = cache / f"21b-{layers}layers-w4a8"
+    if not (w4a8 / "config.json").exists():
+        print(f"building the W4A8_DYNAMIC {layers}-layer checkpoint in {w4a8} ...", flush=True)
+        build_w4a8_checkpoint(w4a8, "21b-4layers", **_geometry(layers))
+    return w4a8
+
+
+def engine_checkpoint(engine: str, cache: Path, layers: int, llama_src: str | None) -> Path:
+    """What ``engine`` loads; llama.cpp's files are GGUF conversions of the BF16 checkpoint or,
+    for the 4-bit formats, of the W4A8_DYNAMIC one, made once (see :func:`gguf_file`)."""
+    if engine in W4A8_ENGINES:
+        source = w4a8_checkpoint(cache, layers)
+    else:
+        bf16, w8a8 = checkpoint_paths(cache, layers)
+        source = w8a8 if engine.startswith("w8a8") else bf16
+    if not engine.startswith("llama.cpp"):
+        return source
+    return gguf_file(source, engine.removeprefix("llama.cpp-"), llama_src)
+
+
+def gguf_file(source: Path, outtype: str, llama_src: str | None) -> Path:
+    """``source`` as GGUF ``outtype``, converted once by llama.cpp's converter; a 4-bit type is
+    quantized by llama.cpp's quantizer from a Q8_0 conversion, deleted afterwards (23 GB at 28
+    layers: the disk holds the checkpoint and both 4-bit files, not the Q8_0 as well)."""
+    from llama_cpp_engine import QUANTIZER_TYPES, convert, quantize
+
+    gguf = source.with_name(f"{source.name.removesuffix('-bf16')}-{outtype}.gguf")
+    if gguf.exists():
+        return gguf
+    if outtype in QUANTIZER_TYPES:
+        q8_0 = gguf_file(source, "q8_0", llama_src)
+        quantize(q8_0, gguf, outtype)
+        q8_0.unlink()
+        return gguf
+    if llama_src is None:
+        sys.exit(f"{source.name} as {outtype}: pass --llama-cpp-src (see llama_cpp_engine.py)")
+    convert(source, gguf, outtype, Path(llama_src))
     return gguf
 
 
@@ -257,6 +294,9 @@ RATIOS = (
     ("plugin", "plugin-stock-kernels", SPEED_KEYS),
     ("w8a8", "w8a8-stock-kernels", SPEED_KEYS),
     ("w8a8-int8-head", "w8a8", (*SPEED_KEYS, "peak_pss_gib")),
+    ("w4a8", "llama.cpp-q4_k_m", SPEED_KEYS),
+    ("w4a8", "llama.cpp-q4_0", SPEED_KEYS),
+    ("w4a8", "w8a8", (*SPEED_KEYS, "load_s", "peak_pss_gib")),
 )
 
 
@@ -340,6 +380,9 @@ def main() -> None:
         "--llama-cpp-src", help="llama.cpp source (for its GGUF converter), see llama_cpp_engine.py"
     )
     parser.add_argument(
+        "--layers", type=int, default=4, help="28: the whole 21B-A3B (W4A8 engines only)"
+    )
+    parser.add_argument(
         "--child", nargs=3, metavar=("ENGINE", "CHECKPOINT", "OUT"), help=argparse.SUPPRESS
     )
     args = parser.parse_args()
@@ -347,10 +390,13 @@ def main() -> None:
         child(*args.child)
         return
     cache = Path(args.cache)
-    bf16, w8a8 = checkpoint_paths(cache)
+    if args.layers > 4 and not all(e in W4A8_ENGINES for e in args.engines):
+        parser.error(f"--layers {args.layers}: only {', '.join(W4A8_ENGINES)} fit this machine")
     results: dict[str, dict[str, float]] = {}
     rounds: dict[str, list[dict[str, float]]] = {}
-    checkpoints = {e: engine_checkpoint(e, bf16, w8a8, args.llama_cpp_src) for e in args.engines}
+    checkpoints = {
+        e: engine_checkpoint(e, cache, args.layers, args.llama_cpp_src) for e in args.engines
+    }
     for engine in args.engines * args.rounds:
         out = cache / f"{engine}.json"
         measured = run_child(__file__, engine, checkpoints[engine], out, ENGINE_ENV.get(engine, {}))

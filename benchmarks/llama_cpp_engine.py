@@ -12,12 +12,22 @@ package unpacked, for llama.cpp's own HF -> GGUF converter::
 The benchmark checkpoint's tokenizer is a locally built byte-level BPE that llama.cpp's converter
 does not recognise (it expects ERNIE's SentencePiece model). The benchmark feeds token ids, never
 text, so the GGUF gets llama.cpp's "none" vocabulary of the same size instead.
+
+A msModelSlim checkpoint (the 28-layer W4A8_DYNAMIC one) is converted from its dequantized weights
+(int8 or int4 values times their scales, in bf16): the same weights the plugin serves. llama.cpp's
+4-bit formats (Q4_0, Q4_K_M) are made by llama.cpp's own quantizer from its Q8_0 file, as users of
+llama.cpp make them.
 """
 
+import os
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
+
+#: llama.cpp's ``llama_ftype`` values of the 4-bit formats its quantizer makes.
+QUANTIZER_TYPES = {"q4_0": 2, "q4_k_m": 15}
 
 
 def convert(checkpoint: Path, outfile: Path, outtype: str, converter_dir: Path) -> None:
@@ -36,10 +46,58 @@ def convert(checkpoint: Path, outfile: Path, outtype: str, converter_dir: Path) 
     )
 
 
+def quantize(source: Path, outfile: Path, outtype: str) -> None:
+    """Writes ``outfile`` (a :data:`QUANTIZER_TYPES` outtype) from the GGUF ``source`` with
+    llama.cpp's quantizer (``llama-quantize``'s C API), on every core."""
+    import llama_cpp as lc
+
+    params = lc.llama_model_quantize_default_params()
+    params.ftype, params.nthread = QUANTIZER_TYPES[outtype], os.cpu_count() or 1
+    params.allow_requantize = True  # the source is Q8_0
+    partial_file = outfile.with_suffix(".partial")
+    if lc.llama_model_quantize(str(source).encode(), str(partial_file).encode(), params) != 0:
+        raise RuntimeError(f"llama.cpp could not quantize {source} to {outtype}")
+    partial_file.rename(outfile)
+
+
+def dequantized(tensors: dict) -> dict:
+    """The converter's lazy tensors of a msModelSlim checkpoint as bf16 weights: each int8 weight
+    (int4 pairs when it has a ``scale_bias``) times its per-row scale, computed only when the
+    converter writes it; the scales, offsets (zero: symmetric) and ``scale_bias`` left out."""
+    import torch
+
+    from vllm_ernie_moe.w8a8 import scale_bias_name, unpack_int4_rows
+
+    def weight(name: str) -> torch.Tensor:
+        values = tensors[name]()
+        if scale_bias_name(name) in tensors:
+            values = unpack_int4_rows(values)
+        return (values.float() * tensors[f"{name}_scale"]()).to(torch.bfloat16)
+
+    side_tensors = ("_scale", "_offset", ".scale_bias")
+    return {
+        name: partial(weight, name) if f"{name}_scale" in tensors else load
+        for name, load in tensors.items()
+        if not name.endswith(side_tensors)
+    }
+
+
 def _convert_in_process(checkpoint: str, outfile: str, outtype: str, converter_dir: str) -> None:
     sys.path[:0] = [converter_dir, str(Path(converter_dir) / "gguf-py")]
     import convert_hf_to_gguf
+    from conversion.base import ModelBase
     from conversion.ernie import Ernie4_5Model
+
+    from vllm_ernie_moe.w8a8 import find_description
+
+    if find_description(checkpoint) is not None:  # msModelSlim's file names and int weights
+        from vllm_ernie_moe.quantize import WEIGHTS_PREFIX
+
+        part_names, index_tensors = ModelBase.get_model_part_names, ModelBase.index_tensors
+        ModelBase.get_model_part_names = staticmethod(
+            lambda directory, prefix, suffix: part_names(directory, WEIGHTS_PREFIX, suffix)
+        )
+        ModelBase.index_tensors = lambda self, **kw: dequantized(index_tensors(self, **kw))
 
     def vocab_of_ids_only(self) -> None:
         self.gguf_writer.add_tokenizer_model("none")

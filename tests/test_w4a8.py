@@ -62,3 +62,28 @@ def test_tensor_parallel_matches_tp1(engine):
     # not bit-equal. Measured p90: below 0.03 on vLLM 0.32, 0.031 on 0.27.1's oneDNN int8 GEMM.
     check_logprobs_close(_results[1], outputs)
     assert_bf16_drift(_results[1], outputs, p90=0.04)
+
+
+def test_gptq_columns_follow_gptq_layout():
+    """The repacking for vLLM's int4 kernel, against GPTQ's layout spelled out one value at a
+    time (word ``i`` of column ``o`` holds input ``8i + j`` + 8 in bits ``4j..4j+3``), from
+    msModelSlim's packing written out by hand (row ``2r`` in the low nibble, ``2r + 1`` high)."""
+    import torch
+
+    from vllm_ernie_moe.quantization import gptq_int4_columns
+
+    experts, rows, inputs = 2, 6, 16
+    values = torch.randint(
+        -8, 8, (experts, rows, inputs), generator=torch.Generator().manual_seed(0)
+    )
+    packed = torch.zeros(experts, rows // 2, inputs, dtype=torch.int8)
+    expected = torch.zeros(experts, inputs // 8, rows, dtype=torch.int64)
+    for e in range(experts):
+        for o in range(rows):
+            for i in range(inputs):
+                v = int(values[e, o, i])
+                nibble = (v & 0xF) if o % 2 == 0 else (v << 4)  # high nibble keeps the sign
+                packed[e, o // 2, i] = int(packed[e, o // 2, i]) | nibble
+                expected[e, i // 8, o] |= (v + 8) << (4 * (i % 8))
+    words = gptq_int4_columns(packed).to(torch.int64) & 0xFFFFFFFF
+    assert torch.equal(words, expected)

@@ -134,7 +134,7 @@ def test_interrupted_run_leaves_no_output(tmp_path, monkeypatch):
             raise OSError(28, "No space left on device")
         self.pending[name] = tensor
 
-    monkeypatch.setattr(quantize._ShardWriter, "add", full_disk)
+    monkeypatch.setattr(quantize.ShardWriter, "add", full_disk)
     with pytest.raises(OSError):
         quantize.quantize_checkpoint(BF16_SOURCE, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []  # neither the output nor a partial directory

@@ -8,22 +8,27 @@ Two modes, one method:
   msModelSlim's formula (``vllm_ernie_moe.w8a8.quantize_rows``): the same int8 weights and scales.
 
 Kernels are vLLM's own: oneDNN int8 scaled-mm for W8A8 linear layers, ``CPUExpertsInt8`` for W8A8
-experts (also W4A8_DYNAMIC experts, unpacked to int8 at load). vLLM has no CPU GEMM for int8
-weights with unquantized activations (its CPU WNA16 kernels take 4-bit weights only), so W8A16
-weights are dequantized at load and run on the unquantized kernels: msModelSlim's weights and
-numbers, BF16's memory and speed.
+experts, ``CPUExpertsInt4``'s INT4_W4A8 path for W4A8_DYNAMIC experts (int4 in memory). vLLM has
+no CPU GEMM for int8 weights with unquantized activations (its CPU WNA16 kernels take 4-bit weights
+only), so W8A16 weights are dequantized at load and run on the unquantized kernels: msModelSlim's
+weights and numbers, BF16's memory and speed.
 On Ascend NPUs vllm-ascend loads msModelSlim checkpoints itself (method ``ascend``): this method
 refuses to run there rather than shadow it.
 """
 
 import torch
 from torch.nn import Module, Parameter
+from vllm._custom_ops import CPUQuantAlgo, CPUQuantMethod
 from vllm.distributed import get_ep_group, get_tensor_model_parallel_world_size, get_tp_group
 from vllm.logger import init_logger
 from vllm.model_executor.kernels.linear import init_int8_linear_kernel
 from vllm.model_executor.layers.fused_moe import FusedMoEMethodBase, RoutedExperts
-from vllm.model_executor.layers.fused_moe.config import FusedMoEConfig
-from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUExpertsInt8
+from vllm.model_executor.layers.fused_moe.config import FusedMoEConfig, int4_w4a16_moe_quant_config
+from vllm.model_executor.layers.fused_moe.experts.cpu_moe import (
+    CPUExpertsInt4,
+    CPUExpertsInt8,
+    prepare_int4_moe_layer_for_cpu,
+)
 from vllm.model_executor.layers.fused_moe.modular_kernel import FusedMoEActivationFormat
 from vllm.model_executor.layers.fused_moe.oracle.int8 import (
     Int8MoeBackend,
@@ -44,6 +49,7 @@ from vllm.model_executor.layers.linear import (
 from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 from vllm.model_executor.layers.quantization.utils.quant_utils import (
+    kInt4Static,
     kInt8DynamicTokenSym,
     kInt8StaticChannelSym,
 )
@@ -117,14 +123,14 @@ def _set_quantized(layer: Module, name: str, tensor: torch.Tensor) -> None:
     setattr(layer, name, Parameter(tensor, requires_grad=False))
 
 
-class ErnieCPUExpertsInt8(CPUExpertsInt8):
-    """vLLM's int8 MoE experts, accepted for ERNIE's routing and on AVX512-VNNI CPUs.
+class _ErnieCPUExperts:
+    """vLLM's quantized CPU experts, accepted for ERNIE's routing and on AVX512-VNNI CPUs.
 
     Upstream refuses them for "routing method Unspecified" (softmax + correction bias), but on
     vLLM 0.32+ the experts never route: ``CPURouter`` (patched) computes the ids and weights before
-    ``apply``, exactly as for ``CPUUnquantizedExperts`` (vLLM 0.27: see the subclass below).
-    Upstream also asks for AMX; the kernel's int8 path runs on AVX512-VNNI too
-    (tests/test_w8a8.py compares it with a plain-PyTorch reference).
+    ``apply``, exactly as for ``CPUUnquantizedExperts`` (vLLM 0.27: see ``_RoutesByErnieRule``).
+    Upstream also asks for AMX (0.32's int4 experts); the kernels' int8 and int4 paths run on
+    AVX512-VNNI too (tests/test_w8a8.py and tests/test_w4a8.py compare them with references).
     """
 
     @staticmethod
@@ -136,10 +142,12 @@ class ErnieCPUExpertsInt8(CPUExpertsInt8):
         return True
 
 
-class ErnieSelfRoutingCPUExpertsInt8(ErnieCPUExpertsInt8):
-    """vLLM 0.27's int8 CPU experts are monolithic: they route the router logits themselves and,
-    for softmax + correction bias, drop the bias and the renormalisation. Route by ERNIE's rule
-    here and run the same kernel call."""
+class _RoutesByErnieRule:
+    """vLLM 0.27's quantized CPU experts are monolithic: they route the router logits themselves
+    and, for softmax + correction bias, drop the bias and the renormalisation. Route by ERNIE's
+    rule here and make the same kernel call (``cpu_quant_method`` names the kernel's path)."""
+
+    cpu_quant_method: int
 
     def apply(
         self,
@@ -157,25 +165,39 @@ class ErnieSelfRoutingCPUExpertsInt8(ErnieCPUExpertsInt8):
         routed_scaling_factor: float | None = None,
         topk_group: int | None = None,
     ) -> torch.Tensor:
-        from vllm._custom_ops import CPUQuantMethod, fused_experts_cpu
+        from vllm._custom_ops import fused_experts_cpu
 
         topk_weights, topk_ids = biased_softmax_topk(
             router_logits, e_score_correction_bias, self.moe_config.experts_per_token, True
         )
         return fused_experts_cpu(
-            hidden_states, w1, w2, topk_weights, topk_ids, False, CPUQuantMethod.INT8_W8A8,
-            self.w1_scale, self.w2_scale,
-            None, None, None, None, None, None, None,  # zero points, block, biases, alpha, limit
+            hidden_states, w1, w2, topk_weights, topk_ids, False, self.cpu_quant_method,
+            self.w1_scale, self.w2_scale, self.w1_zp, self.w2_zp,
+            None, None, None, None, None,  # block, biases, alpha, limit
             True,  # VNNI-packed weights
         )  # fmt: skip
 
 
-def cpu_experts_int8_class() -> type[ErnieCPUExpertsInt8]:
-    return (
-        ErnieSelfRoutingCPUExpertsInt8
-        if compat.cpu_experts_route_themselves()
-        else ErnieCPUExpertsInt8
-    )
+class ErnieCPUExpertsInt8(_ErnieCPUExperts, CPUExpertsInt8):
+    """int8 weights, per-token int8 activations (``CPUQuantMethod.INT8_W8A8``)."""
+
+
+class ErnieSelfRoutingCPUExpertsInt8(_RoutesByErnieRule, ErnieCPUExpertsInt8):
+    cpu_quant_method = CPUQuantMethod.INT8_W8A8
+
+
+class ErnieCPUExpertsInt4(_ErnieCPUExperts, CPUExpertsInt4):
+    """int4 weights, per-token int8 activations (``CPUQuantMethod.INT4_W4A8``)."""
+
+
+class ErnieSelfRoutingCPUExpertsInt4(_RoutesByErnieRule, ErnieCPUExpertsInt4):
+    cpu_quant_method = CPUQuantMethod.INT4_W4A8
+
+
+def cpu_experts_class(int4: bool) -> type:
+    if compat.cpu_experts_route_themselves():
+        return ErnieSelfRoutingCPUExpertsInt4 if int4 else ErnieSelfRoutingCPUExpertsInt8
+    return ErnieCPUExpertsInt4 if int4 else ErnieCPUExpertsInt8
 
 
 @register_weight_loader_v2_supported_method
@@ -237,35 +259,28 @@ class ErnieW8A8LinearMethod(LinearMethodBase):
 
 
 class ErnieW8A8MoEMethod(FusedMoEMethodBase):
-    """Routed experts in int8 (per-channel weights, per-token activations) on CPUExpertsInt8.
+    """Routed experts in int8 (per-channel weights, per-token activations) on CPUExpertsInt8."""
 
-    ``packed_int4``: msModelSlim W4A8_DYNAMIC experts, int4 packed two per int8 along the output
-    rows. Unpacked at load into int8 holding the int4 values, with the same scales: the int8 GEMM
-    then computes exactly W4A8's integer products (int8 activations times int4 weights), at int8's
-    memory (vLLM's CPU int4 kernels take bf16 activations, or int8 ones on AMX only).
-    """
+    #: msModelSlim stores two int4 values per int8 along the output rows (W4A8_DYNAMIC).
+    int4_packed = False
+    experts_quant_keys = (kInt8StaticChannelSym, kInt8DynamicTokenSym)
 
-    def __init__(self, moe: FusedMoEConfig, prequantized: bool, packed_int4: bool = False) -> None:
+    def __init__(self, moe: FusedMoEConfig, prequantized: bool) -> None:
         super().__init__(moe)
         self.prequantized = prequantized
-        self.packed_int4 = packed_int4
         if not current_platform.is_cpu():
             raise QuantizationFormatError(
-                f"{QUANTIZATION_NAME}: int8 experts are implemented for vLLM's CPU backend only "
-                "(on Ascend, vllm-ascend serves msModelSlim checkpoints as 'ascend')."
+                f"{QUANTIZATION_NAME}: quantized experts are implemented for vLLM's CPU backend "
+                "only (on Ascend, vllm-ascend serves msModelSlim checkpoints as 'ascend')."
             )
-        self.experts_cls = cpu_experts_int8_class()
+        self.experts_cls = cpu_experts_class(int4=self.int4_packed)
         supported, why = self.experts_cls.is_supported_config(
-            self.experts_cls,
-            moe,
-            kInt8StaticChannelSym,
-            kInt8DynamicTokenSym,
-            FusedMoEActivationFormat.Standard,
+            self.experts_cls, moe, *self.experts_quant_keys, FusedMoEActivationFormat.Standard
         )
         if not supported:
             raise QuantizationFormatError(
-                f"{QUANTIZATION_NAME}: vLLM's int8 CPU experts cannot run this layer ({why}); they "
-                f"need hidden_size ({moe.hidden_dim}) and moe_intermediate_size per TP rank "
+                f"{QUANTIZATION_NAME}: vLLM's quantized CPU experts cannot run this layer ({why}); "
+                f"they need hidden_size ({moe.hidden_dim}) and moe_intermediate_size per TP rank "
                 f"({moe.intermediate_size_per_partition}) to be multiples of 32."
             )
 
@@ -284,7 +299,7 @@ class ErnieW8A8MoEMethod(FusedMoEMethodBase):
             "w2_weight": (num_experts, hidden_size, intermediate_size_per_partition),
         }
         for name, (experts, rows, columns) in shapes.items():
-            stored_rows = rows // 2 if self.packed_int4 else rows
+            stored_rows = rows // 2 if self.int4_packed else rows
             weight = Parameter(
                 torch.empty(experts, stored_rows, columns, dtype=weight_dtype), requires_grad=False
             )
@@ -296,9 +311,6 @@ class ErnieW8A8MoEMethod(FusedMoEMethodBase):
         layer.w2_input_scale = None
 
     def process_weights_after_loading(self, layer: Module) -> None:
-        if self.packed_int4:
-            for name in ("w13_weight", "w2_weight"):
-                _set_quantized(layer, name, unpack_int4_rows(getattr(layer, name).data))
         if not self.prequantized:
             for name in ("w13_weight", "w2_weight"):
                 weight = getattr(layer, name).data
@@ -308,6 +320,9 @@ class ErnieW8A8MoEMethod(FusedMoEMethodBase):
                 quantized, scale = quantize_rows(weight, amax)
                 _set_quantized(layer, name, quantized)
                 _set_quantized(layer, f"{name}_scale", scale)
+        self._make_kernel(layer)
+
+    def _make_kernel(self, layer: Module) -> None:
         self.moe_quant_config = self.get_fused_moe_quant_config(layer)
         self.moe_kernel = make_int8_moe_kernel(
             int8_backend=Int8MoeBackend.CPU,
@@ -368,6 +383,72 @@ class ErnieW8A8MoEMethod(FusedMoEMethodBase):
             shared_experts=shared_experts,
             shared_experts_input=shared_experts_input,
         )
+
+
+class ErnieW4A8MoEMethod(ErnieW8A8MoEMethod):
+    """msModelSlim W4A8_DYNAMIC routed experts, int4 in memory, on vLLM's CPU ``INT4_W4A8`` kernel
+    (int4 weights times per-token int8 activations, as on the NPU).
+
+    Repacked at load: msModelSlim's rows (two int4 per int8 along the output dimension) become
+    GPTQ's int32 columns (eight along the input dimension, offset by 8), which vLLM blocks for its
+    kernel. The kernel takes group scales only, so each per-channel scale is repeated over groups of
+    :func:`int4_group_size` inputs: the same numbers, 1-3% more bytes.
+    """
+
+    int4_packed = True
+    experts_quant_keys = (kInt4Static, None)
+
+    def process_weights_after_loading(self, layer: Module) -> None:
+        names = ("w13_weight", "w2_weight")
+        blocked = prepare_int4_moe_layer_for_cpu(
+            *(gptq_int4_columns(getattr(layer, name).data) for name in names),
+            *(_group_scales(getattr(layer, f"{name}_scale").data, name, layer) for name in names),
+            quant_algo=CPUQuantAlgo.GPTQ,
+        )
+        kernel_names = ("w13_weight", "w2_weight", "w13_weight_scale", "w2_weight_scale",
+                        "w13_zero", "w2_zero")  # fmt: skip
+        for name, tensor in zip(kernel_names, blocked, strict=True):
+            _set_quantized(layer, name, tensor)
+        self._make_kernel(layer)
+
+    def get_fused_moe_quant_config(self, layer: Module):
+        return int4_w4a16_moe_quant_config(
+            w1_scale=layer.w13_weight_scale,
+            w2_scale=layer.w2_weight_scale,
+            w1_zp=layer.w13_zero,
+            w2_zp=layer.w2_zero,
+            block_shape=[0, int4_group_size(self.moe)],
+        )
+
+
+def int4_group_size(moe: FusedMoEConfig) -> int:
+    """The largest group the int4 kernel takes (128, 64 or 32) that divides both GEMMs' inputs;
+    one group per row gives wrong results on AVX512 (measured on vLLM 0.32)."""
+    inputs = (moe.hidden_dim, moe.intermediate_size_per_partition)
+    return next(g for g in (128, 64, 32) if all(k % g == 0 for k in inputs))
+
+
+def _group_scales(scale: torch.Tensor, weight_name: str, layer: Module) -> torch.Tensor:
+    """Per-channel ``[E, out, 1]`` scales as the kernel's ``[E, in / group, out]`` group scales."""
+    inputs = getattr(layer, weight_name).shape[-1]
+    groups = inputs // int4_group_size(layer.moe_config)
+    return scale.transpose(1, 2).expand(-1, groups, -1).contiguous()
+
+
+def gptq_int4_columns(packed_rows: torch.Tensor) -> torch.Tensor:
+    """msModelSlim's ``[E, out/2, in]`` int4 pairs -> GPTQ's ``[E, in/8, out]`` int32: input
+    ``8i + j`` in bits ``4j..4j+3`` of word ``i``, as ``value + 8``. Built as bytes (two inputs
+    each, read four at a time as a little-endian word: the kernel runs on x86 only): 12 ms an
+    expert of the 21B, where shifting int32 nibbles took 150 ms. One expert at a time keeps the
+    temporaries small."""
+    experts, half_rows, inputs = packed_rows.shape
+    columns = torch.empty(experts, inputs // 8, 2 * half_rows, dtype=torch.int32)
+    for expert in range(experts):
+        unsigned = (unpack_int4_rows(packed_rows[expert]) + 8).to(torch.uint8)  # [out, in]
+        pairs = unsigned.view(2 * half_rows, inputs // 2, 2)
+        nibble_pairs = pairs[..., 0] | (pairs[..., 1] << 4)  # [out, in/2]
+        columns[expert] = nibble_pairs.view(torch.int32).T  # [in/8, out]
+    return columns
 
 
 @register_weight_loader_v2_supported_method
@@ -513,5 +594,5 @@ class ErnieW8A8DynamicConfig(QuantizationConfig):
         if label == W8A16:
             return ErnieW8A16MoEMethod(layer.moe_config) if experts else ErnieW8A16LinearMethod()
         if label == W4A8_DYNAMIC:  # routed experts only (load_description checks)
-            return ErnieW8A8MoEMethod(layer.moe_config, prequantized, packed_int4=True)
+            return ErnieW4A8MoEMethod(layer.moe_config, prequantized)
         return UnquantizedFusedMoEMethod(layer.moe_config) if experts else UnquantizedLinearMethod()

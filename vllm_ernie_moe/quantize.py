@@ -104,7 +104,7 @@ def _read(path: Path, name: str) -> torch.Tensor:
         return f.get_tensor(name)
 
 
-def _converted(
+def converted(
     name: str, tensor: torch.Tensor, label: str
 ) -> Iterator[tuple[str, torch.Tensor, str]]:
     """The output tensors for one input tensor, with their labels: W4A8_DYNAMIC applies to the
@@ -124,7 +124,20 @@ def _converted(
     yield f"{name}_offset", torch.zeros_like(scale), label
 
 
-class _ShardWriter:
+def _release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc's ``malloc_trim``). The shard's tensors are
+    a few MB each, below glibc's mmap threshold: without this, fragments of every written shard
+    stay resident (measured: resident memory after each shard grew by ~0.7 GiB, to a 15.6 GiB
+    peak for the 28-layer 21B; with it, it falls back to under 1 GiB after each shard)."""
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.util.find_library("c")
+    if libc and hasattr(trim := ctypes.CDLL(libc), "malloc_trim"):
+        trim.malloc_trim(0)
+
+
+class ShardWriter:
     """Writes tensors into size-capped safetensors shards, renamed to k-of-N at the end."""
 
     def __init__(self, out_dir: Path, shard_bytes: int):
@@ -150,6 +163,7 @@ class _ShardWriter:
         save_file(self.pending, str(self.out_dir / f"shard-{len(self.shards)}.tmp"))
         self.shards.append(list(self.pending))
         self.pending, self.pending_bytes = {}, 0
+        _release_freed_memory()
 
     def finish(self) -> None:
         self.flush()
@@ -161,6 +175,20 @@ class _ShardWriter:
             weight_map.update(dict.fromkeys(names, final))
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
         (self.out_dir / INDEX).write_text(json.dumps(index, indent=2))
+
+
+def write_description(out_dir: Path, labels: dict[str, str], label: str) -> None:
+    """msModelSlim's description JSON: every tensor's label and the model's type."""
+    description = dict(
+        labels,
+        version="1.0.0",
+        # msModelSlim names the highest type but hides W4A8_DYNAMIC behind W8A8_DYNAMIC.
+        model_quant_type=W8A8_DYNAMIC if label == W4A8_DYNAMIC else label,
+        metadata={},
+        group_size=0,
+        optional={},
+    )
+    (out_dir / DESCRIPTION).write_text(json.dumps(description, indent=4))
 
 
 def quantize_checkpoint(
@@ -190,7 +218,7 @@ def quantize_checkpoint(
     partial = output_dir.with_name(f".{output_dir.name}.partial-{os.getpid()}")
     partial.mkdir(parents=True)
     try:
-        writer = _ShardWriter(partial, int(shard_size_gb * 2**30))
+        writer = ShardWriter(partial, int(shard_size_gb * 2**30))
         labels: dict[str, str] = {}
         for path, name in tqdm(tensors, desc="quantizing", unit="tensor"):
             if is_mtp_tensor_name(name):
@@ -198,7 +226,7 @@ def quantize_checkpoint(
                 writer.add(name, _read(path, name))
                 labels[name] = FLOAT
                 continue
-            for out_name, tensor, out_label in _converted(name, _read(path, name), label):
+            for out_name, tensor, out_label in converted(name, _read(path, name), label):
                 writer.add(out_name, tensor)
                 labels[out_name] = out_label
         if ties_word_embeddings(config) and "lm_head.weight" not in labels:
@@ -207,16 +235,7 @@ def quantize_checkpoint(
             writer.add("lm_head.weight", _read(embedding, "model.embed_tokens.weight"))
             labels["lm_head.weight"] = FLOAT
         writer.finish()
-        description = dict(
-            labels,
-            version="1.0.0",
-            # msModelSlim names the highest type but hides W4A8_DYNAMIC behind W8A8_DYNAMIC.
-            model_quant_type=W8A8_DYNAMIC if label == W4A8_DYNAMIC else label,
-            metadata={},
-            group_size=0,
-            optional={},
-        )
-        (partial / DESCRIPTION).write_text(json.dumps(description, indent=4))
+        write_description(partial, labels, label)
         config.pop("quantization_config", None)
         (partial / "config.json").write_text(json.dumps(config, indent=2))
         for item in model_dir.iterdir():

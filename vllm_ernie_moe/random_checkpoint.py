@@ -157,6 +157,35 @@ def ernie_tokenizer(tokenizer, **fields: Any):
     )
 
 
+def _config(out: Path, geometry: str, overrides: dict[str, Any]):
+    """The transformers config of ``geometry`` with ``overrides``, after writing its tokenizer."""
+    from transformers import Ernie4_5_MoeConfig
+
+    tokenizer = build_tokenizer(out)
+    fields = dict(GEOMETRIES[geometry].config, **overrides)
+    fields.setdefault("vocab_size", len(tokenizer))
+    return Ernie4_5_MoeConfig(
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, use_bias=False, **fields
+    )
+
+
+def _finish_config(
+    out: Path, geometry: str, overrides: dict[str, Any], notes: str, **fields
+) -> None:
+    """Rewrite the saved config.json as Baidu writes it (transformers turns ``moe_layer_end_index``
+    -1 into the last layer's index), add the random-weights notice and a README."""
+    config_path = out / "config.json"
+    saved = json.loads(config_path.read_text())
+    written = dict(GEOMETRIES[geometry].config, **overrides)
+    saved["moe_layer_end_index"] = written["moe_layer_end_index"]
+    saved["_random_weights_notice"] = RANDOM_WEIGHTS_NOTICE
+    config_path.write_text(json.dumps(dict(saved, **fields), indent=2))
+    (out / "README.md").write_text(
+        f"# Random ERNIE-4.5-MoE checkpoint ({geometry})\n\n{RANDOM_WEIGHTS_NOTICE}\n\n"
+        f"Geometry: {GEOMETRIES[geometry].notes}. {notes}\n"
+    )
+
+
 def build_checkpoint(
     out_dir: str | os.PathLike,
     geometry: str = "tiny-21b",
@@ -168,18 +197,12 @@ def build_checkpoint(
     """Write a random-weight checkpoint (config, safetensors, tokenizer) to out_dir; with ``mtp``
     also a random MTP head, as -PT checkpoints carry one (transformers has none to write)."""
     import torch
-    from transformers import Ernie4_5_MoeConfig, Ernie4_5_MoeForCausalLM
+    from transformers import Ernie4_5_MoeForCausalLM
 
     spec = GEOMETRIES[geometry]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(out)
-    fields = dict(spec.config, **config_overrides)
-    fields.setdefault("vocab_size", len(tokenizer))
-    end_index = fields["moe_layer_end_index"]
-    config = Ernie4_5_MoeConfig(
-        bos_token_id=1, eos_token_id=2, pad_token_id=0, use_bias=False, **fields
-    )
+    config = _config(out, geometry, config_overrides)
     torch_dtype = getattr(torch, dtype)
     torch.manual_seed(seed)
     model = Ernie4_5_MoeForCausalLM._from_config(config, dtype=torch_dtype)
@@ -193,19 +216,88 @@ def build_checkpoint(
             bias = gate.moe_statics.e_score_correction_bias
             bias.normal_(0.0, spec.bias_std, generator=generator)
     model.save_pretrained(str(out))
-    config_path = out / "config.json"
-    saved = json.loads(config_path.read_text())
-    # transformers rewrites -1 as the last layer index; keep what the author wrote, as Baidu's do.
-    saved["moe_layer_end_index"] = end_index
-    saved["_random_weights_notice"] = RANDOM_WEIGHTS_NOTICE
+    extra = {"num_nextn_predict_layers": 1} if mtp else {}
+    _finish_config(out, geometry, config_overrides, f"dtype {dtype}, seed {seed}.", **extra)
     if mtp:
-        saved["num_nextn_predict_layers"] = 1
         _add_random_mtp_head(out / "model.safetensors", config, generator)
-    config_path.write_text(json.dumps(saved, indent=2))
-    (out / "README.md").write_text(
-        f"# Random ERNIE-4.5-MoE checkpoint ({geometry})\n\n{RANDOM_WEIGHTS_NOTICE}\n\n"
-        f"Geometry: {spec.notes}. dtype {dtype}, seed {seed}.\n"
+    return out
+
+
+def build_w4a8_checkpoint(
+    out_dir: str | os.PathLike,
+    geometry: str = "21b-4layers",
+    seed: int = 0,
+    shard_size_gb: float = 2.0,
+    **config_overrides: Any,
+) -> Path:
+    """Write a random msModelSlim W4A8_DYNAMIC checkpoint one tensor at a time: memory stays at
+    about two shards (one and its serialized copy), so the whole ERNIE-4.5-21B-A3B
+    (``num_hidden_layers=28``, 12.4 GB on disk) builds on this project's machines.
+
+    The routed experts get random int4 values and per-row scales directly (msModelSlim's ssz search,
+    as the offline tool runs it, takes ~4 s per expert matrix: 6 hours for 21B); every other
+    tensor is drawn in bf16 and converted by the offline tool's own code (W8A8_DYNAMIC, FLOAT).
+    """
+    import torch
+
+    from vllm_ernie_moe.checkpoint import expected_tensor_shapes
+    from vllm_ernie_moe.quantize import ShardWriter, converted, write_description
+    from vllm_ernie_moe.w8a8 import (
+        FLOAT,
+        W4A8_DYNAMIC,
+        int4_scale_bias,
+        is_quantizable_weight,
+        is_routed_expert,
+        pack_int4_rows,
+        scale_bias_groups,
+        scale_bias_name,
     )
+
+    spec = GEOMETRIES[geometry]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = _config(out, geometry, config_overrides)
+    std = config.initializer_range
+    int4_scale = std / 4.6  # 4.6: the std of values uniform on -8..7
+    generator = torch.Generator().manual_seed(seed)
+    shapes = expected_tensor_shapes(config)
+    writer = ShardWriter(out, int(shard_size_gb * 2**30))
+    labels: dict[str, str] = {}
+
+    def normal(shape, scale, dtype=torch.bfloat16) -> torch.Tensor:
+        return torch.empty(shape).normal_(0.0, scale, generator=generator).to(dtype)
+
+    for name, shape in shapes.items():
+        if is_routed_expert(name) and is_quantizable_weight(name):
+            values = torch.randint(-8, 8, shape, dtype=torch.int8, generator=generator)
+            scale = torch.empty(shape[0], 1).uniform_(0.8, 1.2, generator=generator) * int4_scale
+            tensors = [
+                (name, pack_int4_rows(values)),
+                (scale_bias_name(name), int4_scale_bias(values, scale, scale_bias_groups(name))),
+                (f"{name}_scale", scale),
+                (f"{name}_offset", torch.zeros_like(scale)),
+            ]
+            written = [(n, t, W4A8_DYNAMIC) for n, t in tensors]
+        elif name.endswith("mlp.gate.weight"):
+            written = [(name, normal(shape, spec.router_std, torch.float32), FLOAT)]
+        elif name.endswith("e_score_correction_bias"):
+            written = [(name, normal(shape, spec.bias_std, torch.float32), FLOAT)]
+        elif name.endswith("norm.weight"):
+            written = [(name, torch.ones(shape, dtype=torch.bfloat16), FLOAT)]
+        else:
+            written = converted(name, normal(shape, std), W4A8_DYNAMIC)
+        for out_name, tensor, label in written:
+            writer.add(out_name, tensor)
+            labels[out_name] = label
+        if name == "model.embed_tokens.weight" and config.tie_word_embeddings:
+            writer.add("lm_head.weight", tensor.clone())  # msModelSlim writes the tied head
+            labels["lm_head.weight"] = FLOAT
+    writer.finish()
+    write_description(out, labels, W4A8_DYNAMIC)
+    config.save_pretrained(str(out))
+    notes = f"W4A8_DYNAMIC random int4, seed {seed}."
+    fields = dict(dtype="bfloat16", architectures=["Ernie4_5_MoeForCausalLM"])
+    _finish_config(out, geometry, config_overrides, notes, **fields)
     return out
 
 
