@@ -25,20 +25,15 @@ def layer_weights(generator):
     from vllm._custom_ops import CPUQuantAlgo
     from vllm.model_executor.layers.fused_moe.experts.cpu_moe import prepare_int4_moe_layer_for_cpu
 
-    from vllm_ernie_moe.quantization import gptq_int4_columns
+    from vllm_ernie_moe.quantization import gptq_int4_columns, group_scales
     from vllm_ernie_moe.w8a8 import pack_int4_rows
 
-    group = 128
     shapes = ((EXPERTS, 2 * INTER, HIDDEN), (EXPERTS, HIDDEN, INTER))
     values = [torch.randint(-8, 8, s, dtype=torch.int8, generator=generator) for s in shapes]
     scales = [torch.rand(s[:2], generator=generator) * 0.002 + 0.001 for s in shapes]
-    group_scales = [
-        s[:, None, :].expand(-1, shape[2] // group, -1).contiguous()
-        for s, shape in zip(scales, shapes, strict=True)
-    ]
     int4 = prepare_int4_moe_layer_for_cpu(
         *(gptq_int4_columns(torch.stack([pack_int4_rows(e) for e in v])) for v in values),
-        *group_scales,
+        *(group_scales(s[..., None], v.shape[2], 128) for s, v in zip(scales, values, strict=True)),
         quant_algo=CPUQuantAlgo.GPTQ,
     )
     int8 = (*(torch.ops._C.convert_weight_packed(v) for v in values), *scales)

@@ -402,7 +402,14 @@ class ErnieW4A8MoEMethod(ErnieW8A8MoEMethod):
         names = ("w13_weight", "w2_weight")
         blocked = prepare_int4_moe_layer_for_cpu(
             *(gptq_int4_columns(getattr(layer, name).data) for name in names),
-            *(_group_scales(getattr(layer, f"{name}_scale").data, name, layer) for name in names),
+            *(
+                group_scales(
+                    getattr(layer, f"{name}_scale").data,
+                    getattr(layer, name).shape[-1],
+                    int4_group_size(self.moe),
+                )
+                for name in names
+            ),
             quant_algo=CPUQuantAlgo.GPTQ,
         )
         kernel_names = ("w13_weight", "w2_weight", "w13_weight_scale", "w2_weight_scale",
@@ -428,11 +435,9 @@ def int4_group_size(moe: FusedMoEConfig) -> int:
     return next(g for g in (128, 64, 32) if all(k % g == 0 for k in inputs))
 
 
-def _group_scales(scale: torch.Tensor, weight_name: str, layer: Module) -> torch.Tensor:
-    """Per-channel ``[E, out, 1]`` scales as the kernel's ``[E, in / group, out]`` group scales."""
-    inputs = getattr(layer, weight_name).shape[-1]
-    groups = inputs // int4_group_size(layer.moe_config)
-    return scale.transpose(1, 2).expand(-1, groups, -1).contiguous()
+def group_scales(scale: torch.Tensor, inputs: int, group: int) -> torch.Tensor:
+    """Per-channel ``[E, out, 1]`` scales as the int4 kernel's ``[E, inputs / group, out]``."""
+    return scale.transpose(1, 2).expand(-1, inputs // group, -1).contiguous()
 
 
 def gptq_int4_columns(packed_rows: torch.Tensor) -> torch.Tensor:

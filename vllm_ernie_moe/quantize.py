@@ -17,6 +17,7 @@ an output that looks finished. Never quantized: router, correction bias, norms, 
 """
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -129,12 +130,18 @@ def _release_freed_memory() -> None:
     a few MB each, below glibc's mmap threshold: without this, fragments of every written shard
     stay resident (measured: resident memory after each shard grew by ~0.7 GiB, to a 15.6 GiB
     peak for the 28-layer 21B; with it, it falls back to under 1 GiB after each shard)."""
+    if (libc := _libc()) is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
+@functools.cache
+def _libc():
+    """The C library, looked up once (``find_library`` runs ``ldconfig``); None if not found."""
     import ctypes
     import ctypes.util
 
-    libc = ctypes.util.find_library("c")
-    if libc and hasattr(trim := ctypes.CDLL(libc), "malloc_trim"):
-        trim.malloc_trim(0)
+    name = ctypes.util.find_library("c")
+    return ctypes.CDLL(name) if name else None
 
 
 class ShardWriter:

@@ -284,14 +284,16 @@ def build_w4a8_checkpoint(
             written = [(name, normal(shape, spec.bias_std, torch.float32), FLOAT)]
         elif name.endswith("norm.weight"):
             written = [(name, torch.ones(shape, dtype=torch.bfloat16), FLOAT)]
+        elif name == "model.embed_tokens.weight":
+            embedding = normal(shape, std)
+            written = [(name, embedding, FLOAT)]
+            if config.tie_word_embeddings:  # msModelSlim writes the tied head
+                written.append(("lm_head.weight", embedding.clone(), FLOAT))
         else:
             written = converted(name, normal(shape, std), W4A8_DYNAMIC)
         for out_name, tensor, label in written:
             writer.add(out_name, tensor)
             labels[out_name] = label
-        if name == "model.embed_tokens.weight" and config.tie_word_embeddings:
-            writer.add("lm_head.weight", tensor.clone())  # msModelSlim writes the tied head
-            labels["lm_head.weight"] = FLOAT
     writer.finish()
     write_description(out, labels, W4A8_DYNAMIC)
     config.save_pretrained(str(out))
