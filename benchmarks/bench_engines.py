@@ -45,15 +45,17 @@ ENGINES = {
     "llama.cpp-bf16": "llama.cpp BF16 (llama-cpp-python 0.3.36)",
     "llama.cpp-q8_0": "llama.cpp Q8_0 (llama-cpp-python 0.3.36)",
     "w4a8": "vLLM + vllm-ernie-moe, W4A8_DYNAMIC (int4 experts)",
+    "w4a8-int8-head": "vLLM + vllm-ernie-moe, W4A8_DYNAMIC + int8 lm_head",
     "llama.cpp-q4_0": "llama.cpp Q4_0 of the W4A8 weights (llama-cpp-python 0.3.36)",
     "llama.cpp-q4_k_m": "llama.cpp Q4_K_M of the W4A8 weights (llama-cpp-python 0.3.36)",
 }
 #: Engines that load the W4A8_DYNAMIC checkpoint or GGUF files made from it.
-W4A8_ENGINES = ("w4a8", "llama.cpp-q4_0", "llama.cpp-q4_k_m")
+W4A8_ENGINES = ("w4a8", "w4a8-int8-head", "llama.cpp-q4_0", "llama.cpp-q4_k_m")
 # Engine -> extra environment for its process.
 ENGINE_ENV = {
     "builtin": {"VLLM_PLUGINS": "none"},  # load no general plugin: vLLM's own ERNIE class
     "w8a8-int8-head": {"VLLM_ERNIE_MOE_INT8_LM_HEAD": "1"},
+    "w4a8-int8-head": {"VLLM_ERNIE_MOE_INT8_LM_HEAD": "1"},
     "plugin-stock-kernels": {"VLLM_ERNIE_MOE_SGL_KERNELS": "0"},
     "w8a8-stock-kernels": {"VLLM_ERNIE_MOE_SGL_KERNELS": "0"},
 }
@@ -295,6 +297,8 @@ RATIOS = (
     ("w8a8", "w8a8-stock-kernels", SPEED_KEYS),
     ("w8a8-int8-head", "w8a8", (*SPEED_KEYS, "peak_pss_gib")),
     ("w4a8", "llama.cpp-q4_k_m", SPEED_KEYS),
+    ("w4a8-int8-head", "llama.cpp-q4_k_m", SPEED_KEYS),
+    ("w4a8-int8-head", "w4a8", (*SPEED_KEYS, "load_s", "peak_pss_gib")),
     ("w4a8", "llama.cpp-q4_0", SPEED_KEYS),
     ("w4a8", "w8a8", (*SPEED_KEYS, "load_s", "peak_pss_gib")),
 )

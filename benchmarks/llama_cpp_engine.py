@@ -128,6 +128,7 @@ class LlamaCppEngine:
         self.ctx = lc.llama_init_from_model(self.model, params)
         self.n_vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(self.model))
         self.batch = lc.llama_batch_init(n_batch, 0, n_seq)
+        self.batch_size = n_batch
 
     def _decode(self, entries: list[tuple[int, int, int, bool]]) -> None:
         """entries: (token, position, sequence, wants logits)."""
@@ -145,15 +146,21 @@ class LlamaCppEngine:
         logits = self.lc.llama_get_logits_ith(self.ctx, index)
         return int(np.ctypeslib.as_array(logits, shape=(self.n_vocab,)).argmax())
 
-    def generate(self, prompts: list[list[int]], tokens: int) -> None:
+    def generate(self, prompts: list[list[int]], tokens: int) -> float:
+        """Greedy ``tokens`` per prompt; returns the seconds the prefill took."""
+        start = time.perf_counter()
         self.lc.llama_memory_clear(self.lc.llama_get_memory(self.ctx), True)
         last = []
         for seq, prompt in enumerate(prompts):  # prefill each prompt, logits of its last token
-            self._decode([(t, p, seq, p == len(prompt) - 1) for p, t in enumerate(prompt)])
-            last.append(self._argmax(len(prompt) - 1))
+            entries = [(t, p, seq, p == len(prompt) - 1) for p, t in enumerate(prompt)]
+            for chunk in range(0, len(entries), self.batch_size):
+                self._decode(entries[chunk : chunk + self.batch_size])
+            last.append(self._argmax((len(prompt) - 1) % self.batch_size))
+        prefill_s = time.perf_counter() - start
         for step in range(tokens - 1):
             self._decode([(last[s], len(prompts[s]) + step, s, True) for s in range(len(prompts))])
             last = [self._argmax(s) for s in range(len(prompts))]
+        return prefill_s
 
 
 def timed_engine(gguf: Path, threads: int):

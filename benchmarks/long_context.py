@@ -1,12 +1,15 @@
 """Long context on the 21B-A3B geometry (4 layers, random bf16 weights): prefill and bs=1 decode
-speed at long contexts, with the bf16 and the fp8 KV cache, each case in its own process.
+speed at long contexts, with the bf16 and the fp8 KV cache, and llama.cpp on the same weights
+(BF16 GGUF, f16 KV cache), each case in its own process.
 
-    python benchmarks/long_context.py [--contexts 8192 32768] [--json out.json]
+    python benchmarks/long_context.py [--contexts 8192 32768] [--kv-dtypes auto fp8]
+        [--llama-cpp-src DIR] [--json out.json]
 
 Per case: the time to prefill one random prompt of the context length (first token), then the
 decode rate of 64 more tokens on that context (the prompt again, served from vLLM's prefix cache,
 so the decode steps attend over the whole context), the KV cache the context occupies, and the
-process tree's PSS after the run.
+process tree's PSS after the run. llama.cpp (with ``--llama-cpp-src``, see llama_cpp_engine.py)
+prefills in 4096-token batches too and decodes the 64 tokens right after its prefill.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 from bench_engines import (
     REPO,
     checkpoint_paths,
+    gguf_file,
     random_prompts,
     run_child,
     tree_pss_gib,
@@ -26,7 +30,9 @@ from bench_engines import (
 )
 
 KV_DTYPES = ("auto", "fp8")  # auto: the model dtype (bf16)
+LLAMA_CPP = "llama.cpp"  # the case's KV name: llama.cpp's default f16 cache
 DECODE_TOKENS = 64
+PREFILL_CHUNK = 4096
 
 
 def kv_bytes_per_token(checkpoint: str, kv_dtype: str) -> int:
@@ -52,7 +58,7 @@ def case_worker(checkpoint: str, case: str) -> dict:
         kv_cache_dtype=kv_dtype,
         max_model_len=context + DECODE_TOKENS + 8,
         max_num_seqs=1,
-        max_num_batched_tokens=4096,
+        max_num_batched_tokens=PREFILL_CHUNK,
     )
     prompt = random_prompts(1, context, 100000, 0)
 
@@ -75,16 +81,38 @@ def case_worker(checkpoint: str, case: str) -> dict:
     return result
 
 
+def llama_cpp_case_worker(gguf: str, context: int, checkpoint: str) -> dict:
+    """``checkpoint``: the BF16 checkpoint the GGUF file was converted from (its KV geometry)."""
+    import os
+
+    from llama_cpp_engine import LlamaCppEngine
+
+    engine = LlamaCppEngine(
+        Path(gguf), context + DECODE_TOKENS + 8, 1, PREFILL_CHUNK, os.cpu_count() or 1
+    )
+    start = time.perf_counter()
+    prefill_s = engine.generate(random_prompts(1, context, 100000, 0), 1 + DECODE_TOKENS)
+    decode_s = time.perf_counter() - start - prefill_s
+    return {
+        "prefill_s": prefill_s,
+        "prefill_tok_s": context / prefill_s,
+        "decode_tok_s": DECODE_TOKENS / decode_s,
+        "kv_cache_gib": context * kv_bytes_per_token(checkpoint, "auto") / 2**30,  # f16 = bf16
+        "pss_gib": tree_pss_gib(),
+    }
+
+
 def table(results: dict[str, dict]) -> list[str]:
     lines = [
-        "| context | KV cache | prefill tok/s | bs=1 decode tok/s | KV of the context (GiB) "
-        "| PSS after (GiB) |",
+        "| context | engine, KV cache | prefill tok/s | bs=1 decode tok/s "
+        "| KV of the context (GiB) | PSS after (GiB) |",
         "|---|---|---|---|---|---|",
     ]
+    names = {"auto": "plugin, bf16", "fp8": "plugin, fp8", LLAMA_CPP: "llama.cpp BF16, f16"}
     for case, r in results.items():
         kv_dtype, context = case.split(":")
         lines.append(
-            f"| {int(context) // 1024}K | {'bf16' if kv_dtype == 'auto' else kv_dtype} "
+            f"| {int(context) // 1024}K | {names[kv_dtype]} "
             f"| {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | {r['kv_cache_gib']:.3f} "
             f"| {r['pss_gib']:.2f} |"
         )
@@ -95,6 +123,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768])
     parser.add_argument("--cache", type=Path, default=REPO / "benchmarks" / "out")
+    parser.add_argument("--kv-dtypes", nargs="+", choices=KV_DTYPES, default=list(KV_DTYPES))
+    parser.add_argument(
+        "--llama-cpp-src", help="also llama.cpp (its converter's source, see llama_cpp_engine.py)"
+    )
     parser.add_argument("--json", type=Path)
     parser.add_argument(
         "--child", nargs=3, metavar=("CASE", "CHECKPOINT", "OUT"), help=argparse.SUPPRESS
@@ -102,17 +134,26 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.child:
         case, checkpoint, out = args.child
-        Path(out).write_text(json.dumps(case_worker(checkpoint, case)))
+        kv, context = case.split(":")
+        result = (
+            llama_cpp_case_worker(checkpoint, int(context), str(Path(checkpoint).with_suffix("")))
+            if kv == LLAMA_CPP
+            else case_worker(checkpoint, case)
+        )
+        Path(out).write_text(json.dumps(result))
         return
     bf16, _ = checkpoint_paths(args.cache)
+    engines = {kv: bf16 for kv in args.kv_dtypes}
+    if args.llama_cpp_src:
+        engines[LLAMA_CPP] = gguf_file(bf16, "bf16", args.llama_cpp_src)
     out = args.cache / "long-context"
     out.mkdir(parents=True, exist_ok=True)
     results = {
         f"{kv}:{context}": run_child(
-            __file__, f"{kv}:{context}", bf16, out / f"{kv}-{context}.json", {}
+            __file__, f"{kv}:{context}", source, out / f"{kv}-{context}.json", {}
         )
         for context in args.contexts
-        for kv in KV_DTYPES
+        for kv, source in engines.items()
     }
     print("\n".join(table(results)))
     if args.json:
