@@ -11,6 +11,10 @@ VENV := $(if $(filter 0.32.0,$(VLLM)),.venv,.venv-$(VLLM))
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 MODEL ?=
+# CPU_TIER=avx2 (or avx512): run as that x86 kernel tier on a CPU that has more (vllm_ernie_moe/cpu_tier.py).
+CPU_TIER ?=
+# TESTS: which tests (pytest arguments); default the whole suite.
+TESTS ?= tests
 CACHE := $(or $(VLLM_ERNIE_MOE_CACHE_DIR),$(HOME)/.cache/vllm-ernie-moe)
 # The newest vLLM (a CUDA wheel, never installed): tests/test_vllm_api.py reads its source.
 NEWEST_VLLM := 0.33.0
@@ -36,7 +40,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest tests -v -rs
+	VLLM_ERNIE_MOE_CPU_TIER=$(CPU_TIER) $(PY) -m pytest $(TESTS) -v -rs
 
 vllm-wheels:
 	@ls $(WHEELS)/vllm-$(NEWEST_VLLM)-*.whl >/dev/null 2>&1 || \

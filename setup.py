@@ -12,7 +12,7 @@ setup(
     python_requires=">=3.10",
     packages=["vllm_ernie_moe", "vllm_ernie_moe.patches"],
     package_dir={"vllm_ernie_moe": "vllm_ernie_moe", "vllm_ernie_moe.patches": "patches"},
-    package_data={"vllm_ernie_moe": ["*.jinja", "data/small-ernie/*"]},
+    package_data={"vllm_ernie_moe": ["*.jinja", "data/small-ernie/*", "tier_startup/*.py"]},
     # vLLM itself is not a hard dependency: on Ascend it comes with vllm-ascend, on CPU use [cpu].
     install_requires=["packaging"],
     extras_require={

@@ -2,6 +2,11 @@
 
 import os
 
+from vllm_ernie_moe import cpu_tier
+
+# VLLM_ERNIE_MOE_CPU_TIER (make test CPU_TIER=avx2): torch, oneDNN, vLLM and every engine process
+# run as that tier; before torch runs a kernel and before a test module imports vLLM's kernels.
+cpu_tier.force()
 # A small KV cache and both cores for the engine; set before vLLM reads its environment.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")

@@ -12,6 +12,7 @@ dtype cast; which formats vllm-ascend itself refuses for ERNIE (W8A16 experts; o
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -38,7 +39,13 @@ STAYS_STOCK = {
 
 
 def _pairing(source: Path) -> str:
-    return (source / ".github" / "vllm-release-tag.commit").read_text().strip().lstrip("v")
+    """The vLLM release vllm-ascend pairs with: its git tree's tag file, or for the exported copy
+    in ``../shared`` (no ``.github``) the pairing its PROVENANCE.md records."""
+    tag = source / ".github" / "vllm-release-tag.commit"
+    if tag.exists():
+        return tag.read_text().strip().lstrip("v")
+    provenance = (source / "PROVENANCE.md").read_text()
+    return re.search(r"pairs with vLLM v?([0-9.]+[0-9])", provenance).group(1)
 
 
 @pytest.fixture(scope="module", params=["A2", "_310P"])

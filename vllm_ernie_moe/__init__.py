@@ -22,9 +22,10 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    from vllm_ernie_moe import compat, envs
+    from vllm_ernie_moe import compat, cpu_tier, envs
 
     version = compat.check_supported_vllm()  # first: nothing below may fail on an old vLLM
+    cpu_tier.force()  # before anything loads vLLM's kernel library (VLLM_ERNIE_MOE_CPU_TIER)
     from vllm import ModelRegistry
     from vllm.logger import init_logger
     from vllm.platforms import current_platform

@@ -16,6 +16,8 @@ On Ascend NPUs vllm-ascend loads msModelSlim checkpoints itself (method ``ascend
 refuses to run there rather than shadow it.
 """
 
+import functools
+
 import torch
 from torch.nn import Module, Parameter
 from vllm._custom_ops import CPUQuantAlgo, CPUQuantMethod
@@ -58,7 +60,7 @@ from vllm.model_executor.parameter import ChannelQuantScaleParameter, ModelWeigh
 from vllm.model_executor.utils import set_weight_attrs
 from vllm.platforms import current_platform
 
-from vllm_ernie_moe import compat, envs
+from vllm_ernie_moe import compat, envs, portable_kernels
 from vllm_ernie_moe.patches.patch_cpu_router import biased_softmax_topk
 from vllm_ernie_moe.w8a8 import (
     QUANTIZATION_NAME,
@@ -117,6 +119,22 @@ def _dequantize(layer: Module, weight_name: str, dtype: torch.dtype) -> None:
     delattr(layer, scale_name)
 
 
+@functools.cache
+def _log_kernel_once(layer_kind: str, kernel: str) -> None:
+    """Say once per process which kernel a kind of quantized layer runs on, and the CPU tier."""
+    from vllm_ernie_moe import cpu_tier
+
+    tier = cpu_tier.active()
+    logger.info(
+        "%s: %s runs on %s (CPU tier %s, vLLM library %s).",
+        QUANTIZATION_NAME,
+        layer_kind,
+        kernel,
+        tier.name if tier else "other",
+        cpu_tier.loaded_library(),
+    )
+
+
 def _set_quantized(layer: Module, name: str, tensor: torch.Tensor) -> None:
     """Register ``tensor`` as a new parameter ``name``. Not vLLM's ``replace_parameter``: from 0.33
     on it writes into the existing Parameter, which a tied lm_head shares with the embedding."""
@@ -124,7 +142,8 @@ def _set_quantized(layer: Module, name: str, tensor: torch.Tensor) -> None:
 
 
 class _ErnieCPUExperts:
-    """vLLM's quantized CPU experts, accepted for ERNIE's routing and on AVX512-VNNI CPUs.
+    """vLLM's quantized CPU experts (``fused_experts_cpu``), accepted for ERNIE's routing and on
+    AVX512-VNNI CPUs without AMX.
 
     Upstream refuses them for "routing method Unspecified" (softmax + correction bias), but on
     vLLM 0.32+ the experts never route: ``CPURouter`` (patched) computes the ids and weights before
@@ -133,21 +152,95 @@ class _ErnieCPUExperts:
     AVX512-VNNI too (tests/test_w8a8.py and tests/test_w4a8.py compare them with references).
     """
 
+    cpu_quant_method: int
+
     @staticmethod
     def _supports_current_device() -> bool:
-        return current_platform.is_cpu() and torch.cpu._is_vnni_supported()
+        return current_platform.is_cpu() and vllm_fused_experts_exact()
 
     @staticmethod
     def _supports_routing_method(routing_method, weight_key, activation_key) -> bool:
         return True
 
+    def _experts(self, hidden_states, w1, w2, topk_weights, topk_ids) -> torch.Tensor:
+        """vLLM 0.27's call (the experts route themselves there: ``_RoutesByErnieRule``)."""
+        from vllm._custom_ops import fused_experts_cpu
+
+        return fused_experts_cpu(
+            hidden_states, w1, w2, topk_weights, topk_ids, False, self.cpu_quant_method,
+            self.w1_scale, self.w2_scale, self.w1_zp, self.w2_zp,
+            None, None, None, None, None,  # block, biases, alpha, limit
+            True,  # VNNI-packed weights
+        )  # fmt: skip
+
+
+class ErnieCPUExpertsInt8(_ErnieCPUExperts, CPUExpertsInt8):
+    """int8 weights, per-token int8 activations (``CPUQuantMethod.INT8_W8A8``)."""
+
+    cpu_quant_method = CPUQuantMethod.INT8_W8A8
+
+
+class ErnieCPUExpertsInt4(_ErnieCPUExperts, CPUExpertsInt4):
+    """int4 weights, per-token int8 activations (``CPUQuantMethod.INT4_W4A8``)."""
+
+    cpu_quant_method = CPUQuantMethod.INT4_W4A8
+
+
+class _PortableExperts:
+    """Experts on :mod:`vllm_ernie_moe.portable_kernels`: every x86 tier, for CPUs where vLLM's
+    fused quantized experts are missing (AVX2, AVX-512 without BF16) or inexact (no VNNI)."""
+
+    @staticmethod
+    def _supports_current_device() -> bool:
+        return current_platform.is_cpu()
+
+    @staticmethod
+    def _supports_routing_method(routing_method, weight_key, activation_key) -> bool:
+        return True  # routed before the experts (CPURouter), or by _RoutesByErnieRule
+
+    def process_weights_after_loading(self, layer: Module) -> None:
+        """The weights stay as loaded: int8 ``[E, out, in]``."""
+
+    def _gemm(self, w1: torch.Tensor, w2: torch.Tensor):
+        """``gemm(expert, which, x)`` for :func:`portable_kernels.run_experts`."""
+        weights, scales = (w1, w2), (self.w1_scale, self.w2_scale)
+        return lambda expert, which, x: portable_kernels.int8_gemm(
+            x, weights[which][expert], scales[which][expert].view(-1), quantize_input=True
+        )
+
+    def _experts(self, hidden_states, w1, w2, topk_weights, topk_ids) -> torch.Tensor:
+        gemm = self._gemm(w1, w2)
+        return portable_kernels.run_experts(hidden_states, topk_weights, topk_ids, gemm)
+
+    def apply(self, output, hidden_states, w1, w2, topk_weights, topk_ids, *args, **kwargs):
+        output.copy_(self._experts(hidden_states, w1, w2, topk_weights, topk_ids))
+
+
+class PortableCPUExpertsInt8(_PortableExperts, CPUExpertsInt8):
+    """W8A8 experts: int8 weights, per-token int8 activations."""
+
+
+class PortableCPUExpertsInt4(_PortableExperts, CPUExpertsInt4):
+    """W4A8 experts: int4 in memory (``_weight_int4pack_mm_for_cpu``'s layout), per-token int8
+    activations."""
+
+    def process_weights_after_loading(self, layer: Module) -> None:
+        for name in ("w13_weight", "w2_weight"):
+            packed_rows = getattr(layer, name).data  # msModelSlim's [E, out/2, in]
+            repacked = [portable_kernels.pack_int4(unpack_int4_rows(rows)) for rows in packed_rows]
+            _set_quantized(layer, name, torch.stack(repacked))
+
+    def _gemm(self, w1: torch.Tensor, w2: torch.Tensor):
+        weights, scales = (w1, w2), (self.w1_scale, self.w2_scale)
+        return lambda expert, which, x: portable_kernels.int4_gemm(
+            x, weights[which][expert], scales[which][expert].view(-1)
+        )
+
 
 class _RoutesByErnieRule:
     """vLLM 0.27's quantized CPU experts are monolithic: they route the router logits themselves
     and, for softmax + correction bias, drop the bias and the renormalisation. Route by ERNIE's
-    rule here and make the same kernel call (``cpu_quant_method`` names the kernel's path)."""
-
-    cpu_quant_method: int
+    rule here, then run the experts (``_experts``: vLLM's kernel or the portable one)."""
 
     def apply(
         self,
@@ -165,39 +258,31 @@ class _RoutesByErnieRule:
         routed_scaling_factor: float | None = None,
         topk_group: int | None = None,
     ) -> torch.Tensor:
-        from vllm._custom_ops import fused_experts_cpu
-
         topk_weights, topk_ids = biased_softmax_topk(
             router_logits, e_score_correction_bias, self.moe_config.experts_per_token, True
         )
-        return fused_experts_cpu(
-            hidden_states, w1, w2, topk_weights, topk_ids, False, self.cpu_quant_method,
-            self.w1_scale, self.w2_scale, self.w1_zp, self.w2_zp,
-            None, None, None, None, None,  # block, biases, alpha, limit
-            True,  # VNNI-packed weights
-        )  # fmt: skip
+        return self._experts(hidden_states, w1, w2, topk_weights, topk_ids)
 
 
-class ErnieCPUExpertsInt8(_ErnieCPUExperts, CPUExpertsInt8):
-    """int8 weights, per-token int8 activations (``CPUQuantMethod.INT8_W8A8``)."""
+def vllm_fused_experts_exact() -> bool:
+    """vLLM's fused int8/int4 experts exist in the loaded library (its AVX-512 BF16 one) and run
+    exact (VNNI)."""
+    return hasattr(torch.ops._C, "fused_experts_cpu") and portable_kernels.exact_int8_gemm()
 
 
-class ErnieSelfRoutingCPUExpertsInt8(_RoutesByErnieRule, ErnieCPUExpertsInt8):
-    cpu_quant_method = CPUQuantMethod.INT8_W8A8
-
-
-class ErnieCPUExpertsInt4(_ErnieCPUExperts, CPUExpertsInt4):
-    """int4 weights, per-token int8 activations (``CPUQuantMethod.INT4_W4A8``)."""
-
-
-class ErnieSelfRoutingCPUExpertsInt4(_RoutesByErnieRule, ErnieCPUExpertsInt4):
-    cpu_quant_method = CPUQuantMethod.INT4_W4A8
+@functools.cache
+def _self_routing(experts_cls: type) -> type:
+    return type(f"SelfRouting{experts_cls.__name__}", (_RoutesByErnieRule, experts_cls), {})
 
 
 def cpu_experts_class(int4: bool) -> type:
-    if compat.cpu_experts_route_themselves():
-        return ErnieSelfRoutingCPUExpertsInt4 if int4 else ErnieSelfRoutingCPUExpertsInt8
-    return ErnieCPUExpertsInt4 if int4 else ErnieCPUExpertsInt8
+    """The quantized experts for this CPU and vLLM: vLLM's fused kernel where it exists and is
+    exact, else the portable one; routing by ERNIE's rule where vLLM's experts route (0.27)."""
+    if vllm_fused_experts_exact():
+        experts_cls = ErnieCPUExpertsInt4 if int4 else ErnieCPUExpertsInt8
+    else:
+        experts_cls = PortableCPUExpertsInt4 if int4 else PortableCPUExpertsInt8
+    return _self_routing(experts_cls) if compat.cpu_experts_route_themselves() else experts_cls
 
 
 @register_weight_loader_v2_supported_method
@@ -220,12 +305,17 @@ class ErnieW8A8LinearMethod(LinearMethodBase):
         weight_loader = extra_weight_attrs["weight_loader"]
         rows = sum(output_partition_sizes)
         layer.logical_widths = output_partition_sizes
-        self.kernel = init_int8_linear_kernel(
-            is_channelwise=True,
-            is_static_input_scheme=False,
-            input_symmetric=True,
-            module_name=type(self).__name__,
-        )
+        if portable_kernels.exact_int8_gemm():
+            self.kernel = init_int8_linear_kernel(
+                is_channelwise=True,
+                is_static_input_scheme=False,
+                input_symmetric=True,
+                module_name=type(self).__name__,
+            )
+            _log_kernel_once("W8A8 linear", f"vLLM's {type(self.kernel).__name__}")
+        else:
+            self.kernel = None
+            _log_kernel_once("W8A8 linear", "portable int8 (no VNNI: vLLM's oneDNN int8 saturates)")
         weight_dtype = torch.int8 if self.prequantized else params_dtype
         layer.register_parameter(
             "weight",
@@ -252,10 +342,16 @@ class ErnieW8A8LinearMethod(LinearMethodBase):
             quantized, scale = quantize_rows(weight, amax)
             _set_quantized(layer, "weight", quantized)
             _set_quantized(layer, "weight_scale", scale)
-        self.kernel.process_weights_after_loading(layer)
+        if self.kernel is not None:
+            self.kernel.process_weights_after_loading(layer)
+        else:
+            _set_quantized(layer, "weight_scale", layer.weight_scale.data.view(-1))
 
     def apply(self, layer: Module, x: torch.Tensor, bias: torch.Tensor | None = None):
-        return self.kernel.apply_weights(layer, x, bias)
+        if self.kernel is not None:
+            return self.kernel.apply_weights(layer, x, bias)
+        out = portable_kernels.int8_gemm(x, layer.weight, layer.weight_scale, quantize_input=True)
+        return out if bias is None else out + bias
 
 
 class ErnieW8A8MoEMethod(FusedMoEMethodBase):
@@ -279,10 +375,12 @@ class ErnieW8A8MoEMethod(FusedMoEMethodBase):
         )
         if not supported:
             raise QuantizationFormatError(
-                f"{QUANTIZATION_NAME}: vLLM's quantized CPU experts cannot run this layer ({why}); "
-                f"they need hidden_size ({moe.hidden_dim}) and moe_intermediate_size per TP rank "
-                f"({moe.intermediate_size_per_partition}) to be multiples of 32."
+                f"{QUANTIZATION_NAME}: the quantized CPU experts ({self.experts_cls.__name__}) "
+                f"cannot run this layer: {why} (hidden_size {moe.hidden_dim}, "
+                f"moe_intermediate_size per TP rank {moe.intermediate_size_per_partition}). "
+                "Use a tensor-parallel size that keeps both multiples of 32."
             )
+        _log_kernel_once("routed experts", self.experts_cls.__name__)
 
     def create_weights(
         self,
@@ -399,6 +497,9 @@ class ErnieW4A8MoEMethod(ErnieW8A8MoEMethod):
     experts_quant_keys = (kInt4Static, None)
 
     def process_weights_after_loading(self, layer: Module) -> None:
+        if not vllm_fused_experts_exact():  # the portable experts repack for their own kernel
+            self._make_kernel(layer)
+            return
         names = ("w13_weight", "w2_weight")
         blocked = prepare_int4_moe_layer_for_cpu(
             *(gptq_int4_columns(getattr(layer, name).data) for name in names),
@@ -419,6 +520,8 @@ class ErnieW4A8MoEMethod(ErnieW8A8MoEMethod):
         self._make_kernel(layer)
 
     def get_fused_moe_quant_config(self, layer: Module):
+        if not vllm_fused_experts_exact():  # per-channel scales, as loaded
+            return super().get_fused_moe_quant_config(layer)
         return int4_w4a16_moe_quant_config(
             w1_scale=layer.w13_weight_scale,
             w2_scale=layer.w2_weight_scale,

@@ -1,0 +1,57 @@
+"""The tier switch: a forced tier reaches torch, oneDNN, vLLM's library choice and engine
+processes; a tier above the host's is refused."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from vllm_ernie_moe import cpu_tier
+
+
+def run_as(tier: str, code: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, cpu_tier.TIER_VARIABLE: tier}
+    return subprocess.run(
+        [sys.executable, "-m", "vllm_ernie_moe.cpu_tier", tier, sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+REPORT = (
+    "import torch, vllm._custom_ops; from vllm_ernie_moe import cpu_tier; "
+    "print(cpu_tier.loaded_library(), torch.backends.cpu.get_cpu_capability(), "
+    "torch.cpu._is_avx512_supported(), torch.cpu._is_vnni_supported())"
+)
+
+
+@pytest.mark.parametrize("tier", cpu_tier.TIERS, ids=lambda t: t.name)
+def test_forced_tier_loads_its_library(tier):
+    host = cpu_tier.host_tier()
+    if host is None or cpu_tier.TIERS.index(tier) > cpu_tier.TIERS.index(host):
+        pytest.skip(f"this host's tier is {host.name if host else 'below AVX2'}")
+    done = run_as(tier.name, REPORT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    library, capability, avx512, vnni = done.stdout.split()[-4:]
+    assert library == tier.library
+    assert capability.lower() == tier.aten_capability
+    assert (avx512, vnni) == (str(tier.avx512), str(tier.vnni))
+
+
+def test_tier_above_the_host_is_refused():
+    host = cpu_tier.host_tier()
+    if host is cpu_tier.TIERS[-1]:
+        pytest.skip("this host runs every tier")
+    above = cpu_tier.TIERS[cpu_tier.TIERS.index(host) + 1]
+    done = run_as(above.name, REPORT)
+    assert done.returncode != 0
+    assert "cannot execute that tier" in done.stderr
+
+
+def test_unknown_tier_names_the_choices():
+    done = run_as("avx9", "pass")
+    assert done.returncode != 0
+    assert "avx2, avx512, avx512_bf16" in done.stderr

@@ -1,0 +1,109 @@
+"""The portable int8/int4 GEMMs and experts (CPUs without VNNI) against integer math in float64,
+and the saturation of vLLM's oneDNN int8 GEMM without VNNI that they exist for.
+
+Every test states the tier it ran on (``VLLM_ERNIE_MOE_CPU_TIER``; ``make test CPU_TIER=avx2``).
+"""
+
+import pytest
+import torch
+
+from vllm_ernie_moe import cpu_tier, portable_kernels
+
+TIER = cpu_tier.active()
+
+
+@pytest.fixture(autouse=True)
+def report_tier(record_property):
+    record_property("cpu_tier", TIER.name if TIER else "other")
+
+
+def full_range_weights(rows: int, columns: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """msModelSlim-like int8 rows (each reaching +-127) and fp32 per-channel scales."""
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randint(-127, 128, (rows, columns), generator=generator, dtype=torch.int8)
+    weight[:, 0] = 127
+    return weight, torch.rand(rows, generator=generator) * 0.01 + 1e-3
+
+
+def reference_w8a8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Per-token int8 activations times int8 weights, in float64."""
+    x64 = x.double()
+    x_scale = x64.abs().amax(-1, keepdim=True) / 127
+    x_q = torch.round(x64 / x_scale).clamp(-128, 127)
+    return (x_q @ weight.double().T) * x_scale * scale.double()
+
+
+@pytest.mark.parametrize("rows_in", [1, 8, 67])
+def test_int8_gemm_is_the_w8a8_math(rows_in):
+    weight, scale = full_range_weights(96, 256)
+    x = torch.randn(rows_in, 256, generator=torch.Generator().manual_seed(1)).bfloat16()
+    got = portable_kernels.int8_gemm(x, weight, scale, quantize_input=True)
+    want = reference_w8a8(x, weight, scale)
+    assert got.dtype == torch.bfloat16
+    # bf16 output: within 2^-7 of the largest value (two roundings).
+    assert (got.double() - want).abs().max() <= want.abs().max() * 2**-7
+
+
+def test_int8_gemm_w8a16_uses_scales_in_the_model_dtype():
+    weight, scale = full_range_weights(64, 128)
+    x = torch.randn(5, 128, generator=torch.Generator().manual_seed(2)).bfloat16()
+    got = portable_kernels.int8_gemm(x, weight, scale, quantize_input=False)
+    want = x.double() @ (weight.double() * scale.bfloat16().double()[:, None]).T
+    assert (got.double() - want).abs().max() <= want.abs().max() * 2**-7
+
+
+def test_int4_gemm_is_the_w4a8_math():
+    generator = torch.Generator().manual_seed(3)
+    values = torch.randint(-8, 8, (64, 256), generator=generator, dtype=torch.int8)
+    scale = torch.rand(64, generator=generator) + 0.1
+    x = torch.randn(9, 256, generator=generator)
+    got = portable_kernels.int4_gemm(x, portable_kernels.pack_int4(values), scale)
+    want = reference_w8a8(x, values, scale)
+    assert (got.double() - want).abs().max() <= want.abs().max() * 2**-7
+
+
+def test_run_experts_is_a_weighted_sum_of_swiglu_experts():
+    generator = torch.Generator().manual_seed(4)
+    experts, hidden, inter, tokens, top_k = 4, 32, 16, 6, 2
+    w13 = torch.randn(experts, 2 * inter, hidden, generator=generator)
+    w2 = torch.randn(experts, hidden, inter, generator=generator)
+    x = torch.randn(tokens, hidden, generator=generator)
+    topk_ids = torch.tensor([[0, 3], [3, 1], [1, 0], [2, 3], [3, 0], [1, 2]])
+    topk_weights = torch.rand(tokens, top_k, generator=generator)
+
+    def gemm(expert, which, rows):
+        return rows.float() @ (w13, w2)[which][expert].T
+
+    got = portable_kernels.run_experts(x, topk_weights, topk_ids, gemm)
+    want = torch.zeros(tokens, hidden)
+    for t in range(tokens):
+        for k in range(top_k):
+            e = topk_ids[t, k]
+            gate, up = (x[t] @ w13[e].T).chunk(2)
+            want[t] += topk_weights[t, k] * (w2[e] @ (torch.nn.functional.silu(gate) * up))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(
+    portable_kernels.exact_int8_gemm(), reason="this tier has VNNI: vLLM's int8 GEMM is exact"
+)
+def test_vllm_onednn_int8_gemm_saturates_without_vnni():
+    """Why the portable kernels exist: vLLM's oneDNN int8 GEMM on this tier is wrong for
+    full-range weights and right for weights within +-64. If this fails, upstream fixed it."""
+    import vllm._custom_ops as ops
+
+    x = torch.randn(5, 256, generator=torch.Generator().manual_seed(5)).bfloat16()
+    errors = []
+    for limit in (127, 64):
+        weight, scale = full_range_weights(64, 256)
+        weight = weight.clamp(-limit, limit)
+        handler = ops.create_onednn_scaled_mm(
+            weight.t(), scale[:, None], torch.bfloat16, True, False
+        )
+        x_q, x_scale, _ = ops.onednn_scaled_int8_quant(x, None, None, True)
+        out = torch.empty(5, 64, dtype=torch.bfloat16)
+        ops.onednn_scaled_mm(handler, x_q, out, x_scale, None, None, None)
+        want = (x_q.double() * x_scale.double()) @ (weight.double() * scale.double()[:, None]).T
+        errors.append(((out.double() - want).abs().max() / want.abs().max()).item())
+    assert errors[0] > 0.05, f"full range: {errors[0]:.4f} of the output"
+    assert errors[1] < 0.01, f"within +-64: {errors[1]:.4f} of the output"

@@ -1,0 +1,117 @@
+"""Exact int8 and int4 GEMMs and MoE experts for CPUs without VNNI (vLLM's AVX2 and AVX-512 tiers).
+
+Why: without VNNI, vLLM's oneDNN int8 GEMM (its W8A8 linear kernel on CPU) and ``torch._int_mm``
+multiply int8 pairs through ``vpmaddubsw``, whose int16 sums saturate once a weight exceeds 64 in
+magnitude; msModelSlim's weights reach 127. Measured on a Zen 5 host forced to the AVX2 and
+AVX-512 tiers (``tests/test_portable_kernels.py`` keeps the check): errors of ~20% of the output
+at full range, none with weights within +-64. vLLM's fused int8/int4 experts kernel
+(``fused_experts_cpu``) exists only in its AVX-512 BF16 library.
+
+How: PyTorch's weight-only kernels, vectorized for AVX2 and AVX-512 (``_weight_int8pack_mm``,
+``_weight_int4pack_mm_for_cpu``), take the int8 / int4 weights as they sit in memory. For W8A8 and
+W4A8 they are fed the per-token int8 activations as bf16 integers (exact below 256) with unit
+weight scales, so the GEMM sums integer products, and the scales multiply in fp32 afterwards:
+``y = s_x * s_w * (x_q @ w_q^T)``, the format's math. W8A16 passes the activations and the weight
+scale in the model dtype, as vllm-ascend's W8A16 does on the NPU.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+#: Group sizes ``_weight_int4pack_mm_for_cpu`` takes (its scales are per group of inputs).
+INT4_GROUP_SIZES = (256, 128, 64, 32)
+
+
+def exact_int8_gemm() -> bool:
+    """Whether int8 x int8 GEMMs (oneDNN, ``torch._int_mm``) are exact here: VNNI accumulates
+    int8 products in int32; the AVX2 / AVX-512 path without it saturates in int16."""
+    return torch.cpu._is_vnni_supported()
+
+
+def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token symmetric int8 (``s_x = max|x_row| / 127``, round half to even), returned as
+    bf16 integers (exact) and fp32 scales ``[M, 1]``."""
+    x = x.float()
+    scale = (x.abs().amax(dim=-1, keepdim=True) / 127).clamp_min(torch.finfo(torch.float32).tiny)
+    return torch.round(x / scale).clamp_(-128, 127).to(torch.bfloat16), scale
+
+
+@functools.cache
+def _unit_scales(rows: int) -> torch.Tensor:
+    return torch.ones(rows, dtype=torch.bfloat16)
+
+
+@functools.cache
+def _unit_int4_scales(groups: int, rows: int) -> torch.Tensor:
+    """``_weight_int4pack_mm_for_cpu``'s ``[groups, N, 2]`` (scale, zero) at scale 1, zero 0."""
+    scales = torch.zeros(groups, rows, 2, dtype=torch.bfloat16)
+    scales[..., 0] = 1
+    return scales
+
+
+def int8_gemm(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, quantize_input: bool
+) -> torch.Tensor:
+    """``x [.., K] @ dequant(weight [N, K] int8, scale [N] fp32)^T`` in ``x``'s dtype; with
+    ``quantize_input`` the activations are per-token int8 first (W8A8), else as they are (W8A16)."""
+    rows = x.reshape(-1, x.shape[-1])
+    if quantize_input:
+        x_q, x_scale = quantize_tokens(rows)
+        sums = torch._weight_int8pack_mm(x_q, weight, _unit_scales(weight.shape[0]))
+        out = (sums.float() * x_scale * scale).to(x.dtype)
+    else:
+        out = torch._weight_int8pack_mm(rows, weight, scale.to(rows.dtype))
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def int4_group_size(inputs: int) -> int:
+    return next(g for g in INT4_GROUP_SIZES if inputs % g == 0)
+
+
+def pack_int4(values: torch.Tensor) -> torch.Tensor:
+    """int4 values in [-8, 7] ``[N, K]`` -> ``_weight_int4pack_mm_for_cpu``'s ``[N, K/2]`` uint8."""
+    return torch._convert_weight_to_int4pack_for_cpu((values + 8).to(torch.int32), 1)
+
+
+def int4_gemm(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """W4A8: per-token int8 ``x [M, K]`` times int4 ``packed`` (:func:`pack_int4`) with per-channel
+    ``scale [N]`` fp32, in fp32."""
+    rows, inputs = packed.shape[0], x.shape[-1]
+    groups = inputs // int4_group_size(inputs)
+    x_q, x_scale = quantize_tokens(x)
+    sums = torch._weight_int4pack_mm_for_cpu(
+        x_q, packed, inputs // groups, _unit_int4_scales(groups, rows)
+    )
+    return sums.float() * x_scale * scale
+
+
+def run_experts(
+    hidden: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    gemm,
+) -> torch.Tensor:
+    """SwiGLU experts as one GEMM pair per expert that has tokens, weighted and summed in fp32.
+
+    ``gemm(expert, which, x)`` with ``which`` 0 (gate/up: ``[n, 2I]``) or 1 (down: ``[n, H]``)."""
+    top_k = topk_ids.shape[-1]
+    flat_ids = topk_ids.reshape(-1)
+    order = torch.argsort(flat_ids, stable=True)
+    tokens = order // top_k
+    weights = topk_weights.reshape(-1)[order].float().unsqueeze(-1)
+    counts = torch.bincount(flat_ids, minlength=int(flat_ids.max()) + 1).tolist()
+    out = torch.zeros(hidden.shape, dtype=torch.float32)
+    start = 0
+    for expert, count in enumerate(counts):
+        if count == 0:
+            continue
+        rows = tokens[start : start + count]
+        gate, up = gemm(expert, 0, hidden[rows]).float().chunk(2, dim=-1)
+        down = gemm(expert, 1, F.silu(gate) * up)
+        out.index_add_(0, rows, down.float() * weights[start : start + count])
+        start += count
+    return out.to(hidden.dtype)
