@@ -81,10 +81,10 @@ def int4_gemm(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> tor
     """W4A8: per-token int8 ``x [M, K]`` times int4 ``packed`` (:func:`pack_int4`) with per-channel
     ``scale [N]`` fp32, in fp32."""
     rows, inputs = packed.shape[0], x.shape[-1]
-    groups = inputs // int4_group_size(inputs)
+    group = int4_group_size(inputs)
     x_q, x_scale = quantize_tokens(x)
     sums = torch._weight_int4pack_mm_for_cpu(
-        x_q, packed, inputs // groups, _unit_int4_scales(groups, rows)
+        x_q, packed, group, _unit_int4_scales(inputs // group, rows)
     )
     return sums.float() * x_scale * scale
 

@@ -143,7 +143,7 @@ def _set_quantized(layer: Module, name: str, tensor: torch.Tensor) -> None:
 
 class _ErnieCPUExperts:
     """vLLM's quantized CPU experts (``fused_experts_cpu``), accepted for ERNIE's routing and on
-    AVX512-VNNI CPUs without AMX.
+    AVX512-VNNI CPUs with or without AMX.
 
     Upstream refuses them for "routing method Unspecified" (softmax + correction bias), but on
     vLLM 0.32+ the experts never route: ``CPURouter`` (patched) computes the ids and weights before
