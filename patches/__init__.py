@@ -11,6 +11,7 @@ from vllm_ernie_moe.patches import (
     patch_cpu_lora_base_tokens,
     patch_cpu_router,
     patch_cpu_sgl_kernels,
+    patch_ernie_mtp_layer_count,
 )
 
 
@@ -20,3 +21,4 @@ def apply_all() -> None:
     patch_cpu_lora_base_tokens.apply()
     patch_cpu_router.apply()
     patch_cpu_sgl_kernels.apply()
+    patch_ernie_mtp_layer_count.apply()

@@ -113,15 +113,30 @@ def test_a_transposed_projection_is_read_either_way():
     assert list(kept) == []
 
 
-def test_a_checkpoint_without_an_mtp_head_is_refused_before_the_engine_starts(checkpoint):
+@pytest.mark.parametrize("declared", ["absent", None])
+def test_a_checkpoint_without_an_mtp_head_is_refused_before_the_engine_starts(
+    checkpoint, tmp_path, declared
+):
+    """Without the key, and with it null (transformers 5.25's default, where vLLM alone fails with
+    a pydantic error: patch_ernie_mtp_layer_count): the plugin names the setting and the fix."""
+    import json
+
     from vllm.engine.arg_utils import EngineArgs
 
+    source = checkpoint("tiny-21b")
+    for item in source.iterdir():
+        (tmp_path / item.name).symlink_to(item)
+    config = json.loads((source / "config.json").read_text())
+    if declared != "absent":
+        config["num_nextn_predict_layers"] = declared
+    (tmp_path / "config.json").unlink()
+    (tmp_path / "config.json").write_text(json.dumps(config))
     args = EngineArgs(
-        model=str(checkpoint("tiny-21b")),
+        model=str(tmp_path),
         speculative_config={"method": "ernie_mtp", "num_speculative_tokens": 1},
         max_model_len=512,
     )
-    with pytest.raises(ValueError, match=r"num_nextn_predict_layers=0.*needs the MTP head"):
+    with pytest.raises(ValueError, match=r"num_nextn_predict_layers=.*needs the MTP head"):
         args.create_engine_config()
 
 

@@ -92,3 +92,10 @@ def test_what_cpu_lora_relies_on(source):
         assert source.method(patch.OPS_MODULE, name), f"{patch.OPS_MODULE}.{name}"
     for importer in patch.IMPORTERS:
         assert all(source.definition(importer, name) for name in patch.OPS), importer
+
+
+def test_mtp_layer_count_patch_has_a_target(source):
+    from vllm_ernie_moe.patches import patch_ernie_mtp_layer_count as patch
+
+    target = f"{patch.CONVERTOR}.get_num_hidden_layers"
+    assert source.method(patch.CONVERTOR_MODULE, target), f"{patch.CONVERTOR_MODULE}.{target}"

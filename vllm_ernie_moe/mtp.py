@@ -48,10 +48,11 @@ class MTPHeadError(ValueError):
 
 def mtp_layer_count(hf_config, checkpoint: str) -> int:
     """``num_nextn_predict_layers``; :class:`MTPHeadError` when config.json declares no head."""
-    layers = getattr(hf_config, "num_nextn_predict_layers", 0) or 0
+    declared = getattr(hf_config, "num_nextn_predict_layers", None)
+    layers = declared or 0
     if layers < 1:
         raise MTPHeadError(
-            f"{checkpoint}: config.json has num_nextn_predict_layers={layers}; ERNIE MTP "
+            f"{checkpoint}: config.json has num_nextn_predict_layers={declared}; ERNIE MTP "
             "speculative decoding needs the MTP head of a -PT checkpoint "
             "(num_nextn_predict_layers: 1). Drop --speculative-config, or use a checkpoint "
             "that kept its MTP head."
