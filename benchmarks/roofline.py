@@ -5,8 +5,9 @@ decode speed is the weight bytes per token divided by the bandwidth a matrix-vec
 reaches. Two bandwidths are measured here on all cores, with weights far larger than the L3
 cache (cycled, so nothing is served from cache):
 
-- the batch-1 GEMV rate of each of vLLM's CPU GEMM back ends (oneDNN and sgl-kernel, bf16 and
-  int8 with dynamic per-token activations);
+- the batch-1 GEMV rate of each CPU GEMM back end the running tier has (vLLM's oneDNN and
+  sgl-kernel, PyTorch's, the plugin's portable int8; bf16 and int8 with dynamic per-token
+  activations);
 - a plain streaming read (``torch.sum`` over bf16).
 
 The roofline uses the best of these rates: no decode step can read its weights faster.
@@ -67,44 +68,78 @@ def _stream_rate(run, weight_bytes: int, seconds: float = 2.0) -> float:
     return best
 
 
+_UNMEASURED: set[str] = set()  # kernels this tier lacks, said once
+
+
 def _gemv_kernels(rows: int, hidden: int):
-    """name -> (weight bytes, run(x, i)) for vLLM's CPU GEMMs, each over its own weight set."""
+    """name -> (weight bytes, run(x, i)) for the CPU GEMMs this tier has, each over its own
+    weight set: vLLM's oneDNN and sgl-kernel GEMMs where its loaded library and the CPU have them
+    (no bf16 oneDNN matmul and no sgl ops on AVX2; oneDNN int8 only where it is exact, with VNNI:
+    docs/cpu-tiers.md), PyTorch's bf16 GEMM and the plugin's portable int8 GEMM everywhere."""
+    import sys
+
     import torch
+    import torch.nn.functional as F
     from vllm import _custom_ops as ops
+
+    from vllm_ernie_moe import portable_kernels
 
     sets = L3_MULTIPLE * 32 * 2**20 // (rows * hidden) + 1
     bf16 = [torch.randn(rows, hidden, dtype=torch.bfloat16) for _ in range(sets)]
     int8 = [torch.randint(-127, 128, (rows, hidden), dtype=torch.int8) for _ in range(sets)]
     scale = torch.rand(rows, dtype=torch.float32) / 100
-    onednn_bf16 = [ops.create_onednn_mm(w.t(), 32) for w in bf16]
-    sgl_bf16 = [torch.ops._C.convert_weight_packed(w) for w in bf16]
-    onednn_int8 = [
-        ops.create_onednn_scaled_mm(w.t(), scale[:, None], torch.bfloat16, True, False, 32)
-        for w in int8
-    ]
-    sgl_int8 = [torch.ops._C.convert_weight_packed(w) for w in int8]
-
-    def onednn_int8_mm(x, i):
-        x_q, x_s, x_zp = ops.onednn_scaled_int8_quant(x, None, None, True)
-        out = torch.empty(x.shape[0], rows, dtype=torch.bfloat16)
-        ops.onednn_scaled_mm(onednn_int8[i % sets], x_q, out, x_s, x_zp, None, None)
-
     size = rows * hidden
-    return {
-        "read (torch.sum, bf16)": (2 * size, lambda x, i: bf16[i % sets].sum()),
-        "oneDNN bf16": (2 * size, lambda x, i: ops.onednn_mm(onednn_bf16[i % sets], x, None)),
-        "sgl bf16": (
-            2 * size,
-            lambda x, i: ops.weight_packed_linear_cpu(x, sgl_bf16[i % sets], rows, None),
-        ),
-        "oneDNN int8": (size, onednn_int8_mm),
-        "sgl int8": (
+
+    def onednn_bf16():
+        handles = [ops.create_onednn_mm(w.t(), 32) for w in bf16]
+        return lambda x, i: ops.onednn_mm(handles[i % sets], x, None)
+
+    def sgl_bf16():
+        packed = [torch.ops._C.convert_weight_packed(w) for w in bf16]
+        return lambda x, i: ops.weight_packed_linear_cpu(x, packed[i % sets], rows, None)
+
+    def onednn_int8():
+        if not portable_kernels.exact_int8_gemm():
+            raise RuntimeError("saturates without VNNI")
+        handles = [
+            ops.create_onednn_scaled_mm(w.t(), scale[:, None], torch.bfloat16, True, False, 32)
+            for w in int8
+        ]
+
+        def run(x, i):
+            x_q, x_s, x_zp = ops.onednn_scaled_int8_quant(x, None, None, True)
+            out = torch.empty(x.shape[0], rows, dtype=torch.bfloat16)
+            ops.onednn_scaled_mm(handles[i % sets], x_q, out, x_s, x_zp, None, None)
+
+        return run
+
+    def sgl_int8():
+        packed = [torch.ops._C.convert_weight_packed(w) for w in int8]
+        return lambda x, i: torch.ops._C.int8_scaled_mm_with_quant(
+            x, packed[i % sets], scale, None, x.dtype, True
+        )
+
+    builders = {
+        "read (torch.sum, bf16)": (2 * size, lambda: lambda x, i: bf16[i % sets].sum()),
+        "torch bf16": (2 * size, lambda: lambda x, i: F.linear(x, bf16[i % sets])),
+        "oneDNN bf16": (2 * size, onednn_bf16),
+        "sgl bf16": (2 * size, sgl_bf16),
+        "portable int8": (
             size,
-            lambda x, i: torch.ops._C.int8_scaled_mm_with_quant(
-                x, sgl_int8[i % sets], scale, None, x.dtype, True
-            ),
+            lambda: lambda x, i: portable_kernels.int8_gemm(x, int8[i % sets], scale, True),
         ),
+        "oneDNN int8": (size, onednn_int8),
+        "sgl int8": (size, sgl_int8),
     }
+    kernels = {}
+    for name, (weight_bytes, build) in builders.items():
+        try:
+            kernels[name] = (weight_bytes, build())
+        except (RuntimeError, AttributeError) as error:  # not in this tier's library or ISA
+            if name not in _UNMEASURED:
+                _UNMEASURED.add(name)
+                print(f"roofline: {name} not measured on this tier ({error})", file=sys.stderr)
+    return kernels
 
 
 def measure_bandwidth(hidden: int = 2560, rows: int = 12288) -> dict[str, float]:
@@ -204,12 +239,12 @@ def print_rates_by_shape(rows: list[dict]) -> None:
                 continue
             cells = []
             for kernel in kernels:
-                rate = row[kernel]
+                rate = row.get(kernel, float("nan"))
                 if prefill:  # weight GB/s x 2 ops per weight and token / bytes per weight
                     rate *= 2 * row["batch"] / (1 if "int8" in kernel else 2) / 1e3
                 cells.append(f"{rate:.{2 if prefill else 1}f}")
             rates = " | ".join(cells)
-            ratio = row["sgl int8"] / row["oneDNN int8"]
+            ratio = row.get("sgl int8", float("nan")) / row.get("oneDNN int8", float("nan"))
             print(f"| {row['linear']} | {row['batch']} | {rates} | {ratio:.2f} |")
 
 

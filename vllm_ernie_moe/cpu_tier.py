@@ -27,7 +27,8 @@ TIER_VARIABLE = "VLLM_ERNIE_MOE_CPU_TIER"
 @dataclass(frozen=True)
 class Tier:
     """One of vLLM's x86 kernel tiers: the library it loads, torch's and oneDNN's matching ISA
-    names, and what torch's probes answer on it."""
+    names, what torch's probes answer on it, and the ``-march`` torch.compile's C++ builds for
+    it (None: the host's own, ``native``)."""
 
     name: str
     library: str
@@ -36,14 +37,18 @@ class Tier:
     avx512: bool
     avx512_bf16: bool
     vnni: bool
+    march: str | None
 
 
 #: Lowest first. AMX cannot be forced (a CPU without it cannot run it); ``avx512_bf16`` is the tier
-#: of AVX-512 BF16/VNNI CPUs, with or without AMX.
+#: of AVX-512 BF16/VNNI CPUs, with or without AMX. The ``-march`` matters: Inductor compiles its
+#: kernels for the ISA torch's probes report but with ``-march=native`` by default, and that mix
+#: of AVX2 vector code with the host's AVX-512 macros computed garbage in every other 8-lane block
+#: of vLLM's compiled vocab-embedding mask at TP=2 (an IndexError in the engine).
 TIERS = (
-    Tier("avx2", "_C_AVX2", "avx2", "AVX2", False, False, False),
-    Tier("avx512", "_C_AVX512", "avx512", "AVX512_CORE", True, False, False),
-    Tier("avx512_bf16", "_C", "avx512", "ALL", True, True, True),
+    Tier("avx2", "_C_AVX2", "avx2", "AVX2", False, False, False, "x86-64-v3"),
+    Tier("avx512", "_C_AVX512", "avx512", "AVX512_CORE", True, False, False, "x86-64-v4"),
+    Tier("avx512_bf16", "_C", "avx512", "ALL", True, True, True, None),
 )
 _BY_NAME = {tier.name: tier for tier in TIERS}
 
@@ -65,6 +70,8 @@ def requested() -> Tier | None:
     return _BY_NAME[name]
 
 
+#: Inductor's ``config.cpp.march``, read when ``torch._inductor.config`` is imported.
+INDUCTOR_MARCH_VARIABLE = "TORCHINDUCTOR_CPP_MARCH"
 #: Holds the ``sitecustomize`` that forces the tier at interpreter start.
 STARTUP_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tier_startup")
 
@@ -74,12 +81,15 @@ def environment(tier: Tier) -> dict[str, str]:
     path = os.environ.get("PYTHONPATH", "")
     if STARTUP_DIR not in path.split(os.pathsep):
         path = os.pathsep.join(filter(None, (STARTUP_DIR, path)))
-    return {
+    variables = {
         TIER_VARIABLE: tier.name,
         "ATEN_CPU_CAPABILITY": tier.aten_capability,
         "ONEDNN_MAX_CPU_ISA": tier.onednn_isa,
         "PYTHONPATH": path,
     }
+    if tier.march:
+        variables[INDUCTOR_MARCH_VARIABLE] = tier.march
+    return variables
 
 
 def host_tier() -> Tier | None:
@@ -146,6 +156,8 @@ def force() -> Tier | None:
     for name, answer in answers.items():
         # Never claim more than the CPU has.
         setattr(torch.cpu, f"_is_{name}_supported", _probe(answer and real[name](), real[name]))
+    if tier.march and "torch._inductor.config" in sys.modules:  # imported before the variable
+        sys.modules["torch._inductor.config"].cpp.march = tier.march
     return tier
 
 

@@ -7,11 +7,12 @@ Two modes, one method:
 - a BF16/FP16 checkpoint with ``--quantization ernie-w8a8-dynamic`` is quantized at load with
   msModelSlim's formula (``vllm_ernie_moe.w8a8.quantize_rows``): the same int8 weights and scales.
 
-Kernels are vLLM's own: oneDNN int8 scaled-mm for W8A8 linear layers, ``CPUExpertsInt8`` for W8A8
-experts, ``CPUExpertsInt4``'s INT4_W4A8 path for W4A8_DYNAMIC experts (int4 in memory). vLLM has
-no CPU GEMM for int8 weights with unquantized activations (its CPU WNA16 kernels take 4-bit weights
-only), so W8A16 weights are dequantized at load and run on the unquantized kernels: msModelSlim's
-weights and numbers, BF16's memory and speed.
+Kernels are vLLM's own where they exist and are exact: oneDNN int8 scaled-mm for W8A8 linear
+layers, ``CPUExpertsInt8`` for W8A8 experts, ``CPUExpertsInt4``'s INT4_W4A8 path for W4A8_DYNAMIC
+experts (int4 in memory); elsewhere :mod:`vllm_ernie_moe.portable_kernels` (docs/cpu-tiers.md).
+vLLM has no CPU GEMM for int8 weights with unquantized activations (its CPU WNA16 kernels take
+4-bit weights only), so W8A16 runs on the portable int8 weight-only GEMM, int8 in memory on every
+tier: dequantized, the 21B's weights would not fit a 24 GiB machine.
 On Ascend NPUs vllm-ascend loads msModelSlim checkpoints itself (method ``ascend``): this method
 refuses to run there rather than shadow it.
 """
@@ -110,15 +111,6 @@ def _register_expert_scale(
     )
 
 
-def _dequantize(layer: Module, weight_name: str, dtype: torch.dtype) -> None:
-    """Replace int8 ``weight_name`` by ``int8 * scale`` in ``dtype`` (fp32 product, then cast) and
-    drop the scale."""
-    scale_name = f"{weight_name}_scale"
-    weight = getattr(layer, weight_name).float() * getattr(layer, scale_name)
-    _set_quantized(layer, weight_name, weight.to(dtype))
-    delattr(layer, scale_name)
-
-
 @functools.cache
 def _log_kernel_once(layer_kind: str, kernel: str) -> None:
     """Say once per process which kernel a kind of quantized layer runs on, and the CPU tier."""
@@ -201,11 +193,14 @@ class _PortableExperts:
     def process_weights_after_loading(self, layer: Module) -> None:
         """The weights stay as loaded: int8 ``[E, out, in]``."""
 
+    #: W8A8 quantizes the activations per token; W8A16 keeps them in the model dtype.
+    quantize_input = True
+
     def _gemm(self, w1: torch.Tensor, w2: torch.Tensor):
         """``gemm(expert, which, x)`` for :func:`portable_kernels.run_experts`."""
         weights, scales = (w1, w2), (self.w1_scale, self.w2_scale)
         return lambda expert, which, x: portable_kernels.int8_gemm(
-            x, weights[which][expert], scales[which][expert].view(-1), quantize_input=True
+            x, weights[which][expert], scales[which][expert].view(-1), self.quantize_input
         )
 
     def _experts(self, hidden_states, w1, w2, topk_weights, topk_ids) -> torch.Tensor:
@@ -218,6 +213,12 @@ class _PortableExperts:
 
 class PortableCPUExpertsInt8(_PortableExperts, CPUExpertsInt8):
     """W8A8 experts: int8 weights, per-token int8 activations."""
+
+
+class PortableCPUExpertsW8A16(PortableCPUExpertsInt8):
+    """W8A16 experts: int8 weights, activations in the model dtype."""
+
+    quantize_input = False
 
 
 class PortableCPUExpertsInt4(_PortableExperts, CPUExpertsInt4):
@@ -276,12 +277,15 @@ def _self_routing(experts_cls: type) -> type:
 
 
 def cpu_experts_class(int4: bool) -> type:
-    """The quantized experts for this CPU and vLLM: vLLM's fused kernel where it exists and is
-    exact, else the portable one; routing by ERNIE's rule where vLLM's experts route (0.27)."""
+    """The W8A8 / W4A8 experts for this CPU and vLLM: vLLM's fused kernel where it exists and is
+    exact, else the portable one."""
     if vllm_fused_experts_exact():
-        experts_cls = ErnieCPUExpertsInt4 if int4 else ErnieCPUExpertsInt8
-    else:
-        experts_cls = PortableCPUExpertsInt4 if int4 else PortableCPUExpertsInt8
+        return routed_by_ernie_rule(ErnieCPUExpertsInt4 if int4 else ErnieCPUExpertsInt8)
+    return routed_by_ernie_rule(PortableCPUExpertsInt4 if int4 else PortableCPUExpertsInt8)
+
+
+def routed_by_ernie_rule(experts_cls: type) -> type:
+    """``experts_cls``, routing by ERNIE's rule where vLLM's quantized experts route (0.27)."""
     return _self_routing(experts_cls) if compat.cpu_experts_route_themselves() else experts_cls
 
 
@@ -305,17 +309,8 @@ class ErnieW8A8LinearMethod(LinearMethodBase):
         weight_loader = extra_weight_attrs["weight_loader"]
         rows = sum(output_partition_sizes)
         layer.logical_widths = output_partition_sizes
-        if portable_kernels.exact_int8_gemm():
-            self.kernel = init_int8_linear_kernel(
-                is_channelwise=True,
-                is_static_input_scheme=False,
-                input_symmetric=True,
-                module_name=type(self).__name__,
-            )
-            _log_kernel_once("W8A8 linear", f"vLLM's {type(self.kernel).__name__}")
-        else:
-            self.kernel = None
-            _log_kernel_once("W8A8 linear", "portable int8 (no VNNI: vLLM's oneDNN int8 saturates)")
+        self.params_dtype = params_dtype
+        self.kernel = self._kernel()
         weight_dtype = torch.int8 if self.prequantized else params_dtype
         layer.register_parameter(
             "weight",
@@ -330,6 +325,20 @@ class ErnieW8A8LinearMethod(LinearMethodBase):
             _register_linear_scale(layer, rows, weight_loader)
         for unused in ("input_scale", "input_zero_point", "azp_adj"):
             layer.register_parameter(unused, None)
+
+    def _kernel(self):
+        """vLLM's int8 linear kernel where it is exact, else None (the portable int8 GEMM)."""
+        if not portable_kernels.exact_int8_gemm():
+            _log_kernel_once("W8A8 linear", "portable int8 (no VNNI: vLLM's oneDNN int8 saturates)")
+            return None
+        kernel = init_int8_linear_kernel(
+            is_channelwise=True,
+            is_static_input_scheme=False,
+            input_symmetric=True,
+            module_name=type(self).__name__,
+        )
+        _log_kernel_once("W8A8 linear", f"vLLM's {type(kernel).__name__}")
+        return kernel
 
     def process_weights_after_loading(self, layer: Module) -> None:
         if not self.prequantized:
@@ -369,7 +378,7 @@ class ErnieW8A8MoEMethod(FusedMoEMethodBase):
                 f"{QUANTIZATION_NAME}: quantized experts are implemented for vLLM's CPU backend "
                 "only (on Ascend, vllm-ascend serves msModelSlim checkpoints as 'ascend')."
             )
-        self.experts_cls = cpu_experts_class(int4=self.int4_packed)
+        self.experts_cls = self.experts_class()
         supported, why = self.experts_cls.is_supported_config(
             self.experts_cls, moe, *self.experts_quant_keys, FusedMoEActivationFormat.Standard
         )
@@ -381,6 +390,9 @@ class ErnieW8A8MoEMethod(FusedMoEMethodBase):
                 "Use a tensor-parallel size that keeps both multiples of 32."
             )
         _log_kernel_once("routed experts", self.experts_cls.__name__)
+
+    def experts_class(self) -> type:
+        return cpu_experts_class(int4=self.int4_packed)
 
     def create_weights(
         self,
@@ -559,66 +571,36 @@ def gptq_int4_columns(packed_rows: torch.Tensor) -> torch.Tensor:
     return columns
 
 
-@register_weight_loader_v2_supported_method
-class ErnieW8A16LinearMethod(UnquantizedLinearMethod):
-    """msModelSlim W8A16 linear: int8 per-channel weights, dequantized at load (see module doc)."""
+class ErnieW8A16LinearMethod(ErnieW8A8LinearMethod):
+    """msModelSlim W8A16 linear: int8 per-channel weights in memory, activations in the model
+    dtype, on the portable int8 weight-only GEMM (every tier)."""
 
-    def create_weights(
-        self,
-        layer: Module,
-        input_size_per_partition: int,
-        output_partition_sizes: list[int],
-        input_size: int,
-        output_size: int,
-        params_dtype: torch.dtype,
-        **extra_weight_attrs,
-    ) -> None:
-        self.params_dtype = params_dtype
-        weight_loader = extra_weight_attrs["weight_loader"]
-        super().create_weights(
-            layer,
-            input_size_per_partition,
-            output_partition_sizes,
-            input_size,
-            output_size,
-            torch.int8,
-            **extra_weight_attrs,
-        )
-        _register_linear_scale(layer, sum(output_partition_sizes), weight_loader)
+    def __init__(self) -> None:
+        super().__init__(prequantized=True)
+
+    def _kernel(self) -> None:
+        _log_kernel_once("W8A16 linear", "portable int8 weight-only (torch._weight_int8pack_mm)")
+        return None
 
     def process_weights_after_loading(self, layer: Module) -> None:
-        _dequantize(layer, "weight", self.params_dtype)
-        super().process_weights_after_loading(layer)
+        """The scale in the model dtype, as the kernel takes it (and vllm-ascend's W8A16)."""
+        scale = layer.weight_scale.data.view(-1).to(self.params_dtype)
+        _set_quantized(layer, "weight_scale", scale)
+
+    def apply(self, layer: Module, x: torch.Tensor, bias: torch.Tensor | None = None):
+        out = portable_kernels.int8_gemm(x, layer.weight, layer.weight_scale, quantize_input=False)
+        return out if bias is None else out + bias
 
 
-class ErnieW8A16MoEMethod(UnquantizedFusedMoEMethod):
-    """msModelSlim W8A16 routed experts: int8 per-channel, dequantized at load (see module doc)."""
+class ErnieW8A16MoEMethod(ErnieW8A8MoEMethod):
+    """msModelSlim W8A16 routed experts: int8 per-channel weights in memory, activations in the
+    model dtype (:class:`PortableCPUExpertsW8A16`)."""
 
-    def create_weights(
-        self,
-        layer: Module,
-        num_experts: int,
-        hidden_size: int,
-        intermediate_size_per_partition: int,
-        params_dtype: torch.dtype,
-        **extra_weight_attrs,
-    ) -> None:
-        self.params_dtype = params_dtype
-        super().create_weights(
-            layer,
-            num_experts,
-            hidden_size,
-            intermediate_size_per_partition,
-            torch.int8,
-            **extra_weight_attrs,
-        )
-        for name in ("w13_weight", "w2_weight"):
-            _register_expert_scale(layer, name, getattr(layer, name).shape[:2], extra_weight_attrs)
+    def __init__(self, moe: FusedMoEConfig) -> None:
+        super().__init__(moe, prequantized=True)
 
-    def process_weights_after_loading(self, layer: Module) -> None:
-        for name in ("w13_weight", "w2_weight"):
-            _dequantize(layer, name, self.params_dtype)
-        super().process_weights_after_loading(layer)
+    def experts_class(self) -> type:
+        return routed_by_ernie_rule(PortableCPUExpertsW8A16)
 
 
 @register_quantization_config(QUANTIZATION_NAME)
