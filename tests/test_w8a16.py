@@ -1,11 +1,15 @@
-"""msModelSlim W8A16 (int8 per-channel weights, activations unquantized) on vLLM's CPU backend.
+"""msModelSlim W8A16 (int8 per-channel weights, activations unquantized) on vLLM's CPU backend,
+both ways the plugin serves it: int8 in memory on the portable weight-only GEMM, and dequantized
+at load onto vLLM's unquantized kernels (``VLLM_ERNIE_MOE_W8A16_INT8=1`` / ``0``).
 
 Fixture ``ernie-tiny-w8a16-msmodelslim``: what msModelSlim 26.1.0 wrote for ``ernie-tiny-bf16``
 (``MODE=w8a16 tests/fixtures/msmodelslim/recipe.sh``). References: transformers in fp32 on the
 checkpoint with ``int8 * scale`` written back (independent of the plugin's loader), and vLLM's own
-unquantized path on that same dequantized checkpoint, which must give the same numbers bit for bit.
+unquantized path on that same dequantized checkpoint: bit for bit equal to the dequantized mode,
+within bf16 rounding of the int8 one.
 """
 
+import os
 from pathlib import Path
 
 import pytest
@@ -19,13 +23,21 @@ from reference import (
     vllm_greedy,
 )
 
+from vllm_ernie_moe.quantization import w8a16_int8_in_memory
+
 FIXTURES = Path(__file__).parent / "fixtures"
 W8A16 = FIXTURES / "ernie-tiny-w8a16-msmodelslim"
 BF16_SOURCE = FIXTURES / "ernie-tiny-bf16"
 MAX_TOKENS, TOP_K = 32, 5
+INT8, DEQUANTIZED, AUTO = "1", "0", ""  # VLLM_ERNIE_MOE_W8A16_INT8
 
-# (checkpoint, tensor parallel size); the first is the baseline of the others.
-ENGINES = [("w8a16", 1), ("dequantized", 1), ("w8a16", 2)]
+# (checkpoint, tensor parallel size, W8A16 mode)
+ENGINES = [
+    ("w8a16", 1, INT8),
+    ("w8a16", 1, DEQUANTIZED),
+    ("dequantized", 1, AUTO),
+    ("w8a16", 2, AUTO),  # this CPU's default mode
+]
 _results: dict[tuple, list] = {}
 
 
@@ -34,17 +46,24 @@ def dequantized(tmp_path_factory) -> Path:
     return dequantized_checkpoint(W8A16, tmp_path_factory.mktemp("w8a16") / "dequantized")
 
 
-@pytest.fixture(scope="module", params=ENGINES, ids=lambda e: f"{e[0]}-tp{e[1]}")
+@pytest.fixture(scope="module", params=ENGINES, ids=lambda e: f"{e[0]}-tp{e[1]}-int8={e[2]}")
 def engine(request, dequantized):
-    checkpoint, tp = request.param
+    checkpoint, tp, mode = request.param
     path = W8A16 if checkpoint == "w8a16" else dequantized
-    _results[request.param] = vllm_greedy(path, "bfloat16", tp, MAX_TOKENS, TOP_K)
+    saved = os.environ.get("VLLM_ERNIE_MOE_W8A16_INT8")
+    os.environ["VLLM_ERNIE_MOE_W8A16_INT8"] = mode
+    try:
+        _results[request.param] = vllm_greedy(path, "bfloat16", tp, MAX_TOKENS, TOP_K)
+    finally:
+        os.environ.pop("VLLM_ERNIE_MOE_W8A16_INT8")
+        if saved is not None:
+            os.environ["VLLM_ERNIE_MOE_W8A16_INT8"] = saved
     return request.param, _results[request.param]
 
 
 def test_matches_fp32_reference_on_dequantized_weights(engine, dequantized):
-    if engine[0] != ENGINES[0]:
-        pytest.skip("compared once, at TP=1")
+    if engine[0] not in ENGINES[:2]:
+        pytest.skip("compared once per mode, at TP=1")
     reference = transformers_greedy(dequantized, "float32", MAX_TOKENS, TOP_K)
     check_logprobs_close(reference, engine[1])
     assert_bf16_drift(reference, engine[1])
@@ -53,13 +72,24 @@ def test_matches_fp32_reference_on_dequantized_weights(engine, dequantized):
     assert logprob_drift(source, reference).max() > 1e-3
 
 
-def test_int8_in_memory_matches_the_unquantized_path_on_the_same_weights(engine):
-    """The int8 weights stay int8 (the portable weight-only GEMM): vLLM's unquantized path on the
-    dequantized checkpoint differs only by where bf16 rounds."""
-    if engine[0] != ENGINES[1]:
+def test_against_the_unquantized_path_on_the_same_weights(engine):
+    """Dequantized at load: bf16(int8 * scale), as loading the fp32 product gives, bit for bit.
+    Int8 in memory: the portable GEMM rounds elsewhere, within vLLM's closeness rule."""
+    if engine[0] != ENGINES[2]:
         pytest.skip("the dequantized checkpoint's engine")
+    for got, want in zip(engine[1], _results[ENGINES[1]], strict=True):
+        assert got.token_ids == want.token_ids
+        assert got.logprobs == want.logprobs
     check_logprobs_close(engine[1], _results[ENGINES[0]])
     assert_bf16_drift(engine[1], _results[ENGINES[0]])
+
+
+def test_tensor_parallel_matches_tp1(engine):
+    if engine[0] != ENGINES[3]:
+        pytest.skip("TP=1 is the baseline")
+    baseline = _results[ENGINES[0] if w8a16_int8_in_memory() else ENGINES[1]]
+    check_logprobs_close(baseline, engine[1])
+    assert_bf16_drift(baseline, engine[1])
 
 
 def int8_quantized_kinds(model) -> list[str]:
@@ -81,11 +111,12 @@ def int8_quantized_kinds(model) -> list[str]:
     return sorted(kinds)
 
 
-def test_weights_stay_int8_in_memory(monkeypatch):
-    """Half the bytes of bf16: the 21B's W8A16 weights fit a 24 GiB machine only this way."""
+def test_int8_mode_keeps_the_weights_int8_in_memory(monkeypatch):
+    """Half the bytes of bf16 (the 21B: ~22 GB instead of ~43 GB)."""
     from vllm import LLM
 
     monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # apply_model sends a function
+    monkeypatch.setenv("VLLM_ERNIE_MOE_W8A16_INT8", INT8)
     llm = LLM(model=str(W8A16), dtype="bfloat16", max_model_len=256, enforce_eager=True)
     try:
         assert llm.apply_model(int8_quantized_kinds) == [["experts", "linear"]]
@@ -93,8 +124,9 @@ def test_weights_stay_int8_in_memory(monkeypatch):
         llm.llm_engine.engine_core.shutdown()
 
 
-def test_tensor_parallel_matches_tp1(engine):
-    if engine[0] != ENGINES[2]:
-        pytest.skip("TP=1 is the baseline")
-    check_logprobs_close(_results[ENGINES[0]], engine[1])
-    assert_bf16_drift(_results[ENGINES[0]], engine[1])
+def test_default_mode_is_the_faster_kernel_of_this_cpu(monkeypatch):
+    """Int8 in memory exactly where the CPU has no AVX-512 BF16 (the measured choice)."""
+    monkeypatch.delenv("VLLM_ERNIE_MOE_W8A16_INT8", raising=False)
+    assert w8a16_int8_in_memory() is not torch.cpu._is_avx512_bf16_supported()
+    monkeypatch.setenv("VLLM_ERNIE_MOE_W8A16_INT8", "0")
+    assert w8a16_int8_in_memory() is False

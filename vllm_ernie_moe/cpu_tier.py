@@ -20,8 +20,10 @@ import os
 import sys
 from dataclasses import dataclass
 
+from vllm_ernie_moe import envs
+
 #: The setting; unset or empty: the host's own tier.
-TIER_VARIABLE = "VLLM_ERNIE_MOE_CPU_TIER"
+TIER_VARIABLE = envs.CPU_TIER_VARIABLE
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,7 @@ class CPUTierError(RuntimeError):
 
 def requested() -> Tier | None:
     """The tier named by ``VLLM_ERNIE_MOE_CPU_TIER``, or None when unset."""
-    name = os.environ.get(TIER_VARIABLE, "").strip().lower()
+    name = envs.cpu_tier_name()
     if not name:
         return None
     if name not in _BY_NAME:

@@ -10,6 +10,15 @@ VLLM_ERNIE_MOE_CACHE_DIR: str = os.environ.get(
 )
 
 
+#: ``avx2`` / ``avx512`` / ``avx512_bf16``: run as that x86 kernel tier (see ``cpu_tier.py``).
+CPU_TIER_VARIABLE = "VLLM_ERNIE_MOE_CPU_TIER"
+
+
+def cpu_tier_name() -> str:
+    """``VLLM_ERNIE_MOE_CPU_TIER``, lower case; empty when unset (the host's own tier)."""
+    return os.environ.get(CPU_TIER_VARIABLE, "").strip().lower()
+
+
 def use_all_cpu_cores() -> None:
     """On vLLM's CPU backend, compute on every core (vLLM reserves one for its front end by default)
     and keep the KV cache small; explicit user settings win. Call before vLLM starts an engine."""
@@ -22,6 +31,14 @@ def int8_lm_head() -> bool:
     load (per-row int8 with msModelSlim's formula, per-token int8 activations). At batch 1 the
     bf16 lm_head is a third of the bytes a token reads; the embedding stays bf16."""
     return os.environ.get("VLLM_ERNIE_MOE_INT8_LM_HEAD", "0") == "1"
+
+
+def w8a16_int8_in_memory() -> bool | None:
+    """``VLLM_ERNIE_MOE_W8A16_INT8=1`` keeps msModelSlim W8A16 weights int8 in memory (half the
+    bytes), ``0`` dequantizes them at load; unset: whichever kernel is faster on this CPU
+    (``vllm_ernie_moe.portable_kernels.int8_weight_only_beats_bf16``)."""
+    value = os.environ.get("VLLM_ERNIE_MOE_W8A16_INT8", "")
+    return None if value == "" else value == "1"
 
 
 def sgl_kernels_without_amx() -> bool:

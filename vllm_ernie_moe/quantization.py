@@ -11,8 +11,9 @@ Kernels are vLLM's own where they exist and are exact: oneDNN int8 scaled-mm for
 layers, ``CPUExpertsInt8`` for W8A8 experts, ``CPUExpertsInt4``'s INT4_W4A8 path for W4A8_DYNAMIC
 experts (int4 in memory); elsewhere :mod:`vllm_ernie_moe.portable_kernels` (docs/cpu-tiers.md).
 vLLM has no CPU GEMM for int8 weights with unquantized activations (its CPU WNA16 kernels take
-4-bit weights only), so W8A16 runs on the portable int8 weight-only GEMM, int8 in memory on every
-tier: dequantized, the 21B's weights would not fit a 24 GiB machine.
+4-bit weights only). W8A16 weights stay int8 on the portable int8 weight-only GEMM where that is
+the faster kernel (CPUs without AVX-512 BF16), else they are dequantized at load onto vLLM's bf16
+kernels; ``VLLM_ERNIE_MOE_W8A16_INT8`` decides either way (int8: half the memory).
 On Ascend NPUs vllm-ascend loads msModelSlim checkpoints itself (method ``ascend``): this method
 refuses to run there rather than shadow it.
 """
@@ -109,6 +110,15 @@ def _register_expert_scale(
         scale,
         {**extra_weight_attrs, "quant_method": FusedMoeWeightScaleSupported.CHANNEL.value},
     )
+
+
+def _dequantize(layer: Module, weight_name: str, dtype: torch.dtype) -> None:
+    """Replace int8 ``weight_name`` by ``int8 * scale`` in ``dtype`` (fp32 product, then cast) and
+    drop the scale."""
+    scale_name = f"{weight_name}_scale"
+    weight = getattr(layer, weight_name).float() * getattr(layer, scale_name)
+    _set_quantized(layer, weight_name, weight.to(dtype))
+    delattr(layer, scale_name)
 
 
 @functools.cache
@@ -543,6 +553,24 @@ class ErnieW4A8MoEMethod(ErnieW8A8MoEMethod):
         )
 
 
+def w8a16_int8_in_memory() -> bool:
+    """Keep W8A16 weights int8 (``VLLM_ERNIE_MOE_W8A16_INT8``; default: where the portable int8
+    weight-only GEMM is the faster kernel), else dequantize them at load."""
+    chosen = envs.w8a16_int8_in_memory()
+    return portable_kernels.int8_weight_only_beats_bf16() if chosen is None else chosen
+
+
+def _w8a16_method(layer: Module, experts: bool):
+    if w8a16_int8_in_memory():
+        return ErnieW8A16MoEMethod(layer.moe_config) if experts else ErnieW8A16LinearMethod()
+    _log_kernel_once("W8A16", "vLLM's unquantized kernels (dequantized at load)")
+    return (
+        ErnieW8A16DequantizedMoEMethod(layer.moe_config)
+        if experts
+        else ErnieW8A16DequantizedLinearMethod()
+    )
+
+
 def int4_group_size(moe: FusedMoEConfig) -> int:
     """The largest group the int4 kernel takes (128, 64 or 32) that divides both GEMMs' inputs;
     one group per row gives wrong results on AVX512 (measured on vLLM 0.32)."""
@@ -601,6 +629,68 @@ class ErnieW8A16MoEMethod(ErnieW8A8MoEMethod):
 
     def experts_class(self) -> type:
         return routed_by_ernie_rule(PortableCPUExpertsW8A16)
+
+
+@register_weight_loader_v2_supported_method
+class ErnieW8A16DequantizedLinearMethod(UnquantizedLinearMethod):
+    """msModelSlim W8A16 linear, dequantized at load onto vLLM's unquantized kernels."""
+
+    def create_weights(
+        self,
+        layer: Module,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs,
+    ) -> None:
+        self.params_dtype = params_dtype
+        weight_loader = extra_weight_attrs["weight_loader"]
+        super().create_weights(
+            layer,
+            input_size_per_partition,
+            output_partition_sizes,
+            input_size,
+            output_size,
+            torch.int8,
+            **extra_weight_attrs,
+        )
+        _register_linear_scale(layer, sum(output_partition_sizes), weight_loader)
+
+    def process_weights_after_loading(self, layer: Module) -> None:
+        _dequantize(layer, "weight", self.params_dtype)
+        super().process_weights_after_loading(layer)
+
+
+class ErnieW8A16DequantizedMoEMethod(UnquantizedFusedMoEMethod):
+    """msModelSlim W8A16 routed experts, dequantized at load onto vLLM's unquantized experts."""
+
+    def create_weights(
+        self,
+        layer: Module,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size_per_partition: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs,
+    ) -> None:
+        self.params_dtype = params_dtype
+        super().create_weights(
+            layer,
+            num_experts,
+            hidden_size,
+            intermediate_size_per_partition,
+            torch.int8,
+            **extra_weight_attrs,
+        )
+        for name in ("w13_weight", "w2_weight"):
+            _register_expert_scale(layer, name, getattr(layer, name).shape[:2], extra_weight_attrs)
+
+    def process_weights_after_loading(self, layer: Module) -> None:
+        for name in ("w13_weight", "w2_weight"):
+            _dequantize(layer, name, self.params_dtype)
+        super().process_weights_after_loading(layer)
 
 
 @register_quantization_config(QUANTIZATION_NAME)
@@ -682,7 +772,7 @@ class ErnieW8A8DynamicConfig(QuantizationConfig):
                 else ErnieW8A8LinearMethod(prequantized)
             )
         if label == W8A16:
-            return ErnieW8A16MoEMethod(layer.moe_config) if experts else ErnieW8A16LinearMethod()
+            return _w8a16_method(layer, experts)
         if label == W4A8_DYNAMIC:  # routed experts only (load_description checks)
             return ErnieW4A8MoEMethod(layer.moe_config, prequantized)
         return UnquantizedFusedMoEMethod(layer.moe_config) if experts else UnquantizedLinearMethod()
