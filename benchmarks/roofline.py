@@ -75,7 +75,8 @@ def _gemv_kernels(rows: int, hidden: int):
     """name -> (weight bytes, run(x, i)) for the CPU GEMMs this tier has, each over its own
     weight set: vLLM's oneDNN and sgl-kernel GEMMs where its loaded library and the CPU have them
     (no bf16 oneDNN matmul and no sgl ops on AVX2; oneDNN int8 only where it is exact, with VNNI:
-    docs/cpu-tiers.md), PyTorch's bf16 GEMM and the plugin's portable int8 GEMM everywhere."""
+    docs/cpu-tiers.md), PyTorch's bf16 GEMM and the plugin's portable int8 GEMM (W8A8: per-token
+    int8 activations; W8A16: bf16 activations) everywhere."""
     import sys
 
     import torch
@@ -88,6 +89,7 @@ def _gemv_kernels(rows: int, hidden: int):
     bf16 = [torch.randn(rows, hidden, dtype=torch.bfloat16) for _ in range(sets)]
     int8 = [torch.randint(-127, 128, (rows, hidden), dtype=torch.int8) for _ in range(sets)]
     scale = torch.rand(rows, dtype=torch.float32) / 100
+    scale_bf16 = scale.to(torch.bfloat16)  # W8A16 applies it in the model dtype
     size = rows * hidden
 
     def onednn_bf16():
@@ -124,9 +126,13 @@ def _gemv_kernels(rows: int, hidden: int):
         "torch bf16": (2 * size, lambda: lambda x, i: F.linear(x, bf16[i % sets])),
         "oneDNN bf16": (2 * size, onednn_bf16),
         "sgl bf16": (2 * size, sgl_bf16),
-        "portable int8": (
+        "portable int8 W8A8": (
             size,
             lambda: lambda x, i: portable_kernels.int8_gemm(x, int8[i % sets], scale, True),
+        ),
+        "portable int8 W8A16": (
+            size,
+            lambda: lambda x, i: portable_kernels.int8_gemm(x, int8[i % sets], scale_bf16, False),
         ),
         "oneDNN int8": (size, onednn_int8),
         "sgl int8": (size, sgl_int8),
@@ -143,7 +149,7 @@ def _gemv_kernels(rows: int, hidden: int):
 
 
 def measure_bandwidth(hidden: int = 2560, rows: int = 12288) -> dict[str, float]:
-    """GB/s of vLLM's CPU GEMM kernels at batch 1 (and of a plain read), on all cores."""
+    """GB/s of this tier's CPU GEMM kernels at batch 1 (and of a plain read), on all cores."""
     import torch
 
     torch.manual_seed(0)

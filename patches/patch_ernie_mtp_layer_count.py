@@ -3,8 +3,10 @@
 - Target: ``ErnieMTPModelArchConfigConvertor.get_num_hidden_layers`` in
   ``vllm.transformers_utils.model_arch_config_convertor`` (vLLM 0.27 to 0.33).
 - Why: the drafter's layer count is ``getattr(config, "num_nextn_predict_layers", 0)``. Newer
-  transformers (5.25 here; vLLM 0.27.1 allows it, 0.32/0.33 pin below 5.21) declare that field on
-  ``Ernie4_5_MoeConfig`` with the default ``None``, and a config.json may say ``null``. Asking for
+  transformers (5.25 here, which vLLM 0.27.1 allows; 0.32.0 pins ``<5.20``, 0.33.0 ``<5.21``)
+  declare the MTP layer count on ``Ernie4_5_MoeConfig`` (``num_mtp_layers``, with
+  ``num_nextn_predict_layers`` as its alias) with the default ``None``, and a config.json may say
+  ``null``. Asking for
   MTP on a checkpoint without the head then dies inside ``SpeculativeConfig`` with
   "total_num_hidden_layers: Input should be a valid integer", before the plugin's config hook can
   say what is wrong and how to fix it (``vllm_ernie_moe.mtp.mtp_layer_count``).
@@ -33,8 +35,8 @@ CONVERTOR = "ErnieMTPModelArchConfigConvertor"
 
 
 def _layer_count_of_a_headless_config(get_num_hidden_layers) -> object:
-    return get_num_hidden_layers(SimpleNamespace(hf_text_config=SimpleNamespace(
-        num_nextn_predict_layers=None)))  # fmt: skip
+    headless = SimpleNamespace(num_nextn_predict_layers=None)
+    return get_num_hidden_layers(SimpleNamespace(hf_text_config=headless))
 
 
 def zero_when_undeclared(get_num_hidden_layers):
@@ -44,6 +46,7 @@ def zero_when_undeclared(get_num_hidden_layers):
     def wrapped(self) -> int:
         return get_num_hidden_layers(self) or 0
 
+    wrapped._vllm_ernie_moe_patch = True  # type: ignore[attr-defined]
     return wrapped
 
 
@@ -54,9 +57,17 @@ def apply() -> bool:
         logger.info("vLLM has no %s: patch_ernie_mtp_layer_count not applied.", CONVERTOR)
         return False
     original = convertor.get_num_hidden_layers
-    if hasattr(original, "__wrapped__"):
+    if getattr(original, "_vllm_ernie_moe_patch", False):
         return True
-    if isinstance(_layer_count_of_a_headless_config(original), int):
+    try:
+        count = _layer_count_of_a_headless_config(original)
+    except Exception as error:  # the convertor reads something else now: leave it alone
+        logger.warning(
+            "patch_ernie_mtp_layer_count not applied: vLLM's %s no longer reads the config as the "
+            "probe expects (%s).", CONVERTOR, error,
+        )  # fmt: skip
+        return False
+    if isinstance(count, int):
         logger.info("vLLM counts an undeclared ERNIE MTP head as 0 layers: patch not needed.")
         return False
     convertor.get_num_hidden_layers = zero_when_undeclared(original)

@@ -22,9 +22,10 @@ def run_as(tier: str, code: str) -> subprocess.CompletedProcess:
 
 
 REPORT = (
-    "import torch, vllm._custom_ops; from vllm_ernie_moe import cpu_tier; "
+    "import torch, torch._inductor.config as inductor, vllm._custom_ops; "
+    "from vllm_ernie_moe import cpu_tier; "
     "print(cpu_tier.loaded_library(), torch.backends.cpu.get_cpu_capability(), "
-    "torch.cpu._is_avx512_supported(), torch.cpu._is_vnni_supported())"
+    "torch.cpu._is_avx512_supported(), torch.cpu._is_vnni_supported(), inductor.cpp.march)"
 )
 
 
@@ -35,10 +36,13 @@ def test_forced_tier_loads_its_library(tier):
         pytest.skip(f"this host's tier is {host.name if host else 'below AVX2'}")
     done = run_as(tier.name, REPORT)
     assert done.returncode == 0, done.stderr[-2000:]
-    library, capability, avx512, vnni = done.stdout.split()[-4:]
+    library, capability, avx512, vnni, march = done.stdout.split()[-5:]
     assert library == tier.library
     assert capability.lower() == tier.aten_capability
     assert (avx512, vnni) == (str(tier.avx512), str(tier.vnni))
+    # torch.compile builds for the tier, not -march=native (garbage at TP=2 otherwise: cpu_tier.py)
+    expected_march = {"avx2": "x86-64-v3", "avx512": "x86-64-v4"}.get(tier.name, "None")
+    assert march == expected_march
 
 
 def test_tier_above_the_host_is_refused():

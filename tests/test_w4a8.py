@@ -59,9 +59,13 @@ def test_tensor_parallel_matches_tp1(engine):
     if tp == 1:
         pytest.skip("TP=1 is the baseline")
     # Each rank quantizes its own activation shard in row-parallel layers (as vllm-ascend does):
-    # not bit-equal. Measured p90: below 0.03 on vLLM 0.32, 0.031 on 0.27.1's oneDNN int8 GEMM.
+    # not bit-equal. Measured p90: below 0.03 on vLLM 0.32, 0.031 on 0.27.1's oneDNN int8 GEMM;
+    # largest drift 0.169 at one position as AVX2 (portable kernels, CI on a Zen 5 host), where
+    # the fake-quant reference check at TP=1 holds within the usual bounds.
     check_logprobs_close(_results[1], outputs)
-    assert_bf16_drift(_results[1], outputs, p90=0.04)
+    drift = logprob_drift(_results[1], outputs)
+    assert drift.quantile(0.9) < 0.04, f"90th percentile drift {drift.quantile(0.9):.3f}"
+    assert drift.max() < 0.25, f"largest logprob drift {drift.max():.3f}"
 
 
 def test_gptq_columns_follow_gptq_layout():

@@ -53,6 +53,7 @@ TIERS = (
     Tier("avx512_bf16", "_C", "avx512", "ALL", True, True, True, None),
 )
 _BY_NAME = {tier.name: tier for tier in TIERS}
+_FORCED_MARCHES = {tier.march for tier in TIERS if tier.march}
 
 
 class CPUTierError(RuntimeError):
@@ -117,6 +118,8 @@ def set_environment() -> Tier | None:
     tier = requested()
     if tier is not None:
         os.environ.update(environment(tier))
+        if tier.march is None and os.environ.get(INDUCTOR_MARCH_VARIABLE) in _FORCED_MARCHES:
+            del os.environ[INDUCTOR_MARCH_VARIABLE]  # a lower tier's, inherited: back to native
     return tier
 
 

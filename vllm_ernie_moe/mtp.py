@@ -51,8 +51,9 @@ def mtp_layer_count(hf_config, checkpoint: str) -> int:
     declared = getattr(hf_config, "num_nextn_predict_layers", None)
     layers = declared or 0
     if layers < 1:
+        said = "declares no" if declared is None else f"has {declared}"
         raise MTPHeadError(
-            f"{checkpoint}: config.json has num_nextn_predict_layers={declared}; ERNIE MTP "
+            f"{checkpoint}: config.json {said} num_nextn_predict_layers; ERNIE MTP "
             "speculative decoding needs the MTP head of a -PT checkpoint "
             "(num_nextn_predict_layers: 1). Drop --speculative-config, or use a checkpoint "
             "that kept its MTP head."

@@ -33,13 +33,18 @@ def exact_int8_gemm() -> bool:
 
 
 def int8_weight_only_beats_bf16() -> bool:
-    """Whether ``_weight_int8pack_mm`` (int8 weights, bf16 activations) beats every bf16 GEMM of
-    this tier per token. Measured on the 21B's linear shapes, one run on a Zen 5 host, as the W8A8
-    path (the same GEMM after a per-token quantization W8A16 skips;
-    docs/results/roofline-by-tier-zen5.txt): forced to AVX2 it is 0.98-1.50x the best bf16 GEMM at
-    batch 1, 2.56-2.90x at batch 8, 2.0-3.0x at 1024 tokens; on the host's AVX-512 BF16 tier vLLM's
-    bf16 kernels win beyond batch 1 (int8: 0.82-1.22x at 1, 0.42-0.76x at 8, 0.24-0.33x at 1024)."""
-    return not torch.cpu._is_avx512_bf16_supported()
+    """Whether ``_weight_int8pack_mm`` (int8 weights, bf16 activations) beats the bf16 GEMMs of
+    this CPU's vLLM tier per token: on x86 tiers without AVX-512 BF16. Measured on the 21B's linear
+    shapes, one run on a Zen 5 host, as the W8A8 path (the same GEMM after a per-token
+    quantization W8A16 skips; docs/results/roofline-by-tier-zen5.txt): forced to AVX2 it is
+    0.98-1.50x the best bf16 GEMM at batch 1, 2.56-2.90x at batch 8, 2.0-3.0x at 1024 tokens; on
+    the host's AVX-512 BF16 tier vLLM's bf16 kernels win beyond batch 1 (int8: 0.82-1.22x at 1,
+    0.42-0.76x at 8, 0.24-0.33x at 1024). The ``avx512`` tier (no BF16: PyTorch's and oneDNN's
+    bf16 GEMMs) and the experts are extrapolated; Arm keeps vLLM's bf16 kernels (not measured)."""
+    from vllm_ernie_moe import cpu_tier
+
+    tier = cpu_tier.active()
+    return tier is not None and not tier.avx512_bf16
 
 
 def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

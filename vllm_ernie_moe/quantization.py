@@ -192,6 +192,9 @@ class _PortableExperts:
     """Experts on :mod:`vllm_ernie_moe.portable_kernels`: every x86 tier, for CPUs where vLLM's
     fused quantized experts are missing (AVX2, AVX-512 without BF16) or inexact (no VNNI)."""
 
+    #: W8A8 quantizes the activations per token; W8A16 keeps them in the model dtype.
+    quantize_input = True
+
     @staticmethod
     def _supports_current_device() -> bool:
         return current_platform.is_cpu()
@@ -203,18 +206,20 @@ class _PortableExperts:
     def process_weights_after_loading(self, layer: Module) -> None:
         """The weights stay as loaded: int8 ``[E, out, in]``."""
 
-    #: W8A8 quantizes the activations per token; W8A16 keeps them in the model dtype.
-    quantize_input = True
-
-    def _gemm(self, w1: torch.Tensor, w2: torch.Tensor):
-        """``gemm(expert, which, x)`` for :func:`portable_kernels.run_experts`."""
+    def _gemm(self, w1: torch.Tensor, w2: torch.Tensor, dtype: torch.dtype):
+        """``gemm(expert, which, x)`` for :func:`portable_kernels.run_experts`; unquantized
+        inputs (W8A16) in ``dtype``, the model's (``run_experts`` hands the down GEMM fp32)."""
         weights, scales = (w1, w2), (self.w1_scale, self.w2_scale)
-        return lambda expert, which, x: portable_kernels.int8_gemm(
-            x, weights[which][expert], scales[which][expert].view(-1), self.quantize_input
-        )
+
+        def gemm(expert: int, which: int, x: torch.Tensor) -> torch.Tensor:
+            x = x if self.quantize_input else x.to(dtype)
+            weight, scale = weights[which][expert], scales[which][expert].view(-1)
+            return portable_kernels.int8_gemm(x, weight, scale, self.quantize_input)
+
+        return gemm
 
     def _experts(self, hidden_states, w1, w2, topk_weights, topk_ids) -> torch.Tensor:
-        gemm = self._gemm(w1, w2)
+        gemm = self._gemm(w1, w2, hidden_states.dtype)
         return portable_kernels.run_experts(hidden_states, topk_weights, topk_ids, gemm)
 
     def apply(self, output, hidden_states, w1, w2, topk_weights, topk_ids, *args, **kwargs):
@@ -241,7 +246,7 @@ class PortableCPUExpertsInt4(_PortableExperts, CPUExpertsInt4):
             repacked = [portable_kernels.pack_int4(unpack_int4_rows(rows)) for rows in packed_rows]
             _set_quantized(layer, name, torch.stack(repacked))
 
-    def _gemm(self, w1: torch.Tensor, w2: torch.Tensor):
+    def _gemm(self, w1: torch.Tensor, w2: torch.Tensor, dtype: torch.dtype):
         weights, scales = (w1, w2), (self.w1_scale, self.w2_scale)
         return lambda expert, which, x: portable_kernels.int4_gemm(
             x, weights[which][expert], scales[which][expert].view(-1)
@@ -599,9 +604,10 @@ def gptq_int4_columns(packed_rows: torch.Tensor) -> torch.Tensor:
     return columns
 
 
+@register_weight_loader_v2_supported_method  # vLLM checks the exact class
 class ErnieW8A16LinearMethod(ErnieW8A8LinearMethod):
     """msModelSlim W8A16 linear: int8 per-channel weights in memory, activations in the model
-    dtype, on the portable int8 weight-only GEMM (every tier)."""
+    dtype, on the portable int8 weight-only GEMM (:func:`w8a16_int8_in_memory`)."""
 
     def __init__(self) -> None:
         super().__init__(prequantized=True)
