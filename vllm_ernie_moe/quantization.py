@@ -308,6 +308,9 @@ def routed_by_ernie_rule(experts_cls: type) -> type:
 class ErnieW8A8LinearMethod(LinearMethodBase):
     """int8 per-channel weights, per-token dynamic int8 activations (oneDNN on CPU)."""
 
+    #: The portable GEMM's mode: W8A8 quantizes the activations per token (W8A16 does not).
+    quantize_input = True
+
     def __init__(self, prequantized: bool) -> None:
         self.prequantized = prequantized
 
@@ -374,7 +377,7 @@ class ErnieW8A8LinearMethod(LinearMethodBase):
     def apply(self, layer: Module, x: torch.Tensor, bias: torch.Tensor | None = None):
         if self.kernel is not None:
             return self.kernel.apply_weights(layer, x, bias)
-        out = portable_kernels.int8_gemm(x, layer.weight, layer.weight_scale, quantize_input=True)
+        out = portable_kernels.int8_gemm(x, layer.weight, layer.weight_scale, self.quantize_input)
         return out if bias is None else out + bias
 
 
@@ -609,6 +612,8 @@ class ErnieW8A16LinearMethod(ErnieW8A8LinearMethod):
     """msModelSlim W8A16 linear: int8 per-channel weights in memory, activations in the model
     dtype, on the portable int8 weight-only GEMM (:func:`w8a16_int8_in_memory`)."""
 
+    quantize_input = False
+
     def __init__(self) -> None:
         super().__init__(prequantized=True)
 
@@ -620,10 +625,6 @@ class ErnieW8A16LinearMethod(ErnieW8A8LinearMethod):
         """The scale in the model dtype, as the kernel takes it (and vllm-ascend's W8A16)."""
         scale = layer.weight_scale.data.view(-1).to(self.params_dtype)
         _set_quantized(layer, "weight_scale", scale)
-
-    def apply(self, layer: Module, x: torch.Tensor, bias: torch.Tensor | None = None):
-        out = portable_kernels.int8_gemm(x, layer.weight, layer.weight_scale, quantize_input=False)
-        return out if bias is None else out + bias
 
 
 class ErnieW8A16MoEMethod(ErnieW8A8MoEMethod):
