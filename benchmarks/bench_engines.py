@@ -1,9 +1,9 @@
 """Side-by-side speed of this plugin, vLLM's built-in ERNIE class, transformers and llama.cpp.
 
 Checkpoint: the exact ERNIE-4.5-21B-A3B geometry with 4 layers (dense layer 0 + 3 MoE layers),
-random bf16 weights with a random router (built once and cached), its W8A8_DYNAMIC version
-written by ``vllm_ernie_moe.quantize`` and, for llama.cpp, GGUF BF16 / Q8_0 conversions of the
-same weights. The W4A8_DYNAMIC engines (the plugin's ``w4a8``, llama.cpp's Q4_0 and Q4_K_M)
+random bf16 weights with a random router (built once and cached), its W8A8_DYNAMIC and W8A16
+versions written by ``vllm_ernie_moe.quantize`` and, for llama.cpp, GGUF BF16 / Q8_0 conversions
+of the same weights. The W4A8_DYNAMIC engines (the plugin's ``w4a8``, llama.cpp's Q4_0 and Q4_K_M)
 share a random W4A8_DYNAMIC checkpoint written tensor by tensor (``build_w4a8_checkpoint``);
 llama.cpp's files are its dequantized weights, converted to Q8_0 and quantized by llama.cpp's own
 quantizer. ``--layers 28`` is the whole ERNIE-4.5-21B-A3B: only the W4A8 engines run at that
@@ -18,6 +18,11 @@ engine: the bs=1 decode speed at which the weights stream at the best GEMV rate 
     python benchmarks/bench_engines.py --rounds 2   # every engine installed, interleaved rounds
     python benchmarks/bench_engines.py --engines plugin builtin --json out.json
     python benchmarks/bench_engines.py --layers 28 --engines w4a8 llama.cpp-q4_0 llama.cpp-q4_k_m
+    python benchmarks/bench_engines.py --cpu-tier avx2 --llama-cpp-path /opt/llama-avx2 ...
+
+``--cpu-tier`` runs every vLLM engine as a lower kernel tier (``vllm_ernie_moe.cpu_tier``);
+llama.cpp's tier is the one it was built for: ``--llama-cpp-path`` puts a build made with that
+tier's flags (see llama_cpp_engine.py) first on the engines' import path.
 
 Decode tok/s = generated tokens after the first / (time for 64 tokens - time for 1 token).
 """
@@ -42,6 +47,7 @@ ENGINES = {
     "w8a8": "vLLM + vllm-ernie-moe, W8A8_DYNAMIC",
     "w8a8-int8-head": "vLLM + vllm-ernie-moe, W8A8_DYNAMIC + int8 lm_head",
     "w8a8-stock-kernels": "vLLM + vllm-ernie-moe, W8A8_DYNAMIC, VLLM_ERNIE_MOE_SGL_KERNELS=0",
+    "w8a16": "vLLM + vllm-ernie-moe, W8A16",
     "llama.cpp-bf16": "llama.cpp BF16 (llama-cpp-python 0.3.36)",
     "llama.cpp-q8_0": "llama.cpp Q8_0 (llama-cpp-python 0.3.36)",
     "w4a8": "vLLM + vllm-ernie-moe, W4A8_DYNAMIC (int4 experts)",
@@ -224,6 +230,16 @@ def checkpoint_paths(cache: Path, layers: int = 4) -> tuple[Path, Path]:
     return bf16, w8a8
 
 
+def w8a16_checkpoint(bf16: Path) -> Path:
+    """The W8A16 (msModelSlim format) version of the BF16 checkpoint ``bf16``, built once."""
+    from vllm_ernie_moe.quantize import W8A16, quantize_checkpoint
+
+    w8a16 = bf16.with_name(bf16.name.replace("-bf16", "-w8a16"))
+    if not (w8a16 / "config.json").exists():
+        quantize_checkpoint(bf16, w8a16, label=W8A16)
+    return w8a16
+
+
 def w4a8_checkpoint(cache: Path, layers: int) -> Path:
     """The random W4A8_DYNAMIC 21B-geometry checkpoint with ``layers`` layers, built once."""
     from vllm_ernie_moe.random_checkpoint import build_w4a8_checkpoint
@@ -243,6 +259,8 @@ def engine_checkpoint(engine: str, cache: Path, layers: int, llama_src: str | No
     else:
         bf16, w8a8 = checkpoint_paths(cache, layers)
         source = w8a8 if engine.startswith("w8a8") else bf16
+        if engine == "w8a16":
+            source = w8a16_checkpoint(bf16)
     if not engine.startswith("llama.cpp"):
         return source
     return gguf_file(source, engine.removeprefix("llama.cpp-"), llama_src)
@@ -266,6 +284,22 @@ def gguf_file(source: Path, outtype: str, llama_src: str | None) -> Path:
         sys.exit(f"{source.name} as {outtype}: pass --llama-cpp-src (see llama_cpp_engine.py)")
     convert(source, gguf, outtype, Path(llama_src))
     return gguf
+
+
+def engine_environment(engine: str, tier: str | None, llama_cpp_path: str | None) -> dict[str, str]:
+    """The variables ``engine``'s process gets beyond the benchmark's own: its settings, the forced
+    kernel tier of a vLLM engine, the llama.cpp build of a llama.cpp engine."""
+    env = dict(ENGINE_ENV.get(engine, {}))
+    if engine.startswith("llama.cpp"):
+        if llama_cpp_path:
+            env["PYTHONPATH"] = os.pathsep.join(
+                filter(None, (llama_cpp_path, os.environ.get("PYTHONPATH")))
+            )
+    elif tier:
+        from vllm_ernie_moe import cpu_tier
+
+        env.update(cpu_tier.environment(cpu_tier.TIERS_BY_NAME[tier]))
+    return env
 
 
 def run_child(script: str, task: str, checkpoint: Path, out: Path, env: dict[str, str]) -> dict:
@@ -293,6 +327,9 @@ RATIOS = (
     ("w8a8-int8-head", "llama.cpp-q8_0", SPEED_KEYS),
     ("plugin", "llama.cpp-bf16", SPEED_KEYS),
     ("w8a8", "plugin", (*SPEED_KEYS, "load_s", "peak_pss_gib")),
+    ("w8a8", "llama.cpp-q8_0", SPEED_KEYS),
+    ("w8a16", "llama.cpp-q8_0", SPEED_KEYS),
+    ("w8a16", "plugin", (*SPEED_KEYS, "load_s", "peak_pss_gib")),
     ("plugin", "plugin-stock-kernels", SPEED_KEYS),
     ("w8a8", "w8a8-stock-kernels", SPEED_KEYS),
     ("w8a8-int8-head", "w8a8", (*SPEED_KEYS, "peak_pss_gib")),
@@ -304,21 +341,26 @@ RATIOS = (
 )
 
 
-def machine() -> dict:
-    """The CPU the numbers come from: two CPUs of one name can differ 2x in compute (an EPYC of
-    CPU family 25, Zen 4, runs AVX-512 at half the width of family 26, Zen 5)."""
-    import torch
+#: The CPU flags that decide vLLM's, PyTorch's and llama.cpp's kernels.
+KERNEL_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "avx_vnni")
 
+
+def machine(tier: str | None) -> dict:
+    """The CPU the numbers come from: two CPUs of one name can differ 2x in compute (an EPYC of
+    CPU family 25, Zen 4, runs AVX-512 at half the width of family 26, Zen 5); ``tier`` is the
+    kernel tier the vLLM engines were forced to (None: the host's own)."""
     info: dict[str, str] = {}
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         key, _, value = line.partition(":")
         info.setdefault(key.strip(), value.strip())
+    flags = set(info.get("flags", "").split())
     return {
         "cpu": info.get("model name"),
         "cpu_family": info.get("cpu family"),
         "cpu_model": info.get("model"),
         "cores": os.cpu_count(),
-        "amx": torch.cpu._is_amx_tile_supported(),
+        "kernel_flags": [flag for flag in KERNEL_FLAGS if flag in flags],
+        "vllm_tier": tier or "host",
     }
 
 
@@ -387,6 +429,14 @@ def main() -> None:
         "--layers", type=int, default=4, help="28: the whole 21B-A3B (W4A8 engines only)"
     )
     parser.add_argument(
+        "--cpu-tier",
+        choices=("avx2", "avx512"),
+        help="run the vLLM engines as this lower kernel tier (vllm_ernie_moe.cpu_tier)",
+    )
+    parser.add_argument(
+        "--llama-cpp-path", help="a llama-cpp-python build (pip --target) to import instead"
+    )
+    parser.add_argument(
         "--child", nargs=3, metavar=("ENGINE", "CHECKPOINT", "OUT"), help=argparse.SUPPRESS
     )
     args = parser.parse_args()
@@ -403,11 +453,12 @@ def main() -> None:
     }
     for engine in args.engines * args.rounds:
         out = cache / f"{engine}.json"
-        measured = run_child(__file__, engine, checkpoints[engine], out, ENGINE_ENV.get(engine, {}))
+        env = engine_environment(engine, args.cpu_tier, args.llama_cpp_path)
+        measured = run_child(__file__, engine, checkpoints[engine], out, env)
         rounds.setdefault(engine, []).append(measured)
         results[engine] = best_of(results.get(engine), measured)
         print(engine, measured, flush=True)
-    host = machine()
+    host = dict(machine(args.cpu_tier), llama_cpp_path=args.llama_cpp_path)
     print(f"machine: {host}")
     print(markdown(results, rounds))
     if args.json:

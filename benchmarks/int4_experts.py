@@ -25,8 +25,8 @@ def layer_weights(generator):
     from vllm._custom_ops import CPUQuantAlgo
     from vllm.model_executor.layers.fused_moe.experts.cpu_moe import prepare_int4_moe_layer_for_cpu
 
-    from vllm_ernie_moe.quantization import gptq_int4_columns, group_scales
-    from vllm_ernie_moe.w8a8 import pack_int4_rows
+    from vllm_ernie_moe.quant.int4 import gptq_int4_columns, group_scales
+    from vllm_ernie_moe.quant.msmodelslim import pack_int4_rows
 
     shapes = ((EXPERTS, 2 * INTER, HIDDEN), (EXPERTS, HIDDEN, INTER))
     values = [torch.randint(-8, 8, s, dtype=torch.int8, generator=generator) for s in shapes]

@@ -66,7 +66,7 @@ def dequantized(tensors: dict) -> dict:
     converter writes it; the scales, offsets (zero: symmetric) and ``scale_bias`` left out."""
     import torch
 
-    from vllm_ernie_moe.w8a8 import scale_bias_name, unpack_int4_rows
+    from vllm_ernie_moe.quant.msmodelslim import scale_bias_name, unpack_int4_rows
 
     def weight(name: str) -> torch.Tensor:
         values = tensors[name]()
@@ -88,7 +88,7 @@ def _convert_in_process(checkpoint: str, outfile: str, outtype: str, converter_d
     from conversion.base import ModelBase
     from conversion.ernie import Ernie4_5Model
 
-    from vllm_ernie_moe.w8a8 import find_description
+    from vllm_ernie_moe.quant.msmodelslim import find_description
 
     if find_description(checkpoint) is not None:  # msModelSlim's file names and int weights
         from vllm_ernie_moe.quantize import WEIGHTS_PREFIX

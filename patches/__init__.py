@@ -1,8 +1,14 @@
-"""Runtime patches to vLLM / vllm-ascend, installed as ``vllm_ernie_moe.patches``.
+"""Runtime patches to vLLM / vllm-ascend. This top-level folder installs as
+``vllm_ernie_moe.patches`` (``package_dir`` in setup.py). ``vllm_ernie_moe.register`` runs
+:func:`apply_all` in every process vLLM loads plugins in (the API server / engine-start process
+and each worker), before any model is built: every patch applies before the engine starts and in
+each worker.
 
 One module per upstream target, named ``patch_<target>.py``; each documents its target, why, the
 upstream status, what decides that it applies (a probe of the bug where one is possible, else the
-vLLM versions its tests ran on) and when to remove it, and has its own test. Upstream-ready fixes:
+vLLM versions its tests ran on) and when to remove it, and has its own
+``tests/test_patch_<target>.py``. All of them probe, wrap, mark and log through
+``patching.install``; none exports anything the runtime needs. Upstream-ready fixes:
 ``docs/upstream/``.
 """
 

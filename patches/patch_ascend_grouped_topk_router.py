@@ -9,8 +9,8 @@
   (310P) every ERNIE MoE layer takes this path (``AscendGroupedTopKRouter310`` delegates to it
   whenever a bias is present); on A2/A3 the fused ``moe_gating_top_k`` kernel is right and this is
   only the fallback.
-- How: in exactly that case (no groups, a bias present; softmax, sigmoid or sqrtsoftplus) choose the
-  top-k of ``scores + bias`` and gather the unbiased scores, then renormalise and scale as the
+- How: in exactly that case (no groups, a bias present; softmax, sigmoid or sqrtsoftplus) choose and
+  weight by ERNIE's rule (``vllm_ernie_moe.routing.biased_topk``), then renormalise and scale as the
   original does. The method is replaced on the class itself, which both subclasses
   (``AscendFusedTopKRouter``, ``AscendGroupedTopKRouter310``) reach through ``super()``.
 - Decided by behaviour: only on an NPU with vllm-ascend installed, and only if a probe (one token,
@@ -18,39 +18,29 @@
 - Upstream: not reported; the fix and its unit test in vllm-ascend's layout are in
   ``docs/upstream/ascend-grouped-topk-router-bias.md``.
 - Remove when: the probe reports unbiased weights (the plugin logs "not needed").
-- Test: ``tests/test_ascend_contract.py`` runs vllm-ascend's router on CPU (310P and A2), before and
-  after the patch, against hand-computed weights.
+- Test: ``tests/test_patch_ascend_grouped_topk_router.py`` runs vllm-ascend's router on CPU (the
+  Ascend contract probe, 310P), before and after the patch, against hand-computed weights.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 
 import torch
-from vllm.logger import init_logger
 
-logger = init_logger(f"vllm.{__name__}")
+from vllm_ernie_moe.patches.patching import install, logger
+from vllm_ernie_moe.routing import SCORE_FUNCTIONS, biased_topk
 
 TARGET_MODULE = "vllm_ascend.ops.fused_moe.router.grouped_topk_router"
-#: The scores the original computes, per scoring function.
-SCORES = {
-    "softmax": lambda logits: logits.softmax(dim=-1),
-    "sigmoid": torch.sigmoid,
-    "sqrtsoftplus": lambda logits: torch.nn.functional.softplus(logits).sqrt(),
-}
 
 
 def grouped_topk_router_class():
     return importlib.import_module(TARGET_MODULE).AscendGroupedTopKRouter
 
 
-def unpatched(router_cls):
-    routing = router_cls._compute_routing
-    return routing.__wrapped__ if getattr(routing, "_vllm_ernie_moe_patch", False) else routing
-
-
-def _weights_are_biased(route, router_cls) -> bool:
+def _weights_are_biased(router_cls, route) -> bool:
     """Probe: logits [1, 0], bias [0, 0.5], top 2: ERNIE's weights are softmax = [0.731, 0.269]."""
     router = router_cls(
         top_k=2,
@@ -67,30 +57,27 @@ def _weights_are_biased(route, router_cls) -> bool:
     return abs(weight_of_expert_0 - float(torch.softmax(logits, -1)[0, 0])) > 1e-3
 
 
-def patch_router_class(router_cls) -> bool:
-    """Replace ``_compute_routing`` on ``router_cls`` if the probe sees the bug; idempotent."""
-    if getattr(router_cls._compute_routing, "_vllm_ernie_moe_patch", False):
-        return True
-    original = router_cls._compute_routing
-    if not _weights_are_biased(original, router_cls):
-        logger.info("vllm-ascend's grouped top-k router weights are unbiased: patch not needed.")
-        return False
-
+def _weighted_by_unbiased_scores(original):
     def _compute_routing(self, hidden_states, router_logits, indices_type, **kwargs):
         bias = self.e_score_correction_bias
-        if self.use_grouped_topk or bias is None or self.scoring_func not in SCORES:
+        if self.use_grouped_topk or bias is None or self.scoring_func not in SCORE_FUNCTIONS:
             return original(self, hidden_states, router_logits, indices_type, **kwargs)
-        scores = SCORES[self.scoring_func](router_logits)
-        topk_ids = (scores + bias.to(scores.dtype)).topk(self.top_k, dim=-1)[1]
-        topk_weights = scores.gather(1, topk_ids).to(hidden_states.dtype)
+        scores = SCORE_FUNCTIONS[self.scoring_func](router_logits)
+        topk_weights, topk_ids = biased_topk(scores, bias, self.top_k)
+        topk_weights = topk_weights.to(hidden_states.dtype)
         topk_weights = self._renormalize_topk_weights(topk_weights) * self.routed_scaling_factor
         return topk_weights, topk_ids.to(torch.int32)
 
-    _compute_routing._vllm_ernie_moe_patch = True  # type: ignore[attr-defined]
-    _compute_routing.__wrapped__ = original  # type: ignore[attr-defined]
-    router_cls._compute_routing = _compute_routing
-    logger.info("Patched vllm-ascend's grouped top-k router to weight by unbiased scores.")
-    return True
+    return _compute_routing
+
+
+def patch_router_class(router_cls) -> bool:
+    """Replace ``_compute_routing`` on ``router_cls`` if the probe sees the bug; idempotent."""
+    return install(
+        __name__, router_cls, "_compute_routing", _weighted_by_unbiased_scores,
+        bug_present=functools.partial(_weights_are_biased, router_cls),
+        fixed="weights by the unbiased scores",
+    )  # fmt: skip
 
 
 def apply() -> bool:

@@ -22,9 +22,8 @@ import functools
 import importlib
 
 import torch
-from vllm.logger import init_logger
 
-logger = init_logger(f"vllm.{__name__}")  # under "vllm.": vLLM's log handler shows it
+from vllm_ernie_moe.patches.patching import install
 
 OPS_MODULE = "vllm.lora.ops.torch_ops.lora_ops"
 #: Modules holding their own reference to the ops.
@@ -54,7 +53,6 @@ def skipping_base_tokens(op):
         op(inputs, lora_weights, output_tensor, lora_indices_tensor.clamp(min=0), *args, **kwargs)
         rows[base] = kept
 
-    wrapped._vllm_ernie_moe_patch = True  # type: ignore[attr-defined]
     return wrapped
 
 
@@ -66,15 +64,12 @@ def apply() -> bool:
     if not current_platform.is_cpu():
         return False
     ops = importlib.import_module(OPS_MODULE)
-    if getattr(ops.bgmv_shrink, "_vllm_ernie_moe_patch", False):
-        return True
-    if not _applies_last_adapter_to_base_tokens(ops.bgmv_shrink):
-        logger.info("vLLM's CPU LoRA ops skip base-model tokens: patch not needed.")
-        return False
-    patched = {name: skipping_base_tokens(getattr(ops, name)) for name in OPS}
-    for module in (ops, *map(importlib.import_module, IMPORTERS)):
-        for name, op in patched.items():
-            if hasattr(module, name):
-                setattr(module, name, op)
-    logger.info("Patched vLLM's CPU LoRA ops to skip base-model tokens.")
+    probe = {"bug_present": _applies_last_adapter_to_base_tokens}  # probed on the first op only
+    for name in OPS:
+        if not install(
+            __name__, ops, name, skipping_base_tokens, importers=IMPORTERS,
+            fixed="base-model tokens skipped", **probe,
+        ):  # fmt: skip
+            return False
+        probe = {}
     return True

@@ -9,9 +9,8 @@
   correction bias. ERNIE-4.5 chooses its experts by ``softmax + bias``, so on the CPU backend every
   MoE layer silently runs the wrong experts (GPU/NPU routers honour the bias).
 - How: in exactly that case (softmax, no groups, no custom routing function, a bias present),
-  choose the top-k of ``softmax(logits) + bias`` and weight them by the unbiased softmax,
-  renormalised: the math of vLLM's own ``FusedTopKBiasRouter`` and of transformers. Every other case
-  goes to the original function.
+  route by ERNIE's rule (``vllm_ernie_moe.routing.ernie_topk``: the math of vLLM's own
+  ``FusedTopKBiasRouter`` and of transformers). Every other case goes to the original function.
 - Decided by behaviour: a probe routes one token between two experts where only the bias makes
   expert 1 the choice; the patch applies exactly when the probe sees expert 0 (bug present), on any
   version. Where neither target exists it says so once and stays off.
@@ -25,29 +24,14 @@
 
 from __future__ import annotations
 
+import functools
+import importlib
+
 import torch
-from vllm.logger import init_logger
 
 from vllm_ernie_moe import compat
-
-logger = init_logger(f"vllm.{__name__}")  # under "vllm.": vLLM's log handler shows it
-
-
-def biased_softmax_topk(
-    router_logits: torch.Tensor,
-    e_score_correction_bias: torch.Tensor | None,
-    top_k: int,
-    renormalize: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Choose experts by ``softmax + bias``, weight them by the unbiased softmax (fp32)."""
-    scores = torch.softmax(router_logits.float(), dim=-1)
-    choice = scores if e_score_correction_bias is None else scores + e_score_correction_bias.float()
-    topk_ids = torch.topk(choice, top_k, dim=-1)[1]
-    topk_weights = scores.gather(1, topk_ids)
-    if renormalize:
-        topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
-    # The CPU MoE kernels read contiguous float32 / int32 buffers.
-    return topk_weights.contiguous(), topk_ids.to(torch.int32).contiguous()
+from vllm_ernie_moe.patches.patching import install, logger
+from vllm_ernie_moe.routing import ernie_topk
 
 
 def _needs_bias(bias, scoring_func: str, grouped: bool, custom_routing_function) -> bool:
@@ -65,7 +49,7 @@ _PROBE_BIAS = torch.tensor([0.0, 10.0])
 
 
 def _router_ignores_bias(router_cls, route) -> bool:
-    """Probe ``route``, a ``CPURouter._compute_routing``-like function."""
+    """Probe ``route``, vLLM 0.32+'s ``CPURouter._compute_routing``."""
     router = router_cls(
         top_k=1,
         global_num_experts=2,
@@ -78,7 +62,7 @@ def _router_ignores_bias(router_cls, route) -> bool:
 
 
 def _select_experts_ignores_bias(select_experts) -> bool:
-    """Probe a ``cpu_fused_moe.select_experts``-like function."""
+    """Probe vLLM 0.27's ``cpu_fused_moe.select_experts``."""
     _, topk_ids = select_experts(
         hidden_states=_PROBE_LOGITS,
         router_logits=_PROBE_LOGITS,
@@ -90,13 +74,8 @@ def _select_experts_ignores_bias(select_experts) -> bool:
     return int(topk_ids[0, 0]) == 0
 
 
-def _patch_cpu_router(router_cls) -> bool:
-    original = router_cls._compute_routing
-    if getattr(original, "_vllm_ernie_moe_patch", False):
-        return True
-    if not _router_ignores_bias(router_cls, original):
-        logger.info("vLLM CPURouter honours the correction bias: patch_cpu_router not needed.")
-        return False
+def _routing_with_bias(original):
+    """``CPURouter._compute_routing`` that routes softmax with a correction bias by ERNIE's rule."""
 
     def _compute_routing(self, hidden_states, router_logits, indices_type, **kwargs):
         if _needs_bias(
@@ -105,24 +84,16 @@ def _patch_cpu_router(router_cls) -> bool:
             self.use_grouped_topk,
             self.custom_routing_function,
         ):
-            return biased_softmax_topk(
+            return ernie_topk(
                 router_logits, self.e_score_correction_bias, self.top_k, self.renormalize
             )
         return original(self, hidden_states, router_logits, indices_type, **kwargs)
 
-    _mark(_compute_routing, original)
-    router_cls._compute_routing = _compute_routing
-    logger.info("Patched vLLM's CPURouter to honour e_score_correction_bias (patch_cpu_router).")
-    return True
+    return _compute_routing
 
 
-def _patch_select_experts(module) -> bool:
-    original = module.select_experts
-    if getattr(original, "_vllm_ernie_moe_patch", False):
-        return True
-    if not _select_experts_ignores_bias(original):
-        logger.info("vLLM CPU select_experts honours the correction bias: patch not needed.")
-        return False
+def _select_experts_with_bias(original):
+    """0.27's ``select_experts`` that routes softmax with a correction bias by ERNIE's rule."""
 
     def select_experts(
         hidden_states,
@@ -139,7 +110,7 @@ def _patch_select_experts(module) -> bool:
         if routed_scaling_factor == 1.0 and _needs_bias(
             e_score_correction_bias, scoring_func, use_grouped_topk, custom_routing_function
         ):
-            return biased_softmax_topk(router_logits, e_score_correction_bias, top_k, renormalize)
+            return ernie_topk(router_logits, e_score_correction_bias, top_k, renormalize)
         return original(
             hidden_states=hidden_states,
             router_logits=router_logits,
@@ -153,31 +124,29 @@ def _patch_select_experts(module) -> bool:
             **kwargs,
         )
 
-    _mark(select_experts, original)
-    module.select_experts = select_experts
-    logger.info("Patched vLLM's CPU select_experts to honour e_score_correction_bias.")
-    return True
-
-
-def _mark(patched, original) -> None:
-    patched._vllm_ernie_moe_patch = True  # type: ignore[attr-defined]
-    patched.__wrapped__ = original  # type: ignore[attr-defined]
+    return select_experts
 
 
 def apply() -> bool:
     """Patch vLLM's CPU routing on the CPU platform if the probe sees the bug; idempotent.
     True when active."""
-    import importlib
-
     from vllm.platforms import current_platform
 
     if not current_platform.is_cpu():
         return False
+    fixed = "routes softmax + e_score_correction_bias by ERNIE's rule"
     router_cls = compat.cpu_router_class()
     if router_cls is not None:
-        return _patch_cpu_router(router_cls)
+        return install(
+            __name__, router_cls, "_compute_routing", _routing_with_bias,
+            bug_present=functools.partial(_router_ignores_bias, router_cls), fixed=fixed,
+        )  # fmt: skip
     if compat.has_module(compat.CPU_SELECT_EXPERTS_MODULE):
-        return _patch_select_experts(importlib.import_module(compat.CPU_SELECT_EXPERTS_MODULE))
+        module = importlib.import_module(compat.CPU_SELECT_EXPERTS_MODULE)
+        return install(
+            __name__, module, "select_experts", _select_experts_with_bias,
+            bug_present=_select_experts_ignores_bias, fixed=fixed,
+        )  # fmt: skip
     logger.warning(
         "vLLM %s has neither %s nor %s: patch_cpu_router not applied; check that CPU MoE "
         "routing honours e_score_correction_bias (tests/test_routing.py).",

@@ -9,21 +9,19 @@
      bf16 MoE expert kernels for the CPU back end (vLLM's portable "vec" grouped GEMM when there is
      no AMX).
 - Why: vLLM asks for AMX tiles before it uses the sgl kernels, but they also have AVX-512
-  (BF16 / VNNI) code paths. On AVX-512 CPUs without AMX (this project's AMD EPYCs, 2 threads;
-  ``benchmarks/roofline.py [--by-shape]`` measures it) they stream weights at batch 1 faster: on
-  the first EPYC measured bf16 GEMV 56-59 GB/s against oneDNN's 31-35, int8 58 against 32, and the
-  bf16 fused experts (``fused_experts_cpu``, the kernel vLLM's int8 experts already use) ~50 GB/s
-  against the "vec" kernel's ~30; on a Zen 5 EPYC, where oneDNN is faster, still 1.01-1.20x for
-  every linear shape of the model. At batch 8 to 1024 they are as fast or faster (bf16: see the
-  input width limit below). Batch-1 decode is bound by exactly that streaming rate.
+  (BF16 / VNNI) code paths. On AVX-512 CPUs without AMX (this project's AMD EPYCs) they stream
+  weights at batch 1 faster than oneDNN's GEMMs and vLLM's "vec" bf16 experts, and keep up at
+  batch 8 to 1024 (bf16: see the input width limit below); batch-1 decode is bound by exactly that
+  streaming rate. Measured by ``benchmarks/roofline.py [--by-shape]`` and the A/B runs of
+  ``benchmarks/bench_engines.py``: docs/benchmarks.md ("sgl kernels") has the numbers.
 - How: on x86 CPUs with AVX-512 BF16 and VNNI and without AMX only: (1) also accept bf16 and int8
   linear weights that meet the kernels' alignment (``k % 32 == 0 and n % 16 == 0``, upstream's own
   rule for int8), without upstream's bf16 size cap (it exists because oneDNN wins at large batch
   *with* AMX) but, for bf16, only for inputs up to ``SGL_BF16_MAX_K`` wide: with a wide input the
-  sgl bf16 GEMM falls behind oneDNN once a batch has 8 or more rows (the dense down_proj, k = 12288:
-  0.77x at 8 rows, 0.36x at 1024 on a Zen 5 EPYC; ``benchmarks/roofline.py --by-shape``), while
-  the k <= 3072 layers keep up; (2) put :class:`SglCPUUnquantizedExperts` (bf16, SiLU, no bias,
-  hidden and intermediate sizes multiples of 32) first in the CPU expert list. Everything else keeps
+  sgl bf16 GEMM falls behind oneDNN once a batch has 8 or more rows (the dense down_proj,
+  k = 12288; docs/benchmarks.md), while the k <= 3072 layers keep up; (2) put
+  :class:`SglCPUUnquantizedExperts` (bf16, SiLU, no bias, hidden and intermediate sizes multiples
+  of 32) first in the CPU expert list. Everything else keeps
   upstream's choice; fp16/fp32 are untouched. ``VLLM_ERNIE_MOE_SGL_KERNELS=0`` turns it off.
 - Upstream: vLLM 0.32.0 gates both on ``torch.cpu._is_amx_tile_supported()``; no issue found.
 - Applies to: vLLM ``>=0.32,<0.33``, where its tests ran; on another version it is not applied
@@ -43,11 +41,9 @@ import functools
 import torch
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
-from vllm.logger import init_logger
 
 from vllm_ernie_moe import envs
-
-logger = init_logger(f"vllm.{__name__}")
+from vllm_ernie_moe.patches.patching import install, logger
 
 APPLIES_TO = SpecifierSet(">=0.32,<0.33")
 
@@ -141,29 +137,15 @@ def _sgl_experts_class():
     return SglCPUUnquantizedExperts
 
 
-def apply() -> bool:
-    """Widen vLLM's sgl kernel choice on AVX-512 CPUs without AMX; idempotent. True when active."""
-    if not envs.sgl_kernels_without_amx() or not avx512_without_amx():
-        return False
-    import vllm
-    from vllm.model_executor.kernels.linear.scaled_mm import cpu as scaled_mm_cpu
-    from vllm.model_executor.layers import utils
-    from vllm.model_executor.layers.fused_moe.oracle import unquantized
-
-    original_check = utils.check_cpu_sgl_kernel
-    if getattr(original_check, "_vllm_ernie_moe_patch", False):
-        return True
-    if Version(vllm.__version__) not in APPLIES_TO:
-        logger.info(
-            "vLLM %s is outside %s: patch_cpu_sgl_kernels not applied.",
-            vllm.__version__,
-            APPLIES_TO,
-        )
-        return False
-    original_experts = unquantized.backend_to_kernel_cls
-
+def _accepting_sgl_shapes(original_check):
     def check_cpu_sgl_kernel(n: int, k: int, dtype: torch.dtype) -> bool:
         return original_check(n, k, dtype) or sgl_kernel_fits(n, k, dtype)
+
+    return check_cpu_sgl_kernel
+
+
+def _sgl_experts_first(original_experts):
+    from vllm.model_executor.layers.fused_moe.oracle import unquantized
 
     def backend_to_kernel_cls(backend):
         kernels = original_experts(backend)
@@ -171,17 +153,29 @@ def apply() -> bool:
             return [_sgl_experts_class(), *kernels]
         return kernels
 
-    for patched, original in (
-        (check_cpu_sgl_kernel, original_check),
-        (backend_to_kernel_cls, original_experts),
-    ):
-        patched._vllm_ernie_moe_patch = True  # type: ignore[attr-defined]
-        patched.__wrapped__ = original  # type: ignore[attr-defined]
-    utils.check_cpu_sgl_kernel = check_cpu_sgl_kernel
-    scaled_mm_cpu.check_cpu_sgl_kernel = check_cpu_sgl_kernel
-    unquantized.backend_to_kernel_cls = backend_to_kernel_cls
-    logger.info(
-        "AVX-512 CPU without AMX: vLLM's sgl-kernel GEMMs and bf16 experts enabled "
-        "(patch_cpu_sgl_kernels; VLLM_ERNIE_MOE_SGL_KERNELS=0 turns it off)."
-    )
-    return True
+    return backend_to_kernel_cls
+
+
+def apply() -> bool:
+    """Widen vLLM's sgl kernel choice on AVX-512 CPUs without AMX; idempotent. True when active."""
+    if not envs.sgl_kernels_without_amx() or not avx512_without_amx():
+        return False
+    import vllm
+
+    if Version(vllm.__version__) not in APPLIES_TO:
+        logger.info(
+            "vLLM %s is outside %s: patch_cpu_sgl_kernels not applied.",
+            vllm.__version__,
+            APPLIES_TO,
+        )
+        return False
+    from vllm.model_executor.layers import utils
+    from vllm.model_executor.layers.fused_moe.oracle import unquantized
+
+    fixed = "AVX-512 CPU without AMX; VLLM_ERNIE_MOE_SGL_KERNELS=0 turns it off"
+    return install(
+        __name__, utils, "check_cpu_sgl_kernel", _accepting_sgl_shapes,
+        importers=("vllm.model_executor.kernels.linear.scaled_mm.cpu",), fixed=fixed,
+    ) and install(
+        __name__, unquantized, "backend_to_kernel_cls", _sgl_experts_first, fixed=fixed
+    )  # fmt: skip

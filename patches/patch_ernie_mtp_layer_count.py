@@ -26,9 +26,7 @@ import functools
 import importlib
 from types import SimpleNamespace
 
-from vllm.logger import init_logger
-
-logger = init_logger(f"vllm.{__name__}")  # under "vllm.": vLLM's log handler shows it
+from vllm_ernie_moe.patches.patching import install, logger
 
 CONVERTOR_MODULE = "vllm.transformers_utils.model_arch_config_convertor"
 CONVERTOR = "ErnieMTPModelArchConfigConvertor"
@@ -46,30 +44,21 @@ def zero_when_undeclared(get_num_hidden_layers):
     def wrapped(self) -> int:
         return get_num_hidden_layers(self) or 0
 
-    wrapped._vllm_ernie_moe_patch = True  # type: ignore[attr-defined]
     return wrapped
+
+
+def _counts_none(get_num_hidden_layers) -> bool:
+    return not isinstance(_layer_count_of_a_headless_config(get_num_hidden_layers), int)
 
 
 def apply() -> bool:
     """Patch the convertor if the probe sees the bug; idempotent. True when active."""
+    importlib.import_module("vllm.config")  # imported first, else the convertor's import cycles
     convertor = getattr(importlib.import_module(CONVERTOR_MODULE), CONVERTOR, None)
     if convertor is None:
         logger.info("vLLM has no %s: patch_ernie_mtp_layer_count not applied.", CONVERTOR)
         return False
-    original = convertor.get_num_hidden_layers
-    if getattr(original, "_vllm_ernie_moe_patch", False):
-        return True
-    try:
-        count = _layer_count_of_a_headless_config(original)
-    except Exception as error:  # the convertor reads something else now: leave it alone
-        logger.warning(
-            "patch_ernie_mtp_layer_count not applied: vLLM's %s no longer reads the config as the "
-            "probe expects (%s).", CONVERTOR, error,
-        )  # fmt: skip
-        return False
-    if isinstance(count, int):
-        logger.info("vLLM counts an undeclared ERNIE MTP head as 0 layers: patch not needed.")
-        return False
-    convertor.get_num_hidden_layers = zero_when_undeclared(original)
-    logger.info("Patched vLLM's %s to count an undeclared MTP head as 0 layers.", CONVERTOR)
-    return True
+    return install(
+        __name__, convertor, "get_num_hidden_layers", zero_when_undeclared,
+        bug_present=_counts_none, fixed="an undeclared MTP head counts as 0 layers",
+    )  # fmt: skip

@@ -1,8 +1,12 @@
 """Shared fixtures: small ERNIE-4.5-MoE checkpoints built with transformers, engine settings."""
 
+import json
 import os
+import re
+import subprocess
+import sys
 
-from vllm_ernie_moe import cpu_tier
+from vllm_ernie_moe import compat, cpu_tier, envs
 
 # VLLM_ERNIE_MOE_CPU_TIER (make test CPU_TIER=avx2): torch, oneDNN, vLLM and every engine process
 # run as that tier; before torch runs a kernel and before a test module imports vLLM's kernels.
@@ -34,3 +38,35 @@ def checkpoint(tmp_path_factory):
         return built[key]
 
     return get
+
+
+def _pairing(source: Path) -> str:
+    """The vLLM release vllm-ascend pairs with: its git tree's tag file, or for the exported copy
+    in ``../shared`` (no ``.github``) the pairing its PROVENANCE.md records."""
+    tag = source / ".github" / "vllm-release-tag.commit"
+    if tag.exists():
+        return tag.read_text().strip().lstrip("v")
+    provenance = (source / "PROVENANCE.md").read_text()
+    return re.search(r"pairs with vLLM v?([0-9.]+[0-9])", provenance).group(1)
+
+
+@pytest.fixture(scope="session", params=["A2", "_310P"])
+def contract(request):
+    """What vllm-ascend's own code does with the model on CPU, per device
+    (ascend_contract_probe.py); skipped without a vllm-ascend tree paired with this vLLM."""
+    source = envs.ascend_source_dir()
+    if source is None:
+        pytest.skip("set VLLM_ERNIE_MOE_ASCEND_SRC to a vllm-ascend source tree")
+    paired = _pairing(source)
+    if compat.vllm_version().base_version != paired:
+        pytest.skip(f"vllm-ascend at {source} pairs with vLLM {paired}")
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("ascend_contract_probe.py")), str(source)]
+        + [request.param],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    line = next((x for x in done.stdout.splitlines() if x.startswith("CONTRACT ")), None)
+    assert line is not None, done.stdout[-3000:] + done.stderr[-5000:]
+    return json.loads(line.removeprefix("CONTRACT "))

@@ -4,23 +4,16 @@ Needs a vllm-ascend source tree: ``VLLM_ERNIE_MOE_ASCEND_SRC=/path/to/vllm-ascen
 without one), and the vLLM it pairs with (its ``.github/vllm-release-tag.commit``; skipped on
 another). Checked: every layer of the model is swapped for an Ascend class by name or is on
 :data:`STAYS_STOCK`; the router vllm-ascend picks for ERNIE and what it passes to the fused gating
-kernel (A2/A3) or computes (310P, before and after ``patch_ascend_grouped_topk_router``); the
+kernel (A2/A3) or computes (310P: ``tests/test_patch_ascend_grouped_topk_router.py``); the
 msModelSlim method per layer; the real msModelSlim fixtures' tensors in the parameters vllm-ascend's
 W8A8_DYNAMIC and W4A8_DYNAMIC methods create, every parameter, bit for bit after vllm-ascend's
 dtype cast; which formats vllm-ascend itself refuses for ERNIE (W8A16 experts; on 310P W4A8 too).
 """
 
 import json
-import math
-import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-from ascend_contract_probe import QUANTIZED, ROUTING_BIAS, ROUTING_LOGITS
-
-from vllm_ernie_moe import compat, envs
+from ascend_contract_probe import QUANTIZED, ROUTING_BIAS
 
 #: Module classes of the model that vllm-ascend does not replace, and why that is right.
 STAYS_STOCK = {
@@ -36,36 +29,6 @@ STAYS_STOCK = {
     "Attention": "not a CustomOp: the attention backend comes from the NPU platform",
     "GateLinear": "fp32 router GEMM; vllm-ascend replaces it only for DeepSeek MLA models",
 }
-
-
-def _pairing(source: Path) -> str:
-    """The vLLM release vllm-ascend pairs with: its git tree's tag file, or for the exported copy
-    in ``../shared`` (no ``.github``) the pairing its PROVENANCE.md records."""
-    tag = source / ".github" / "vllm-release-tag.commit"
-    if tag.exists():
-        return tag.read_text().strip().lstrip("v")
-    provenance = (source / "PROVENANCE.md").read_text()
-    return re.search(r"pairs with vLLM v?([0-9.]+[0-9])", provenance).group(1)
-
-
-@pytest.fixture(scope="module", params=["A2", "_310P"])
-def contract(request):
-    source = envs.ascend_source_dir()
-    if source is None:
-        pytest.skip("set VLLM_ERNIE_MOE_ASCEND_SRC to a vllm-ascend source tree")
-    paired = _pairing(source)
-    if compat.vllm_version().base_version != paired:
-        pytest.skip(f"vllm-ascend at {source} pairs with vLLM {paired}")
-    done = subprocess.run(
-        [sys.executable, str(Path(__file__).with_name("ascend_contract_probe.py")), str(source)]
-        + [request.param],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    line = next((x for x in done.stdout.splitlines() if x.startswith("CONTRACT ")), None)
-    assert line is not None, done.stdout[-3000:] + done.stderr[-5000:]
-    return json.loads(line.removeprefix("CONTRACT "))
 
 
 def test_every_layer_is_an_ascend_class_or_deliberately_stock(contract):
@@ -100,28 +63,6 @@ def test_a2_routes_through_the_fused_gating_kernel_with_ernie_rule(contract):
     assert call["group_count"] == 1 and call["k_group"] == 1 and call["k"] == 2
     assert call["routed_scaling_factor"] == 1.0
     assert call["bias_opt"] == ROUTING_BIAS and call["bias_dtype"] == "torch.float32"
-
-
-def _ernie_weights() -> dict[int, float]:
-    """Hand-computed ERNIE routing of the probe token (float64): ids -> weights."""
-    logits = ROUTING_LOGITS[0]
-    exps = [math.exp(x) for x in logits]
-    p = [e / sum(exps) for e in exps]
-    chosen = sorted(range(len(p)), key=lambda e: -(p[e] + ROUTING_BIAS[e]))[:2]
-    return {e: p[e] / sum(p[c] for c in chosen) for e in chosen}
-
-
-def test_310p_router_weights_are_fixed_by_the_patch(contract):
-    if contract["device"] != "_310P":
-        pytest.skip("A2/A3 route through the fused kernel")
-    routing = contract["routing"]
-    assert routing["router_class"] == "AscendGroupedTopKRouter310"
-    expected = _ernie_weights()
-    for result, correct in (("unpatched", False), ("patched", True)):
-        got = dict(zip(routing[result]["ids"][0], routing[result]["weights"][0]))
-        assert got.keys() == expected.keys()
-        matches = all(abs(got[e] - w) < 1e-5 for e, w in expected.items())
-        assert matches == correct, f"{result}: {got} vs ERNIE {expected}"
 
 
 #: vllm-ascend's scheme per msModelSlim label: (linear layers, routed experts).
@@ -208,10 +149,3 @@ def test_mixed_expert_labels_pass_vllm_ascend_but_not_the_plugin(contract):
     mixed = contract["mixed_labels"]
     assert mixed["ascend_quant_type"] == "W8A8_DYNAMIC"  # it reads expert 0 only
     assert mixed["plugin_error"] and "model.layers.1.mlp.experts" in mixed["plugin_error"]
-
-
-def test_patched_ascend_router_is_only_applied_on_npu():
-    from vllm_ernie_moe.patches import patch_ascend_grouped_topk_router
-
-    assert patch_ascend_grouped_topk_router.apply() is False
-    assert "vllm_ascend" not in sys.modules

@@ -11,7 +11,7 @@ from transformers.models.ernie4_5_moe.modeling_ernie4_5_moe import (
     Ernie4_5_MoeSparseMoeBlock,
 )
 
-from vllm_ernie_moe.checkpoint import expected_tensor_shapes, moe_layer_ids
+from vllm_ernie_moe.layout import expected_tensor_shapes, moe_layer_ids
 
 TINY = dict(
     hidden_size=8,

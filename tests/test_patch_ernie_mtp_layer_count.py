@@ -5,6 +5,7 @@ from types import SimpleNamespace
 
 from vllm_ernie_moe.patches import patch_ernie_mtp_layer_count as patch
 
+patch.apply()  # imports the convertor the way vLLM does
 convertor = getattr(importlib.import_module(patch.CONVERTOR_MODULE), patch.CONVERTOR)
 
 

@@ -74,7 +74,7 @@ def test_gptq_columns_follow_gptq_layout():
     msModelSlim's packing written out by hand (row ``2r`` in the low nibble, ``2r + 1`` high)."""
     import torch
 
-    from vllm_ernie_moe.quantization import gptq_int4_columns
+    from vllm_ernie_moe.quant.int4 import gptq_int4_columns
 
     experts, rows, inputs = 2, 6, 16
     values = torch.randint(

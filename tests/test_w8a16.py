@@ -23,7 +23,7 @@ from reference import (
     vllm_greedy,
 )
 
-from vllm_ernie_moe.quantization import w8a16_int8_in_memory
+from vllm_ernie_moe.quant.config import w8a16_int8_in_memory
 
 FIXTURES = Path(__file__).parent / "fixtures"
 W8A16 = FIXTURES / "ernie-tiny-w8a16-msmodelslim"
@@ -98,7 +98,8 @@ def int8_quantized_kinds(model) -> list[str]:
     from vllm.model_executor.layers.fused_moe import RoutedExperts
     from vllm.model_executor.layers.linear import LinearBase
 
-    from vllm_ernie_moe.quantization import ErnieW8A16LinearMethod, ErnieW8A16MoEMethod
+    from vllm_ernie_moe.quant.linear import ErnieW8A16LinearMethod
+    from vllm_ernie_moe.quant.moe import ErnieW8A16MoEMethod
 
     kinds = set()
     for module in model.modules():

@@ -26,7 +26,8 @@ from reference import (
 from vllm import LLM, SamplingParams
 from vllm.inputs import TokensPrompt
 
-from vllm_ernie_moe import quantization
+from vllm_ernie_moe.quant.linear import ErnieW8A8LinearMethod
+from vllm_ernie_moe.quant.moe import ErnieW8A8MoEMethod
 
 FIXTURES = Path(__file__).parent / "fixtures"
 BF16_SOURCE = FIXTURES / "ernie-tiny-bf16"
@@ -49,7 +50,7 @@ _kernel_inputs: dict[str, dict[str, torch.Tensor]] = {}
 @contextmanager
 def record_kernel_inputs():
     """Record what each int8 layer holds right before vLLM's kernel takes it over (in-process)."""
-    methods = (quantization.ErnieW8A8LinearMethod, quantization.ErnieW8A8MoEMethod)
+    methods = (ErnieW8A8LinearMethod, ErnieW8A8MoEMethod)
     originals = {m: m.process_weights_after_loading for m in methods}
 
     def recording(method):

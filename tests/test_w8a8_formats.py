@@ -14,7 +14,7 @@ from transformers import Ernie4_5_MoeConfig
 
 from vllm_ernie_moe import quantize
 from vllm_ernie_moe.checkpoint import CheckpointError, CheckpointValidator
-from vllm_ernie_moe.w8a8 import (
+from vllm_ernie_moe.quant.msmodelslim import (
     QuantizationFormatError,
     load_description,
     quantize_rows,

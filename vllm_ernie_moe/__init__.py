@@ -56,5 +56,5 @@ def register() -> None:
     apply_all()
     register_chat_template()
     if current_platform.device_type != "npu":  # there, vllm-ascend serves msModelSlim checkpoints
-        import vllm_ernie_moe.quantization  # noqa: F401  (registers "ernie-w8a8-dynamic")
+        import vllm_ernie_moe.quant.config  # noqa: F401  (registers "ernie-w8a8-dynamic")
     _registered = True

@@ -16,104 +16,27 @@ from pathlib import Path
 import torch
 from transformers import PretrainedConfig
 
-from vllm_ernie_moe.w8a8 import (
+from vllm_ernie_moe.layout import (
+    CORRECTION_BIAS,
+    CORRECTION_BIAS_TRANSFORMERS,
+    expected_tensor_shapes,
+    is_mtp_tensor_name,
+    is_paddle_tensor_name,
+    is_quantizable_weight,
+)
+from vllm_ernie_moe.quant.msmodelslim import (
     INT8_WEIGHT_LABELS,
     W4A8_DYNAMIC,
     ModelSlimDescription,
-    is_quantizable_weight,
     scale_bias_groups,
     scale_bias_name,
 )
 
-CORRECTION_BIAS = "mlp.moe_statics.e_score_correction_bias"
-# transformers 5 may save the bias under the router's name.
-CORRECTION_BIAS_TRANSFORMERS = "mlp.gate.moe_statics.e_score_correction_bias"
 PT_REPOS = "baidu/ERNIE-4.5-21B-A3B-PT or baidu/ERNIE-4.5-300B-A47B-PT"
 
 
 class CheckpointError(ValueError):
     """The checkpoint does not match what the config and the ERNIE-4.5-MoE -PT format say."""
-
-
-def moe_layer_ids(config: PretrainedConfig) -> list[int]:
-    """Indices of the MoE layers: ``(i + 1) % interval == 0 and start <= i <= end``.
-
-    ``moe_layer_end_index == -1`` means the last layer; a config without experts has none.
-    """
-    num_layers = config.num_hidden_layers
-    if getattr(config, "moe_num_experts", 0) <= 0 or not getattr(config, "use_moe", True):
-        return []
-    start = getattr(config, "moe_layer_start_index", 0)
-    end = getattr(config, "moe_layer_end_index", num_layers - 1)
-    if end == -1:
-        end = num_layers - 1
-    interval = getattr(config, "moe_layer_interval", 1)
-    return [i for i in range(num_layers) if (i + 1) % interval == 0 and start <= i <= end]
-
-
-def _mlp_shapes(prefix: str, hidden: int, inner: int, bias: bool) -> dict[str, tuple[int, ...]]:
-    shapes: dict[str, tuple[int, ...]] = {
-        f"{prefix}.gate_proj.weight": (inner, hidden),
-        f"{prefix}.up_proj.weight": (inner, hidden),
-        f"{prefix}.down_proj.weight": (hidden, inner),
-    }
-    if bias:
-        shapes.update(
-            {
-                f"{prefix}.gate_proj.bias": (inner,),
-                f"{prefix}.up_proj.bias": (inner,),
-                f"{prefix}.down_proj.bias": (hidden,),
-            }
-        )
-    return shapes
-
-
-def expected_tensor_shapes(config: PretrainedConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor a ``-PT`` checkpoint for this config holds, with its full (unsharded) shape."""
-    hidden, vocab = config.hidden_size, config.vocab_size
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
-    use_bias = bool(getattr(config, "use_bias", False))
-    shapes: dict[str, tuple[int, ...]] = {
-        "model.embed_tokens.weight": (vocab, hidden),
-        "model.norm.weight": (hidden,),
-    }
-    if not config.tie_word_embeddings:
-        shapes["lm_head.weight"] = (vocab, hidden)
-    moe_layers = set(moe_layer_ids(config))
-    for i in range(config.num_hidden_layers):
-        layer = f"model.layers.{i}"
-        shapes[f"{layer}.input_layernorm.weight"] = (hidden,)
-        shapes[f"{layer}.post_attention_layernorm.weight"] = (hidden,)
-        for name, rows in (("q", heads), ("k", kv_heads), ("v", kv_heads)):
-            shapes[f"{layer}.self_attn.{name}_proj.weight"] = (rows * head_dim, hidden)
-            if use_bias:
-                shapes[f"{layer}.self_attn.{name}_proj.bias"] = (rows * head_dim,)
-        shapes[f"{layer}.self_attn.o_proj.weight"] = (hidden, heads * head_dim)
-        if i not in moe_layers:
-            shapes.update(_mlp_shapes(f"{layer}.mlp", hidden, config.intermediate_size, use_bias))
-            continue
-        experts, inner = config.moe_num_experts, config.moe_intermediate_size
-        shapes[f"{layer}.mlp.gate.weight"] = (experts, hidden)
-        shapes[f"{layer}.{CORRECTION_BIAS}"] = (1, experts)
-        for e in range(experts):
-            shapes.update(_mlp_shapes(f"{layer}.mlp.experts.{e}", hidden, inner, use_bias))
-        shared = getattr(config, "moe_num_shared_experts", 0)
-        if shared > 0:
-            shapes.update(
-                _mlp_shapes(f"{layer}.mlp.shared_experts", hidden, inner * shared, use_bias)
-            )
-    return shapes
-
-
-def is_paddle_tensor_name(name: str) -> bool:
-    """``-Paddle`` checkpoints use the ``ernie.`` prefix and fused qkv / up_gate projections."""
-    return name.startswith("ernie.") or ".qkv_proj." in name or ".up_gate_proj." in name
-
-
-def is_mtp_tensor_name(name: str) -> bool:
-    """Multi-token-prediction head tensors (speculative decoding), not part of the main model."""
-    return ".mtp_" in name or name.startswith("mtp")
 
 
 def _canonical_bias(name: str, tensor: torch.Tensor) -> torch.Tensor:

@@ -29,14 +29,17 @@ from vllm.logger import init_logger
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
 
 from vllm_ernie_moe import ARCHITECTURE
-from vllm_ernie_moe.w8a8 import QUANTIZATION_NAME, QuantizationFormatError, find_description
+from vllm_ernie_moe.layout import CPU_LORA_MODULES
+from vllm_ernie_moe.quant.msmodelslim import (
+    QUANTIZATION_NAME,
+    QuantizationFormatError,
+    find_description,
+)
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm.": vLLM's log handler shows it
 
 NPU_DESCRIPTION = "quant_model_description.json"  # the only name vllm-ascend detects
 
-#: vLLM modules LoRA adapts on CPU: attention, dense MLPs, shared experts (not routed experts).
-CPU_LORA_MODULES = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 #: Modules of the MoE blocks vLLM's CPU backend cannot adapt: routed experts and router.
 CPU_LORA_REFUSED = ("experts", "gate")
 
@@ -113,7 +116,7 @@ class ErnieMoeConfigHooks(VerifyAndUpdateConfig):
 
 
 def restrict_lora_to_dense_modules(lora_config) -> None:
-    """Default LoRA targets on CPU to :data:`CPU_LORA_MODULES`; refuse routed experts/router."""
+    """Default LoRA targets on CPU to ``layout.CPU_LORA_MODULES``; refuse routed experts, router."""
     if lora_config.target_modules is None:
         lora_config.target_modules = list(CPU_LORA_MODULES)
         return

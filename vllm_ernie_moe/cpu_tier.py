@@ -52,7 +52,7 @@ TIERS = (
     Tier("avx512", "_C_AVX512", "avx512", "AVX512_CORE", True, False, False, "x86-64-v4"),
     Tier("avx512_bf16", "_C", "avx512", "ALL", True, True, True, None),
 )
-_BY_NAME = {tier.name: tier for tier in TIERS}
+TIERS_BY_NAME = {tier.name: tier for tier in TIERS}
 _FORCED_MARCHES = {tier.march for tier in TIERS if tier.march}
 
 
@@ -65,12 +65,12 @@ def requested() -> Tier | None:
     name = envs.cpu_tier_name()
     if not name:
         return None
-    if name not in _BY_NAME:
+    if name not in TIERS_BY_NAME:
         raise CPUTierError(
-            f"{TIER_VARIABLE}={name!r} is not a tier: use one of {', '.join(_BY_NAME)} "
+            f"{TIER_VARIABLE}={name!r} is not a tier: use one of {', '.join(TIERS_BY_NAME)} "
             "(or unset it for the host's own tier)."
         )
-    return _BY_NAME[name]
+    return TIERS_BY_NAME[name]
 
 
 #: Inductor's ``config.cpp.march``, read when ``torch._inductor.config`` is imported.
@@ -103,8 +103,8 @@ def host_tier() -> Tier | None:
     if not probes["avx2"]():
         return None
     if probes["avx512_bf16"]() and probes["vnni"]():
-        return _BY_NAME["avx512_bf16"]
-    return _BY_NAME["avx512"] if probes["avx512"]() else _BY_NAME["avx2"]
+        return TIERS_BY_NAME["avx512_bf16"]
+    return TIERS_BY_NAME["avx512"] if probes["avx512"]() else TIERS_BY_NAME["avx2"]
 
 
 def active() -> Tier | None:
@@ -201,7 +201,8 @@ def main(argv: list[str] | None = None) -> None:
     """``python -m vllm_ernie_moe.cpu_tier TIER COMMAND...``: run COMMAND as that tier."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) < 2:
-        sys.exit(f"usage: python -m vllm_ernie_moe.cpu_tier {{{','.join(_BY_NAME)}}} COMMAND...")
+        names = ",".join(TIERS_BY_NAME)
+        sys.exit(f"usage: python -m vllm_ernie_moe.cpu_tier {{{names}}} COMMAND...")
     os.environ[TIER_VARIABLE] = args[0]
     try:
         set_environment()

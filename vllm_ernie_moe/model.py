@@ -48,8 +48,9 @@ from vllm.model_executor.models.utils import (
 from vllm.sequence import IntermediateTensors
 from vllm.transformers_utils.config import set_default_rope_theta
 
-from vllm_ernie_moe.checkpoint import CheckpointValidator, moe_layer_ids
-from vllm_ernie_moe.w8a8 import (
+from vllm_ernie_moe import layout
+from vllm_ernie_moe.checkpoint import CheckpointValidator
+from vllm_ernie_moe.quant.msmodelslim import (
     QUANTIZATION_NAME,
     check_fused_labels,
     find_description,
@@ -297,20 +298,11 @@ class ErnieDecoderLayer(nn.Module):
 
 @support_torch_compile
 class ErnieModel(nn.Module):
-    # Checkpoint name -> vLLM parameter name. Routed experts are loaded by FusedMoE itself.
+    # Checkpoint name -> vLLM parameter name (vllm_ernie_moe.layout). Routed experts are loaded
+    # by FusedMoE itself.
     hf_to_vllm_mapper = WeightsMapper(
-        orig_to_new_stacked={
-            ".q_proj": (".qkv_proj", "q"),
-            ".k_proj": (".qkv_proj", "k"),
-            ".v_proj": (".qkv_proj", "v"),
-            ".mlp.gate_proj": (".mlp.gate_up_proj", 0),
-            ".mlp.up_proj": (".mlp.gate_up_proj", 1),
-            ".shared_experts.gate_proj": (".shared_experts.gate_up_proj", 0),
-            ".shared_experts.up_proj": (".shared_experts.gate_up_proj", 1),
-        },
-        orig_to_new_substr={
-            ".moe_statics.e_score_correction_bias": ".gate.e_score_correction_bias"
-        },
+        orig_to_new_stacked=layout.stacked_renames(),
+        orig_to_new_substr=layout.CORRECTION_BIAS_RENAME,
     )
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
@@ -328,7 +320,7 @@ class ErnieModel(nn.Module):
             )
         else:
             self.embed_tokens = PPMissingLayer()
-        moe_layers = moe_layer_ids(config)
+        moe_layers = layout.moe_layer_ids(config)
         self.start_layer, self.end_layer, self.layers = make_layers(
             config.num_hidden_layers,
             lambda prefix: ErnieDecoderLayer(
@@ -381,13 +373,7 @@ class ErnieModel(nn.Module):
 class Ernie4_5_MoeForCausalLM(nn.Module, SupportsPP, SupportsLoRA, MixtureOfExperts):
     """ERNIE-4.5 MoE causal LM; replaces vLLM's built-in class of the same architecture name."""
 
-    # Fused vLLM module -> checkpoint modules. ``experts`` lets per-layer quantization lookups
-    # (vllm-ascend's msModelSlim loader) resolve FusedMoE to the per-expert checkpoint tensors.
-    packed_modules_mapping = {
-        "qkv_proj": ["q_proj", "k_proj", "v_proj"],
-        "gate_up_proj": ["gate_proj", "up_proj"],
-        "experts": ["experts.0.gate_proj", "experts.0.up_proj", "experts.0.down_proj"],
-    }
+    packed_modules_mapping = layout.packed_modules_mapping()
     fall_back_to_pt_during_load = False
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:

@@ -32,12 +32,11 @@ from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper, m
 from vllm.sequence import IntermediateTensors
 from vllm.transformers_utils.config import set_default_rope_theta
 
+from vllm_ernie_moe.layout import MTP_PARTS
 from vllm_ernie_moe.model import ROPE_THETA_DEFAULT, ErnieDecoderLayer, ErnieModel
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm.": vLLM's log handler shows it
 
-#: Checkpoint prefixes of the MTP head, ``model.<name>.<i>.`` for MTP layer ``i``.
-MTP_PARTS = ("mtp_emb_norm", "mtp_hidden_norm", "mtp_linear_proj", "mtp_block")
 #: Main-model tensors the drafter uses besides its own.
 SHARED_TENSORS = ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
 

@@ -35,12 +35,10 @@ def exact_int8_gemm() -> bool:
 def int8_weight_only_beats_bf16() -> bool:
     """Whether ``_weight_int8pack_mm`` (int8 weights, bf16 activations) beats the bf16 GEMMs of
     this CPU's vLLM tier per token: on x86 tiers without AVX-512 BF16. Measured on the 21B's linear
-    shapes, one run on a Zen 5 host (docs/results/roofline-by-tier-zen5.txt, "portable int8
-    W8A16"): forced to AVX2 it is 1.08-1.72x the bf16 GEMM at batch 1, 2.21-3.05x at batch 8,
-    2.0-3.3x at 1024 tokens; on the host's AVX-512 BF16 tier vLLM's bf16 kernels win beyond batch 1
-    (int8: 0.84-1.23x at 1, 0.57-0.81x at 8, 0.25-0.36x at 1024). The ``avx512`` tier (no BF16:
-    PyTorch's and oneDNN's bf16 GEMMs) and the experts are extrapolated; Arm keeps vLLM's bf16
-    kernels (not measured)."""
+    shapes (``benchmarks/roofline.py``, docs/cpu-tiers.md "Kernel speed per tier"): as AVX2 it
+    wins at every batch size, on the AVX-512 BF16 tier vLLM's bf16 kernels win beyond batch 1. The
+    ``avx512`` tier (no BF16: PyTorch's and oneDNN's bf16 GEMMs) and the experts are extrapolated;
+    Arm keeps vLLM's bf16 kernels (not measured)."""
     from vllm_ernie_moe import cpu_tier
 
     tier = cpu_tier.active()

@@ -27,16 +27,19 @@ from pathlib import Path
 
 import torch
 
-from vllm_ernie_moe.checkpoint import is_mtp_tensor_name, is_paddle_tensor_name
-from vllm_ernie_moe.w8a8 import (
+from vllm_ernie_moe.layout import (
+    is_mtp_tensor_name,
+    is_paddle_tensor_name,
+    is_quantizable_weight,
+    is_routed_expert,
+)
+from vllm_ernie_moe.quant.msmodelslim import (
     FLOAT,
     W4A8_DYNAMIC,
     W8A8_DYNAMIC,
     W8A16,
     int4_scale_bias,
     is_fused_expert_tensor,
-    is_quantizable_weight,
-    is_routed_expert,
     pack_int4_rows,
     quantize_int4_rows_ssz,
     quantize_rows,

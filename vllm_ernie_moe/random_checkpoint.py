@@ -240,18 +240,20 @@ def build_w4a8_checkpoint(
     """
     import torch
 
-    from vllm_ernie_moe.checkpoint import expected_tensor_shapes
-    from vllm_ernie_moe.quantize import ShardWriter, converted, write_description
-    from vllm_ernie_moe.w8a8 import (
+    from vllm_ernie_moe.layout import (
+        expected_tensor_shapes,
+        is_quantizable_weight,
+        is_routed_expert,
+    )
+    from vllm_ernie_moe.quant.msmodelslim import (
         FLOAT,
         W4A8_DYNAMIC,
         int4_scale_bias,
-        is_quantizable_weight,
-        is_routed_expert,
         pack_int4_rows,
         scale_bias_groups,
         scale_bias_name,
     )
+    from vllm_ernie_moe.quantize import ShardWriter, converted, write_description
 
     spec = GEOMETRIES[geometry]
     out = Path(out_dir)

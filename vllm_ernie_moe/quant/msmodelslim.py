@@ -19,6 +19,13 @@ from pathlib import Path
 
 import torch
 
+from vllm_ernie_moe.layout import (
+    ROW_PARALLEL_PROJECTIONS,
+    fused_module_of,
+    is_quantizable_weight,
+    is_routed_expert,
+)
+
 #: This plugin's vLLM quantization method name (distinct from vllm-ascend's "ascend").
 QUANTIZATION_NAME = "ernie-w8a8-dynamic"
 W8A8_DYNAMIC = "W8A8_DYNAMIC"
@@ -30,7 +37,6 @@ INT8_WEIGHT_LABELS = (W8A8_DYNAMIC, W8A16, W4A8_DYNAMIC)
 SUPPORTED_LABELS = (*INT8_WEIGHT_LABELS, FLOAT)
 #: Column groups of a W4A8_DYNAMIC row-parallel ``scale_bias`` (msModelSlim's fixed ``tp_num``).
 SCALE_BIAS_GROUPS = 16
-ROW_PARALLEL_PROJECTIONS = ("o_proj", "down_proj")
 # v1 CLI / v0 ascendV1 writers, then the v0 safe_tensor writer.
 DESCRIPTION_FILES = ("quant_model_description.json", "quant_model_description_w8a8_dynamic.json")
 METADATA_KEYS = frozenset(
@@ -45,17 +51,6 @@ METADATA_KEYS = frozenset(
         "fa_quant_type",
         "reduce_quant_type",
     }
-)
-# Checkpoint linear projections that W8A8_DYNAMIC may quantize. Everything else (embeddings,
-# lm_head, norms, the router ``mlp.gate`` and its correction bias) must stay FLOAT.
-QUANTIZABLE_PROJECTIONS = (
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
 )
 
 
@@ -92,28 +87,6 @@ def _check_quantizable(path: Path, tensor: str, label: str) -> None:
             "(ERNIE routes in fp32; embeddings, lm_head and norms are not quantized). "
             "Re-quantize with the router and lm_head excluded (exclude: ['*mlp.gate', 'lm_head'])."
         )
-
-
-def is_quantizable_weight(name: str) -> bool:
-    """``model.layers.N.<...>.{q,k,v,o,gate,up,down}_proj.weight``: a linear weight."""
-    parts = name.split(".")
-    return len(parts) >= 3 and parts[-1] == "weight" and parts[-2] in QUANTIZABLE_PROJECTIONS
-
-
-def fused_module_of(tensor: str) -> str | None:
-    """The vLLM module that runs checkpoint weight ``tensor`` fused with others, if any: q/k/v ->
-    ``qkv_proj``, gate/up -> ``gate_up_proj``, every expert's projections -> ``experts``."""
-    parts = tensor.split(".")
-    if len(parts) < 4 or parts[-1] != "weight":
-        return None
-    projection = parts[-2]
-    if parts[-4] == "experts" and projection in ("gate_proj", "up_proj", "down_proj"):
-        return ".".join(parts[:-3])
-    if projection in ("q_proj", "k_proj", "v_proj"):
-        return ".".join([*parts[:-2], "qkv_proj"])
-    if projection in ("gate_proj", "up_proj"):
-        return ".".join([*parts[:-2], "gate_up_proj"])
-    return None
 
 
 def check_fused_labels(path: Path, labels: dict[str, str]) -> None:
@@ -199,12 +172,6 @@ def pack_int4_rows(values: torch.Tensor) -> torch.Tensor:
     """int8 ``[out, in]`` holding -8..7 -> msModelSlim's packing ``[out/2, in]`` (inverse of
     :func:`unpack_int4_rows`)."""
     return torch.bitwise_left_shift(values[1::2], 4) | (values[0::2] & 0x0F)
-
-
-def is_routed_expert(tensor: str) -> bool:
-    """A routed expert's tensor (``mlp.experts.E.*``), not a shared expert's: where
-    W4A8_DYNAMIC applies."""
-    return ".mlp.experts." in tensor
 
 
 def scale_bias_name(weight: str) -> str:

@@ -1,0 +1,44 @@
+"""The patches' common helper (``patches/patching.py``): a target is replaced only when its probe
+sees the bug, once, in every module that holds it, with the original kept; a probe that no longer
+fits the target leaves it alone."""
+
+import sys
+import types
+
+import pytest
+
+from vllm_ernie_moe.patches import patching
+
+
+@pytest.fixture
+def target(monkeypatch):
+    """A module ``owner`` with ``f`` (returns 1), imported by a second module ``importer``."""
+
+    def f() -> int:
+        return 1
+
+    owner, importer = types.ModuleType("owner"), types.ModuleType("importer")
+    owner.f = importer.f = f
+    monkeypatch.setitem(sys.modules, "importer", importer)
+    return owner, importer, f
+
+
+def plus_one(original):
+    return lambda: original() + 1
+
+
+def test_installs_once_everywhere_and_keeps_the_original(target):
+    owner, importer, f = target
+    assert patching.install("p", owner, "f", plus_one, bug_present=lambda g: g() == 1,
+                            importers=["importer"])  # fmt: skip
+    assert owner.f() == 2 and importer.f is owner.f
+    assert patching.is_patched(owner.f) and patching.unpatched(owner.f) is f
+    assert patching.install("p", owner, "f", plus_one)  # already patched: unchanged
+    assert owner.f() == 2
+
+
+@pytest.mark.parametrize("probe", [lambda g: False, lambda g: g(42)], ids=["no bug", "changed"])
+def test_leaves_the_target_when_the_probe_sees_no_bug_or_fails(target, probe):
+    owner, _, f = target
+    assert not patching.install("p", owner, "f", plus_one, bug_present=probe)
+    assert owner.f is f and not patching.is_patched(owner.f)

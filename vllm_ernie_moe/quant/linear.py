@@ -1,0 +1,153 @@
+"""Linear methods: W8A8_DYNAMIC (vLLM's int8 kernel, or the portable one without VNNI) and W8A16
+(int8 in memory on the portable weight-only GEMM, or dequantized onto vLLM's unquantized one)."""
+
+import torch
+from torch.nn import Module
+from vllm.distributed import get_tensor_model_parallel_world_size, get_tp_group
+from vllm.model_executor.kernels.linear import init_int8_linear_kernel
+from vllm.model_executor.layers.linear import (
+    LinearMethodBase,
+    RowParallelLinear,
+    UnquantizedLinearMethod,
+    register_weight_loader_v2_supported_method,
+)
+from vllm.model_executor.parameter import ModelWeightParameter
+
+from vllm_ernie_moe import portable_kernels
+from vllm_ernie_moe.quant.common import (
+    dequantize,
+    log_kernel_once,
+    register_linear_scale,
+    row_amax,
+    set_parameter,
+)
+from vllm_ernie_moe.quant.msmodelslim import quantize_rows
+
+
+@register_weight_loader_v2_supported_method
+class ErnieW8A8LinearMethod(LinearMethodBase):
+    """int8 per-channel weights, per-token dynamic int8 activations (oneDNN on CPU)."""
+
+    #: The portable GEMM's mode: W8A8 quantizes the activations per token (W8A16 does not).
+    quantize_input = True
+
+    def __init__(self, prequantized: bool) -> None:
+        self.prequantized = prequantized
+
+    def create_weights(
+        self,
+        layer: Module,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs,
+    ) -> None:
+        weight_loader = extra_weight_attrs["weight_loader"]
+        rows = sum(output_partition_sizes)
+        layer.logical_widths = output_partition_sizes
+        self.params_dtype = params_dtype
+        self.kernel = self._kernel()
+        weight_dtype = torch.int8 if self.prequantized else params_dtype
+        layer.register_parameter(
+            "weight",
+            ModelWeightParameter(
+                data=torch.empty(rows, input_size_per_partition, dtype=weight_dtype),
+                input_dim=1,
+                output_dim=0,
+                weight_loader=weight_loader,
+            ),
+        )
+        if self.prequantized:
+            register_linear_scale(layer, rows, weight_loader)
+        for unused in ("input_scale", "input_zero_point", "azp_adj"):
+            layer.register_parameter(unused, None)
+
+    def _kernel(self):
+        """vLLM's int8 linear kernel where it is exact, else None (the portable int8 GEMM)."""
+        if not portable_kernels.exact_int8_gemm():
+            log_kernel_once("W8A8 linear", "portable int8 (no VNNI: vLLM's oneDNN int8 saturates)")
+            return None
+        kernel = init_int8_linear_kernel(
+            is_channelwise=True,
+            is_static_input_scheme=False,
+            input_symmetric=True,
+            module_name=type(self).__name__,
+        )
+        log_kernel_once("W8A8 linear", f"vLLM's {type(kernel).__name__}")
+        return kernel
+
+    def process_weights_after_loading(self, layer: Module) -> None:
+        if not self.prequantized:
+            weight = layer.weight.data
+            # A row-parallel shard holds part of each row: its scale needs the whole row's max.
+            sharded = (
+                isinstance(layer, RowParallelLinear) and get_tensor_model_parallel_world_size() > 1
+            )
+            amax = row_amax(weight, get_tp_group().device_group if sharded else None)
+            quantized, scale = quantize_rows(weight, amax)
+            set_parameter(layer, "weight", quantized)
+            set_parameter(layer, "weight_scale", scale)
+        if self.kernel is not None:
+            self.kernel.process_weights_after_loading(layer)
+        else:
+            set_parameter(layer, "weight_scale", layer.weight_scale.data.view(-1))
+
+    def apply(self, layer: Module, x: torch.Tensor, bias: torch.Tensor | None = None):
+        if self.kernel is not None:
+            return self.kernel.apply_weights(layer, x, bias)
+        out = portable_kernels.int8_gemm(x, layer.weight, layer.weight_scale, self.quantize_input)
+        return out if bias is None else out + bias
+
+
+@register_weight_loader_v2_supported_method  # vLLM checks the exact class
+class ErnieW8A16LinearMethod(ErnieW8A8LinearMethod):
+    """msModelSlim W8A16 linear: int8 per-channel weights in memory, activations in the model
+    dtype, on the portable int8 weight-only GEMM (:func:`w8a16_int8_in_memory`)."""
+
+    quantize_input = False
+
+    def __init__(self) -> None:
+        super().__init__(prequantized=True)
+
+    def _kernel(self) -> None:
+        log_kernel_once("W8A16 linear", "portable int8 weight-only (torch._weight_int8pack_mm)")
+        return None
+
+    def process_weights_after_loading(self, layer: Module) -> None:
+        """The scale in the model dtype, as the kernel takes it (and vllm-ascend's W8A16)."""
+        scale = layer.weight_scale.data.view(-1).to(self.params_dtype)
+        set_parameter(layer, "weight_scale", scale)
+
+
+@register_weight_loader_v2_supported_method
+class ErnieW8A16DequantizedLinearMethod(UnquantizedLinearMethod):
+    """msModelSlim W8A16 linear, dequantized at load onto vLLM's unquantized kernels."""
+
+    def create_weights(
+        self,
+        layer: Module,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs,
+    ) -> None:
+        self.params_dtype = params_dtype
+        weight_loader = extra_weight_attrs["weight_loader"]
+        super().create_weights(
+            layer,
+            input_size_per_partition,
+            output_partition_sizes,
+            input_size,
+            output_size,
+            torch.int8,
+            **extra_weight_attrs,
+        )
+        register_linear_scale(layer, sum(output_partition_sizes), weight_loader)
+
+    def process_weights_after_loading(self, layer: Module) -> None:
+        dequantize(layer, "weight", self.params_dtype)
+        super().process_weights_after_loading(layer)
