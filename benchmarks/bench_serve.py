@@ -1,6 +1,6 @@
 """vLLM's own load client against the plugin's server: ``vllm bench serve`` (random dataset) at
 several request rates on the 4-layer ERNIE-4.5-21B-A3B geometry, then the MindIE-style perf tool
-(``python -m vllm_ernie_moe.perf``) on the same (input, output) case, offline, for comparison.
+(``python -m vllm_ernie_moe.tools.perf``) on the same (input, output) case, offline, for comparison.
 
     python benchmarks/bench_serve.py [--quantized] [--rates 0.5 1 2 inf] [--prompts 16]
     python benchmarks/bench_serve.py --checkpoint benchmarks/out/21b-28layers-w4a8 --rates inf
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from bench_engines import BENCH_ENV, REPO, checkpoint_paths
 
-from vllm_ernie_moe.served import VLLM_CLI, vllm_serve
+from vllm_ernie_moe.tools.served import VLLM_CLI, vllm_serve
 
 OUT = REPO / "benchmarks" / "out" / "serve"
 MAX_MODEL_LEN = 2048
@@ -52,7 +52,7 @@ def bench_serve(
 def perf_tool(model: Path, args: argparse.Namespace) -> list[dict]:
     out = OUT / "perf.json"
     command = [
-        sys.executable, "-m", "vllm_ernie_moe.perf", "--model", str(model),
+        sys.executable, "-m", "vllm_ernie_moe.tools.perf", "--model", str(model),
         "--cases", f"[[{args.input_len},{args.output_len}]]", "--batch-sizes", "1", "8",
         "--json", str(out),
     ]  # fmt: skip

@@ -1,5 +1,5 @@
-"""The trained small ERNIE (``vllm_ernie_moe.small_model``) on held-out text, each engine in its
-own process, rounds interleaved in one run:
+"""The trained small ERNIE (``vllm_ernie_moe.tools.small_model``) on held-out text, each engine in
+its own process, rounds interleaved in one run:
 
 - MTP speculative decoding: drafts accepted and bs=1 decode speed with the plugin's drafter, with
   vLLM's built-in ``ErnieMTP`` on the same weights, and without speculation: 12 held-out passages
@@ -23,7 +23,7 @@ from pathlib import Path
 
 from bench_engines import REPO, run_child
 
-from vllm_ernie_moe.small_model import SMALL_MODEL_DIR
+from vllm_ernie_moe.tools.small_model import SMALL_MODEL_DIR
 
 SPECULATIVE = {"method": "ernie_mtp", "num_speculative_tokens": 1}
 #: MTP case -> (speculative config, environment), fp32
@@ -52,7 +52,7 @@ COUNTERS = {
 def held_out_prompts(model: str) -> list[list[int]]:
     from transformers import AutoTokenizer
 
-    from vllm_ernie_moe.small_model import corpus
+    from vllm_ernie_moe.tools.small_model import corpus
 
     ids = AutoTokenizer.from_pretrained(model)(corpus()[1], add_special_tokens=False).input_ids
     stride = len(ids) // PROMPTS
@@ -67,7 +67,7 @@ def perplexity_worker(model: str) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from vllm_ernie_moe.small_model import corpus
+    from vllm_ernie_moe.tools.small_model import corpus
 
     ids = AutoTokenizer.from_pretrained(model)(corpus()[1], add_special_tokens=False).input_ids
     chunks = [ids[i : i + PPL_CHUNK] for i in range(0, len(ids) - PPL_CHUNK, PPL_CHUNK)]
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
         result = perplexity_worker(model) if task == "perplexity" else mtp_worker(model, task)
         Path(out).write_text(json.dumps(result))
         return
-    from vllm_ernie_moe.quantize import FORMATS, quantize_checkpoint
+    from vllm_ernie_moe.tools.quantize import FORMATS, quantize_checkpoint
 
     model, cache = args.model.resolve(), args.cache
     cache.mkdir(parents=True, exist_ok=True)

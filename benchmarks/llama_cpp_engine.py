@@ -91,7 +91,7 @@ def _convert_in_process(checkpoint: str, outfile: str, outtype: str, converter_d
     from vllm_ernie_moe.quant.msmodelslim import find_description
 
     if find_description(checkpoint) is not None:  # msModelSlim's file names and int weights
-        from vllm_ernie_moe.quantize import WEIGHTS_PREFIX
+        from vllm_ernie_moe.tools.quantize import WEIGHTS_PREFIX
 
         part_names, index_tensors = ModelBase.get_model_part_names, ModelBase.index_tensors
         ModelBase.get_model_part_names = staticmethod(

@@ -1,6 +1,6 @@
 """lm-eval for real: its ``local-completions`` client against ``vllm serve`` with the plugin, on the
 MindIE BoolQ protocol as a task from local files, checked item by item against
-``python -m vllm_ernie_moe.precision boolq`` (in-process vLLM) on the same items.
+``python -m vllm_ernie_moe.tools.precision boolq`` (in-process vLLM) on the same items.
 
     make lm-eval          # builds .venv-lm-eval (lm-eval[api] 0.4.13), then runs this
     python benchmarks/lm_eval_boolq.py --lm-eval-python .venv-lm-eval/bin/python [--model DIR]
@@ -19,8 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from vllm_ernie_moe.served import vllm_serve
-from vllm_ernie_moe.small_model import SMALL_MODEL_DIR
+from vllm_ernie_moe.tools.served import vllm_serve
+from vllm_ernie_moe.tools.small_model import SMALL_MODEL_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "benchmarks" / "out" / "lm-eval"
@@ -40,7 +40,7 @@ def write_items(path: Path, generated: int = 56) -> list[dict]:
 
 
 def precision(*args: str) -> None:
-    command = [sys.executable, "-m", "vllm_ernie_moe.precision", *args]
+    command = [sys.executable, "-m", "vllm_ernie_moe.tools.precision", *args]
     print(" ".join(command), flush=True)
     subprocess.run(command, check=True)
 

@@ -1,5 +1,5 @@
-"""The soak under faults (``python -m vllm_ernie_moe.soak``) on the shipped small model, with a
-random LoRA adapter on its dense modules served next to it, 20000 requests or 10 minutes.
+"""The soak under faults (``python -m vllm_ernie_moe.tools.soak``) on the shipped small model, with
+a random LoRA adapter on its dense modules served next to it, 20000 requests or 10 minutes.
 
     make soak     # = python benchmarks/soak_small_model.py; result in docs/results/soak.json
 """
@@ -13,7 +13,7 @@ sys.path.insert(0, str(REPO / "tests"))  # the tests' PEFT adapter writer
 from peft_adapter import DENSE_MODULES, write_adapter  # noqa: E402
 
 from vllm_ernie_moe import soak  # noqa: E402
-from vllm_ernie_moe.small_model import SMALL_MODEL_DIR  # noqa: E402
+from vllm_ernie_moe.tools.small_model import SMALL_MODEL_DIR  # noqa: E402
 
 if __name__ == "__main__":
     adapter = write_adapter(

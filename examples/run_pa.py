@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     envs.use_all_cpu_cores()
     from vllm import LLM, SamplingParams
 
-    from vllm_ernie_moe.small_model import NOTICE, SMALL_MODEL_DIR
+    from vllm_ernie_moe.tools.small_model import NOTICE, SMALL_MODEL_DIR
 
     model = args.model_path
     if model is None:

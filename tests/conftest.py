@@ -6,7 +6,9 @@ import re
 import subprocess
 import sys
 
-from vllm_ernie_moe import compat, cpu_tier, envs
+import settings
+
+from vllm_ernie_moe import compat, cpu_tier
 
 # VLLM_ERNIE_MOE_CPU_TIER (make test CPU_TIER=avx2): torch, oneDNN, vLLM and every engine process
 # run as that tier; before torch runs a kernel and before a test module imports vLLM's kernels.
@@ -19,7 +21,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from vllm_ernie_moe.random_checkpoint import build_checkpoint  # noqa: E402
+from vllm_ernie_moe.tools.random_checkpoint import build_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -54,7 +56,7 @@ def _pairing(source: Path) -> str:
 def contract(request):
     """What vllm-ascend's own code does with the model on CPU, per device
     (ascend_contract_probe.py); skipped without a vllm-ascend tree paired with this vLLM."""
-    source = envs.ascend_source_dir()
+    source = settings.ascend_source_dir()
     if source is None:
         pytest.skip("set VLLM_ERNIE_MOE_ASCEND_SRC to a vllm-ascend source tree")
     paired = _pairing(source)

@@ -13,7 +13,7 @@ import torch
 from vllm import LLM, SamplingParams
 from vllm.inputs import TokensPrompt
 
-from vllm_ernie_moe.random_checkpoint import build_checkpoint
+from vllm_ernie_moe.tools.random_checkpoint import build_checkpoint
 
 PROMPT_TOKENS, NEW_TOKENS, TOP_K = 32768, 8, 5
 # fp32 both sides; measured max 7e-6 over the 32K positions.

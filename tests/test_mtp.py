@@ -144,7 +144,7 @@ def test_the_quantizer_keeps_the_mtp_head_in_floating_point(checkpoint, tmp_path
     """msModelSlim drops the head; vllm-ernie-moe-quantize writes it as it is, labelled FLOAT."""
     from reference import load_tensors
 
-    from vllm_ernie_moe.quantize import quantize_checkpoint
+    from vllm_ernie_moe.tools.quantize import quantize_checkpoint
 
     path = checkpoint("tiny-21b", mtp=True)
     out = quantize_checkpoint(path, tmp_path / "w8a8")

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 def run_parity(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "vllm_ernie_moe.parity", *args, "--max-tokens", "16"],
+        [sys.executable, "-m", "vllm_ernie_moe.tools.parity", *args, "--max-tokens", "16"],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
 

@@ -6,7 +6,7 @@ import sys
 
 from PIL import Image
 
-from vllm_ernie_moe.perf import parse_cases
+from vllm_ernie_moe.tools.perf import parse_cases
 
 
 def test_cases_run_largest_first_and_are_reported(checkpoint, tmp_path):
@@ -15,7 +15,7 @@ def test_cases_run_largest_first_and_are_reported(checkpoint, tmp_path):
     path = checkpoint("tiny-21b", "bfloat16")
     out, png = tmp_path / "perf.json", tmp_path / "perf.png"
     done = subprocess.run(
-        [sys.executable, "-m", "vllm_ernie_moe.perf", "--model", str(path),
+        [sys.executable, "-m", "vllm_ernie_moe.tools.perf", "--model", str(path),
          "--cases", "[[32,32],[64,64]]", "--batch-sizes", "1", "2",
          "--json", str(out), "--png", str(png)],
         capture_output=True, text=True, timeout=600,
@@ -44,7 +44,7 @@ def test_mindie_case_syntax():
 
 def test_bad_case_syntax_is_a_usage_error():
     done = subprocess.run(
-        [sys.executable, "-m", "vllm_ernie_moe.perf", "--model", "m", "--cases", "[[2048]]"],
+        [sys.executable, "-m", "vllm_ernie_moe.tools.perf", "--model", "m", "--cases", "[[2048]]"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 2 and "expected [[input_len,output_len],...]" in done.stderr

@@ -84,6 +84,62 @@ def test_run_experts_is_a_weighted_sum_of_swiglu_experts():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("quantize_input", [True, False], ids=["w8a8", "w8a16"])
+def test_int8_linear_compiles_with_inductor(quantize_input):
+    """vLLM compiles the model with Inductor on CPU, which cannot lower ``_weight_int8pack_mm`` on
+    computed inputs: the linear must reach it as one op, fed by fused pointwise code."""
+    weight, scale = full_range_weights(48, 64, seed=3)
+    x = torch.randn(7, 64, generator=torch.Generator().manual_seed(7)).bfloat16()
+
+    def layer(x):
+        return portable_kernels.int8_linear(x * 2 + 1, weight, scale, quantize_input)
+
+    got = torch.compile(layer, fullgraph=True, backend="inductor")(x)
+    torch.testing.assert_close(got, layer(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("weight_format", portable_kernels.EXPERT_FORMATS)
+def test_experts_op_compiles_whole_and_matches_integer_math(weight_format):
+    """vLLM compiles the model on CPU (fullgraph): the experts' routing-dependent loop must be one
+    opaque op there, and the op must compute each format's math (float64 reference)."""
+    generator = torch.Generator().manual_seed(6)
+    experts, hidden, inter, tokens = 3, 64, 32, 5
+    w13, s13 = full_range_weights(experts * 2 * inter, hidden, seed=1)
+    w2, s2 = full_range_weights(experts * hidden, inter, seed=2)
+    if weight_format == "w4a8":
+        w13, w2 = w13.clamp(-8, 7), w2.clamp(-8, 7)
+    w13, w2 = w13.view(experts, 2 * inter, hidden), w2.view(experts, hidden, inter)
+    s13, s2 = s13.view(experts, 2 * inter, 1), s2.view(experts, hidden, 1)
+    x = torch.randn(tokens, hidden, generator=generator).bfloat16()
+    topk_ids = torch.tensor([[0, 2], [2, 1], [1, 0], [2, 0], [0, 1]])
+    topk_weights = torch.rand(tokens, 2, generator=generator)
+
+    def reference(rows, weight, scale):
+        if weight_format == "w8a16":
+            return rows.double() @ (weight.double() * scale.double().view(-1, 1)).T
+        return reference_w8a8(rows, weight, scale.view(-1))
+
+    want = torch.zeros(tokens, hidden, dtype=torch.float64)
+    for t in range(tokens):
+        for k in range(2):
+            e = topk_ids[t, k]
+            gate, up = reference(x[t : t + 1], w13[e], s13[e]).chunk(2, dim=-1)
+            act = torch.nn.functional.silu(gate) * up
+            want[t] += topk_weights[t, k].double() * reference(act, w2[e], s2[e])[0]
+
+    if weight_format == "w4a8":
+        w13 = torch.stack([portable_kernels.pack_int4(w) for w in w13])
+        w2 = torch.stack([portable_kernels.pack_int4(w) for w in w2])
+
+    def layer(x, topk_weights, topk_ids):
+        return portable_kernels.experts(x, topk_weights, topk_ids, w13, w2, s13, s2, weight_format)
+
+    compiled = torch.compile(layer, fullgraph=True, backend="eager", dynamic=True)
+    got = compiled(x, topk_weights, topk_ids)
+    assert got.dtype == x.dtype
+    assert (got.double() - want).abs().max() <= want.abs().max() * 2**-6
+
+
 @pytest.mark.skipif(
     portable_kernels.exact_int8_gemm(), reason="this tier has VNNI: vLLM's int8 GEMM is exact"
 )

@@ -5,41 +5,62 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from vllm_ernie_moe.precision import (
+from vllm_ernie_moe.tools.precision import (
     BOOLQ_TASK,
     answer_token_ids,
     boolq_prompt,
     lm_eval_command,
     parse_args,
     read_boolq,
+    single_token_answers,
     write_boolq_task,
 )
+from vllm_ernie_moe.tools.small_model import SMALL_MODEL_DIR
 
 BOOLQ = Path(__file__).parent / "fixtures" / "boolq_small.jsonl"
 
 
 def transformers_boolq(path: Path) -> list[str]:
-    """MindIE's rule computed directly: log-softmax at the last position, " yes" vs " no"."""
+    """The protocol computed directly: MindIE's rule (log-softmax at the last position, " yes" vs
+    " no") where both answers are one token, else each answer's summed log-softmax over its own
+    tokens (lm-eval's log-likelihood)."""
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+
+    def loglikelihood(prompt: str, answer: str) -> float:
+        context, whole = tokenizer.encode(prompt), tokenizer.encode(prompt + answer)
+        logprobs = torch.log_softmax(model(torch.tensor([whole])).logits[0].float(), dim=-1)
+        return sum(float(logprobs[i - 1, whole[i]]) for i in range(len(context), len(whole)))
+
     yes, no = answer_token_ids(tokenizer)
+    single = all(len(tokenizer.encode(a, add_special_tokens=False)) == 1 for a in (" yes", " no"))
     predictions = []
     with torch.no_grad():
         for item in read_boolq(BOOLQ):
-            ids = torch.tensor([tokenizer.encode(item.prompt)])
-            logprobs = torch.log_softmax(model(ids).logits[0, -1].float(), dim=-1)
-            predictions.append("yes" if logprobs[yes] > logprobs[no] else "no")
+            if single:
+                ids = torch.tensor([tokenizer.encode(item.prompt)])
+                logprobs = torch.log_softmax(model(ids).logits[0, -1].float(), dim=-1)
+                prefers_yes = logprobs[yes] > logprobs[no]
+            else:
+                prefers_yes = loglikelihood(item.prompt, " yes") > loglikelihood(item.prompt, " no")
+            predictions.append("yes" if prefers_yes else "no")
     return predictions
 
 
-def test_boolq_cli_matches_transformers(checkpoint, tmp_path):
-    path = checkpoint("tiny-21b")
+@pytest.mark.parametrize("model", ["tiny-21b", "small-ernie"])
+def test_boolq_cli_matches_transformers(checkpoint, tmp_path, model):
+    """tiny-21b's tokenizer has " yes" and " no" as one token each (MindIE's rule); the shipped
+    small model's splits them (the whole answer's log-likelihood)."""
+    path = SMALL_MODEL_DIR if model == "small-ernie" else checkpoint(model)
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    assert single_token_answers(tokenizer) == (model == "tiny-21b")
     out = tmp_path / "boolq.json"
     done = subprocess.run(
-        [sys.executable, "-m", "vllm_ernie_moe.precision", "boolq", "--model", str(path),
+        [sys.executable, "-m", "vllm_ernie_moe.tools.precision", "boolq", "--model", str(path),
          "--data", str(BOOLQ), "--dtype", "float32", "--max-model-len", "512",
          "--json", str(out)],
         capture_output=True, text=True, timeout=600,
@@ -59,7 +80,7 @@ def test_bad_data_is_reported_before_any_engine_starts(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q", "passage": "p", "answer": "maybe"}\n')
     done = subprocess.run(
-        [sys.executable, "-m", "vllm_ernie_moe.precision", "boolq", "--model", "unused",
+        [sys.executable, "-m", "vllm_ernie_moe.tools.precision", "boolq", "--model", "unused",
          "--data", str(bad)],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
@@ -69,7 +90,7 @@ def test_bad_data_is_reported_before_any_engine_starts(tmp_path):
 
 def test_lm_eval_mode_explains_a_missing_install():
     done = subprocess.run(
-        [sys.executable, "-m", "vllm_ernie_moe.precision", "lm-eval", "--model", "m",
+        [sys.executable, "-m", "vllm_ernie_moe.tools.precision", "lm-eval", "--model", "m",
          "--tasks", "gsm8k"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip

@@ -18,8 +18,8 @@ from reference import (
 from transformers import AutoTokenizer
 
 from vllm_ernie_moe.chat import CHAT_TEMPLATE_PATH
-from vllm_ernie_moe.served import vllm_serve
-from vllm_ernie_moe.soak import soak
+from vllm_ernie_moe.tools.served import vllm_serve
+from vllm_ernie_moe.tools.soak import soak
 
 MAX_MODEL_LEN = 256
 LORA_NAME = "tiny-lora"
@@ -244,8 +244,8 @@ def test_tool_choice_required_calls_a_tool(server):
 
 
 def test_a_short_soak_under_faults(server):
-    """CI's cut of ``python -m vllm_ernie_moe.soak`` (docs/benchmarks.md has the full run): every
-    valid request answered in full, every bad one a 4xx with a message, memory flat."""
+    """CI's cut of ``python -m vllm_ernie_moe.tools.soak`` (docs/benchmarks.md has the full run):
+    every valid request answered in full, every bad one a 4xx with a message, memory flat."""
     path, base, _, pid = server
     result = soak(base, str(path), requests=400, seconds=120, max_model_len=MAX_MODEL_LEN,
                   lora=LORA_NAME, pid=pid)  # fmt: skip

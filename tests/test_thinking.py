@@ -27,7 +27,7 @@ from thinking_checkpoint import (
 from transformers import AutoTokenizer
 
 from vllm_ernie_moe.chat import CHAT_TEMPLATE_PATH
-from vllm_ernie_moe.served import vllm_serve
+from vllm_ernie_moe.tools.served import vllm_serve
 
 WORDS = r"[a-z]{1,6}( [a-z]{1,6}){1,3}"  # bounded: random weights would write one word forever
 ANSWER_REGEX = rf"{WORDS}\n{END_THINK}\n\n{RESPONSE}\n{WORDS}\n{END_RESPONSE}"

@@ -7,8 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import settings
 
-from vllm_ernie_moe import compat, envs
+from vllm_ernie_moe import compat
 
 UPSTREAM = Path(__file__).resolve().parent.parent / "docs" / "upstream"
 PROBE = Path(__file__).resolve().parent / "ascend_contract_probe.py"
@@ -77,7 +78,7 @@ def test_vllm_cpu_router_fix(tmp_path):
 
 
 def test_vllm_ascend_grouped_topk_router_fix(tmp_path):
-    source = envs.ascend_source_dir()
+    source = settings.ascend_source_dir()
     if source is None:
         pytest.skip("set VLLM_ERNIE_MOE_ASCEND_SRC to a vllm-ascend source tree")
     module = "vllm_ascend.ops.fused_moe.router.grouped_topk_router"

@@ -1,6 +1,6 @@
 """Every vLLM symbol the package imports, and every patch target, in each vLLM release at hand.
 
-Sources: the installed vLLM, and every vLLM wheel in ``envs.vllm_wheel_dir()`` (``make
+Sources: the installed vLLM, and every vLLM wheel in ``settings.vllm_wheel_dir()`` (``make
 vllm-wheels`` downloads vLLM 0.33.0, the newest, which has no CPU build to install here). The
 wheels are read as zip files: nothing is installed or imported, no GPU needed. API drift shows up
 here as a named symbol, not at a user's start-up.
@@ -9,16 +9,17 @@ here as a named symbol, not at a user's start-up.
 from pathlib import Path
 
 import pytest
+import settings
 import vllm
 from vllm_source import VllmImport, VllmSource, package_imports
 
-from vllm_ernie_moe import compat, envs
+from vllm_ernie_moe import compat
 
 
 def _sources() -> list:
     installed = Path(vllm.__file__).parent
     params = [pytest.param(("installed", installed), id=f"installed-{vllm.__version__}")]
-    wheels = sorted(envs.vllm_wheel_dir().glob("vllm*.whl"))
+    wheels = sorted(settings.vllm_wheel_dir().glob("vllm*.whl"))
     params += [pytest.param(("wheel", w), id=w.name.split("-cp")[0]) for w in wheels]
     return params
 
@@ -32,9 +33,9 @@ def source(request) -> VllmSource:
 
 
 def test_the_newest_vllm_is_checked():
-    wheels = list(envs.vllm_wheel_dir().glob("vllm-0.33*.whl"))
+    wheels = list(settings.vllm_wheel_dir().glob("vllm-0.33*.whl"))
     if not wheels:
-        pytest.skip(f"no vLLM 0.33 wheel in {envs.vllm_wheel_dir()}: run `make vllm-wheels`")
+        pytest.skip(f"no vLLM 0.33 wheel in {settings.vllm_wheel_dir()}: run `make vllm-wheels`")
 
 
 def test_every_vllm_import_of_the_package_resolves(source):

@@ -12,7 +12,6 @@ from reference import load_tensors
 from safetensors.torch import save_file
 from transformers import Ernie4_5_MoeConfig
 
-from vllm_ernie_moe import quantize
 from vllm_ernie_moe.checkpoint import CheckpointError, CheckpointValidator
 from vllm_ernie_moe.quant.msmodelslim import (
     QuantizationFormatError,
@@ -20,6 +19,7 @@ from vllm_ernie_moe.quant.msmodelslim import (
     quantize_rows,
     unpack_int4_rows,
 )
+from vllm_ernie_moe.tools import quantize
 
 FIXTURES = Path(__file__).parent / "fixtures"
 BF16_SOURCE = FIXTURES / "ernie-tiny-bf16"
@@ -95,7 +95,7 @@ def test_cli_refuses_output_inside_input(tmp_path):
         [
             sys.executable,
             "-m",
-            "vllm_ernie_moe.quantize",
+            "vllm_ernie_moe.tools.quantize",
             "--model",
             str(source),
             "--output",
@@ -113,7 +113,7 @@ def test_cli_rejects_bad_arguments(tmp_path):
         [
             sys.executable,
             "-m",
-            "vllm_ernie_moe.quantize",
+            "vllm_ernie_moe.tools.quantize",
             "--model",
             str(tmp_path / "nope"),
             "--output",
@@ -158,7 +158,7 @@ def test_peak_memory_stays_far_below_the_model_size(tmp_path):
     probe = (
         "import resource, sys\n"
         "from pathlib import Path\n"
-        "from vllm_ernie_moe.quantize import quantize_checkpoint\n"
+        "from vllm_ernie_moe.tools.quantize import quantize_checkpoint\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "quantize_checkpoint(Path(sys.argv[1]), Path(sys.argv[2]), shard_size_gb=1 / 16)\n"
         "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)\n"

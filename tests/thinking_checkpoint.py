@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from vllm_ernie_moe.random_checkpoint import (
+from vllm_ernie_moe.tools.random_checkpoint import (
     _TOKENIZER_TEXT,
     SPECIAL_TOKENS,
     build_checkpoint,

@@ -1,14 +1,6 @@
 """Every environment variable this plugin reads, in one place."""
 
 import os
-from pathlib import Path
-
-#: The plugin's cache: downloaded vLLM wheels for the source check.
-VLLM_ERNIE_MOE_CACHE_DIR: str = os.environ.get(
-    "VLLM_ERNIE_MOE_CACHE_DIR",
-    os.path.join(os.path.expanduser("~"), ".cache", "vllm-ernie-moe"),
-)
-
 
 #: ``avx2`` / ``avx512`` / ``avx512_bf16``: run as that x86 kernel tier (see ``cpu_tier.py``).
 CPU_TIER_VARIABLE = "VLLM_ERNIE_MOE_CPU_TIER"
@@ -45,23 +37,6 @@ def sgl_kernels_without_amx() -> bool:
     """``VLLM_ERNIE_MOE_SGL_KERNELS=0`` keeps vLLM's own kernel choice (oneDNN GEMMs, "vec" bf16
     experts) on AVX-512 CPUs without AMX (``patches/patch_cpu_sgl_kernels.py``); default on."""
     return os.environ.get("VLLM_ERNIE_MOE_SGL_KERNELS", "1") != "0"
-
-
-def ascend_source_dir() -> Path | None:
-    """``VLLM_ERNIE_MOE_ASCEND_SRC``: a vllm-ascend source tree for the Ascend contract check
-    (``tests/test_ascend_contract.py``, ``tests/test_upstream_fixes.py``); unset: skipped."""
-    path = os.environ.get("VLLM_ERNIE_MOE_ASCEND_SRC")
-    return Path(path) if path else None
-
-
-def vllm_wheel_dir() -> Path:
-    """``VLLM_ERNIE_MOE_VLLM_WHEELS``: vLLM wheels whose source ``tests/test_vllm_api.py`` checks
-    the package's imports against (``make vllm-wheels`` fills it); default under the cache dir."""
-    return Path(
-        os.environ.get(
-            "VLLM_ERNIE_MOE_VLLM_WHEELS", os.path.join(VLLM_ERNIE_MOE_CACHE_DIR, "wheels")
-        )
-    )
 
 
 def vllm_mtp_drafter() -> bool:

@@ -81,6 +81,21 @@ def int8_gemm(
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
+@torch.library.custom_op("vllm_ernie_moe::portable_int8_linear", mutates_args=())
+def int8_linear(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, quantize_input: bool
+) -> torch.Tensor:
+    """:func:`int8_gemm` as one op for torch.compile (vLLM's default mode on CPU): Inductor
+    (torch 2.13) cannot lower ``_weight_int8pack_mm`` on a computed input such as the unit
+    scales (``LoweringException``, found by tests/test_w8a8.py's compiled engine as AVX2)."""
+    return int8_gemm(x, weight, scale, quantize_input)
+
+
+@int8_linear.register_fake
+def _int8_linear_shape(x: torch.Tensor, weight: torch.Tensor, *args) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
 def int4_group_size(inputs: int) -> int:
     return next(g for g in INT4_GROUP_SIZES if inputs % g == 0)
 
@@ -128,3 +143,41 @@ def run_experts(
         out.index_add_(0, rows, down.float() * weights[start : start + count])
         start += count
     return out.to(hidden.dtype)
+
+
+#: Expert weight formats :func:`experts` runs: int8 weights with int8 or model-dtype activations,
+#: int4 weights (``pack_int4``) with int8 activations.
+EXPERT_FORMATS = ("w8a8", "w8a16", "w4a8")
+
+
+@torch.library.custom_op("vllm_ernie_moe::portable_experts", mutates_args=())
+def experts(
+    hidden: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    w13_scale: torch.Tensor,
+    w2_scale: torch.Tensor,
+    weight_format: str,
+) -> torch.Tensor:
+    """:func:`run_experts` on quantized ``[E, out, in]`` weights with per-channel scales.
+
+    A custom op, so torch.compile (vLLM's default mode on CPU) sees one opaque call: the loop
+    over experts depends on the routing (data-dependent sizes, which Dynamo refuses)."""
+    weights, scales = (w13, w2), (w13_scale, w2_scale)
+
+    def gemm(expert: int, which: int, x: torch.Tensor) -> torch.Tensor:
+        weight, scale = weights[which][expert], scales[which][expert].view(-1)
+        if weight_format == "w4a8":
+            return int4_gemm(x, weight, scale)
+        if weight_format == "w8a16":
+            x = x.to(hidden.dtype)  # run_experts hands the down GEMM fp32
+        return int8_gemm(x, weight, scale, quantize_input=weight_format == "w8a8")
+
+    return run_experts(hidden, topk_weights, topk_ids, gemm)
+
+
+@experts.register_fake
+def _experts_shape(hidden: torch.Tensor, *args) -> torch.Tensor:
+    return torch.empty_like(hidden)

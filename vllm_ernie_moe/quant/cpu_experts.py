@@ -75,8 +75,8 @@ class _PortableExperts:
     """Experts on :mod:`vllm_ernie_moe.portable_kernels`: every x86 tier, for CPUs where vLLM's
     fused quantized experts are missing (AVX2, AVX-512 without BF16) or inexact (no VNNI)."""
 
-    #: W8A8 quantizes the activations per token; W8A16 keeps them in the model dtype.
-    quantize_input = True
+    #: :data:`portable_kernels.EXPERT_FORMATS`
+    weight_format = "w8a8"
 
     @staticmethod
     def _supports_current_device() -> bool:
@@ -89,21 +89,11 @@ class _PortableExperts:
     def process_weights_after_loading(self, layer: Module) -> None:
         """The weights stay as loaded: int8 ``[E, out, in]``."""
 
-    def _gemm(self, w1: torch.Tensor, w2: torch.Tensor, dtype: torch.dtype):
-        """``gemm(expert, which, x)`` for :func:`portable_kernels.run_experts`; unquantized
-        inputs (W8A16) in ``dtype``, the model's (``run_experts`` hands the down GEMM fp32)."""
-        weights, scales = (w1, w2), (self.w1_scale, self.w2_scale)
-
-        def gemm(expert: int, which: int, x: torch.Tensor) -> torch.Tensor:
-            x = x if self.quantize_input else x.to(dtype)
-            weight, scale = weights[which][expert], scales[which][expert].view(-1)
-            return portable_kernels.int8_gemm(x, weight, scale, self.quantize_input)
-
-        return gemm
-
     def _experts(self, hidden_states, w1, w2, topk_weights, topk_ids) -> torch.Tensor:
-        gemm = self._gemm(w1, w2, hidden_states.dtype)
-        return portable_kernels.run_experts(hidden_states, topk_weights, topk_ids, gemm)
+        return portable_kernels.experts(
+            hidden_states, topk_weights, topk_ids, w1, w2, self.w1_scale, self.w2_scale,
+            self.weight_format,
+        )  # fmt: skip
 
     def apply(self, output, hidden_states, w1, w2, topk_weights, topk_ids, *args, **kwargs):
         output.copy_(self._experts(hidden_states, w1, w2, topk_weights, topk_ids))
@@ -116,24 +106,20 @@ class PortableCPUExpertsInt8(_PortableExperts, CPUExpertsInt8):
 class PortableCPUExpertsW8A16(PortableCPUExpertsInt8):
     """W8A16 experts: int8 weights, activations in the model dtype."""
 
-    quantize_input = False
+    weight_format = "w8a16"
 
 
 class PortableCPUExpertsInt4(_PortableExperts, CPUExpertsInt4):
     """W4A8 experts: int4 in memory (``_weight_int4pack_mm_for_cpu``'s layout), per-token int8
     activations."""
 
+    weight_format = "w4a8"
+
     def process_weights_after_loading(self, layer: Module) -> None:
         for name in ("w13_weight", "w2_weight"):
             packed_rows = getattr(layer, name).data  # msModelSlim's [E, out/2, in]
             repacked = [portable_kernels.pack_int4(unpack_int4_rows(rows)) for rows in packed_rows]
             set_parameter(layer, name, torch.stack(repacked))
-
-    def _gemm(self, w1: torch.Tensor, w2: torch.Tensor, dtype: torch.dtype):
-        weights, scales = (w1, w2), (self.w1_scale, self.w2_scale)
-        return lambda expert, which, x: portable_kernels.int4_gemm(
-            x, weights[which][expert], scales[which][expert].view(-1)
-        )
 
 
 class _RoutesByErnieRule:

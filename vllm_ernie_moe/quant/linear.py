@@ -97,7 +97,7 @@ class ErnieW8A8LinearMethod(LinearMethodBase):
     def apply(self, layer: Module, x: torch.Tensor, bias: torch.Tensor | None = None):
         if self.kernel is not None:
             return self.kernel.apply_weights(layer, x, bias)
-        out = portable_kernels.int8_gemm(x, layer.weight, layer.weight_scale, self.quantize_input)
+        out = portable_kernels.int8_linear(x, layer.weight, layer.weight_scale, self.quantize_input)
         return out if bias is None else out + bias
 
 

@@ -228,7 +228,7 @@ class ModelSlimDescription:
             raise QuantizationFormatError(
                 f"{self.path}: no label for tensor '{tensor}'. The description must name every "
                 "tensor of the checkpoint; re-export it with msModelSlim or "
-                "`python -m vllm_ernie_moe.quantize`."
+                "`python -m vllm_ernie_moe.tools.quantize`."
             ) from None
 
 

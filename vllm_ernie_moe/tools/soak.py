@@ -1,7 +1,8 @@
 """A soak of ``vllm serve`` under faults, on loopback, bounded in requests and time.
 
-    python -m vllm_ernie_moe.soak --model M [--lora-adapter DIR] [--requests 3000] [--minutes 10]
-    python -m vllm_ernie_moe.soak --url http://127.0.0.1:8000 --model M [--lora NAME]
+    python -m vllm_ernie_moe.tools.soak --model M [--lora-adapter DIR] [--requests 3000] \
+        [--minutes 10]
+    python -m vllm_ernie_moe.tools.soak --url http://127.0.0.1:8000 --model M [--lora NAME]
 
 It mixes valid requests (completions, streamed chat, LoRA, named tool calls) with faults (clients
 that drop a stream, requests aborted by a client timeout, malformed JSON, prompts over the context
@@ -238,7 +239,7 @@ def print_report(result: dict) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m vllm_ernie_moe.soak",
+        prog="python -m vllm_ernie_moe.tools.soak",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -264,7 +265,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vllm_ernie_moe.served import vllm_serve
+    from vllm_ernie_moe.tools.served import vllm_serve
 
     args = parse_args(argv)
     if args.url:

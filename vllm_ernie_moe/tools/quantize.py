@@ -1,7 +1,7 @@
 """Quantize a BF16 ERNIE-4.5 MoE ``-PT`` checkpoint to msModelSlim's v1 format: W8A8_DYNAMIC,
 W8A16, or W4A8_DYNAMIC routed experts with W8A8_DYNAMIC elsewhere.
 
-    python -m vllm_ernie_moe.quantize --model IN --output OUT [--format w8a16|w4a8-dynamic]
+    python -m vllm_ernie_moe.tools.quantize --model IN --output OUT [--format w8a16|w4a8-dynamic]
     (or: vllm-ernie-moe-quantize)
 
 W8A8_DYNAMIC and W8A16 store the same int8 weights and scales (msModelSlim's per-channel symmetric

@@ -2,7 +2,7 @@
 experts, a correction bias kept by ERNIE's loss-free balancing, an MTP head) at ~2M parameters,
 on the English text of Python's ``pydoc_data`` topics, in minutes on 2 CPU cores.
 
-``python -m vllm_ernie_moe.small_model`` trains it (seeded, ~10 minutes) into
+``python -m vllm_ernie_moe.tools.small_model`` trains it (seeded, ~10 minutes) into
 :data:`SMALL_MODEL_DIR`, the copy shipped with the package (bf16, ~4.5 MB): next-token loss plus
 the MTP head's loss on the token after next, by Baidu's reference forward
 (``vllm_ernie_moe/mtp.py``). A tiny model: it writes Python-documentation-like English, nothing
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from vllm_ernie_moe.random_checkpoint import build_tokenizer
+from vllm_ernie_moe.tools.random_checkpoint import build_tokenizer
 
 CONFIG = dict(
     hidden_size=128,
@@ -40,10 +40,10 @@ CONFIG = dict(
     tie_word_embeddings=True,
     rope_theta=10000.0,
 )
-SMALL_MODEL_DIR = Path(__file__).resolve().parent / "data" / "small-ernie"
+SMALL_MODEL_DIR = Path(__file__).resolve().parent.parent / "data" / "small-ernie"
 NOTICE = (
     "a ~2M-parameter ERNIE-4.5-MoE trained in minutes on Python's pydoc topics "
-    "(vllm_ernie_moe.small_model): expect documentation-like English, not answers"
+    "(vllm_ernie_moe.tools.small_model): expect documentation-like English, not answers"
 )
 VOCAB_SIZE = 2048
 SEQUENCE = 128
@@ -175,7 +175,7 @@ def train(out_dir: Path, steps: int = 800, batch: int = 16, seed: int = 0) -> Pa
     saved["_notice"] = NOTICE
     config_path.write_text(json.dumps(saved, indent=2))
     (out_dir / "README.md").write_text(
-        f"# small-ernie\n\n{NOTICE}.\n\nMade by `python -m vllm_ernie_moe.small_model "
+        f"# small-ernie\n\n{NOTICE}.\n\nMade by `python -m vllm_ernie_moe.tools.small_model "
         f"--steps {steps} --seed {seed}`.\n"
     )
     return out_dir

@@ -20,8 +20,9 @@ END_OF_SENTENCE = "<|end_of_sentence|>"
 SPECIAL_TOKENS = ["<unk>", BEGIN_OF_SENTENCE, END_OF_SENTENCE]  # ids 0, 1, 2 as in ERNIE
 
 RANDOM_WEIGHTS_NOTICE = (
-    "This checkpoint has RANDOM weights, generated locally by vllm_ernie_moe.random_checkpoint "
-    "with the ERNIE-4.5-MoE architecture. Its output is gibberish by design."
+    "This checkpoint has RANDOM weights, generated locally by "
+    "vllm_ernie_moe.tools.random_checkpoint with the ERNIE-4.5-MoE architecture. "
+    "Its output is gibberish by design."
 )
 
 _TOKENIZER_TEXT = """
@@ -253,7 +254,7 @@ def build_w4a8_checkpoint(
         scale_bias_groups,
         scale_bias_name,
     )
-    from vllm_ernie_moe.quantize import ShardWriter, converted, write_description
+    from vllm_ernie_moe.tools.quantize import ShardWriter, converted, write_description
 
     spec = GEOMETRIES[geometry]
     out = Path(out_dir)

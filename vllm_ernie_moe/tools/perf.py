@@ -1,6 +1,6 @@
 """Performance test on vLLM with MindIE's case syntax (``modeltest ... performance``).
 
-    python -m vllm_ernie_moe.perf --model M \\
+    python -m vllm_ernie_moe.tools.perf --model M \\
         --cases "[[2048,2048],[1024,1024],[512,512],[256,256]]" --batch-sizes 1 8 \\
         [--tp 2] [--json perf.json] [--png perf.png]
 
@@ -18,7 +18,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from vllm_ernie_moe.cli import add_engine_arguments, build_llm, check_engine_arguments
+from vllm_ernie_moe.tools.cli import add_engine_arguments, build_llm, check_engine_arguments
 
 
 @dataclass
@@ -104,7 +104,7 @@ def draw_chart(results: list[CaseResult], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m vllm_ernie_moe.perf", description=__doc__.splitlines()[0]
+        prog="python -m vllm_ernie_moe.tools.perf", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--model", required=True)
     parser.add_argument("--cases", default="[[2048,2048],[1024,1024],[512,512],[256,256]]")

@@ -1,7 +1,7 @@
 """Parity check: does vLLM + this plugin compute what transformers computes for these weights?
 
-    python -m vllm_ernie_moe.parity /weights/ERNIE-4.5-21B-A3B-PT [--dtype bfloat16] [--tp 2]
-    python -m vllm_ernie_moe.parity /weights/W8A8 --reference /weights/ERNIE-4.5-21B-A3B-PT
+    python -m vllm_ernie_moe.tools.parity /weights/ERNIE-4.5-21B-A3B-PT [--dtype bfloat16] [--tp 2]
+    python -m vllm_ernie_moe.tools.parity /weights/W8A8 --reference /weights/ERNIE-4.5-21B-A3B-PT
 
 vLLM generates greedily from a prompt set; then transformers (on the CPU) scores vLLM's own
 sequences with teacher forcing, so one early difference does not cascade. Reported: greedy-token
@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from vllm_ernie_moe.cli import add_engine_arguments, build_llm, check_engine_arguments
+from vllm_ernie_moe.tools.cli import add_engine_arguments, build_llm, check_engine_arguments
 
 DEFAULT_PROMPTS = [
     "What's Deep Learning?",
@@ -89,7 +89,7 @@ def score(args: argparse.Namespace, sequences: list[Sequence]) -> Verdict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m vllm_ernie_moe.parity", description=__doc__.splitlines()[0]
+        prog="python -m vllm_ernie_moe.tools.parity", description=__doc__.splitlines()[0]
     )
     parser.add_argument("model", help="checkpoint served by vLLM (directory or hub id)")
     parser.add_argument("--reference", help="checkpoint transformers scores with (default: model)")
