@@ -25,7 +25,6 @@
 from __future__ import annotations
 
 import functools
-import importlib
 
 import torch
 
@@ -135,18 +134,17 @@ def apply() -> bool:
     if not current_platform.is_cpu():
         return False
     fixed = "routes softmax + e_score_correction_bias by ERNIE's rule"
-    router_cls = compat.cpu_router_class()
-    if router_cls is not None:
-        return install(
-            __name__, router_cls, "_compute_routing", _routing_with_bias,
-            bug_present=functools.partial(_router_ignores_bias, router_cls), fixed=fixed,
-        )  # fmt: skip
-    if compat.has_module(compat.CPU_SELECT_EXPERTS_MODULE):
-        module = importlib.import_module(compat.CPU_SELECT_EXPERTS_MODULE)
-        return install(
-            __name__, module, "select_experts", _select_experts_with_bias,
-            bug_present=_select_experts_ignores_bias, fixed=fixed,
-        )  # fmt: skip
+    target = compat.cpu_routing_target()
+    if target is not None:
+        owner, name = target
+        replacement, bug_present = {
+            "_compute_routing": (
+                _routing_with_bias,
+                functools.partial(_router_ignores_bias, owner),
+            ),
+            "select_experts": (_select_experts_with_bias, _select_experts_ignores_bias),
+        }[name]
+        return install(__name__, owner, name, replacement, bug_present=bug_present, fixed=fixed)
     logger.warning(
         "vLLM %s has neither %s nor %s: patch_cpu_router not applied; check that CPU MoE "
         "routing honours e_score_correction_bias (tests/test_routing.py).",

@@ -39,13 +39,9 @@ from __future__ import annotations
 import functools
 
 import torch
-from packaging.specifiers import SpecifierSet
-from packaging.version import Version
 
-from vllm_ernie_moe import envs
+from vllm_ernie_moe import compat, envs
 from vllm_ernie_moe.patches.patching import install, logger
-
-APPLIES_TO = SpecifierSet(">=0.32,<0.33")
 
 
 def avx512_without_amx() -> bool:
@@ -160,13 +156,11 @@ def apply() -> bool:
     """Widen vLLM's sgl kernel choice on AVX-512 CPUs without AMX; idempotent. True when active."""
     if not envs.sgl_kernels_without_amx() or not avx512_without_amx():
         return False
-    import vllm
-
-    if Version(vllm.__version__) not in APPLIES_TO:
+    if not compat.sgl_kernel_choice_measured():
         logger.info(
             "vLLM %s is outside %s: patch_cpu_sgl_kernels not applied.",
-            vllm.__version__,
-            APPLIES_TO,
+            compat.vllm_version(),
+            compat.SGL_KERNELS_MEASURED_ON,
         )
         return False
     from vllm.model_executor.layers import utils

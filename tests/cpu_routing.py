@@ -1,20 +1,10 @@
 """vLLM's CPU MoE routing on whichever target the installed vLLM has (see patch_cpu_router):
 0.32+'s ``CPURouter._compute_routing`` or 0.27's ``cpu_fused_moe.select_experts``."""
 
-import importlib
-
 import torch
 
 from vllm_ernie_moe import compat
 from vllm_ernie_moe.patches import patch_cpu_router
-
-
-def target():
-    """(owner, attribute name) of the function the patch wraps on this vLLM."""
-    router_cls = compat.cpu_router_class()
-    if router_cls is not None:
-        return router_cls, "_compute_routing"
-    return importlib.import_module(compat.CPU_SELECT_EXPERTS_MODULE), "select_experts"
 
 
 def route(
@@ -23,11 +13,11 @@ def route(
     """(weights, ids) from vLLM's CPU routing for softmax scoring, renormalised; patched unless
     ``original``."""
     patch_cpu_router.apply()
-    owner, name = target()
+    owner, name = compat.cpu_routing_target()
     function = getattr(owner, name)
     if original:
         function = function.__wrapped__
-    if compat.cpu_router_class() is not None:
+    if name == "_compute_routing":
         router = owner(
             top_k=top_k,
             global_num_experts=logits.shape[-1],

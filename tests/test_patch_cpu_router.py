@@ -1,14 +1,15 @@
 """patch_cpu_router: detects vLLM's bias-dropping CPU routing, fixes it, leaves the rest alone."""
 
 import torch
-from cpu_routing import route, target
+from cpu_routing import route
 
+from vllm_ernie_moe import compat
 from vllm_ernie_moe.patches import patch_cpu_router
 
 
-def test_this_vllm_has_atarget():
+def test_this_vllm_has_a_target():
     """If neither target exists the patch stays off: CPU routing must then be checked anew."""
-    owner, name = target()
+    owner, name = compat.cpu_routing_target()
     assert callable(getattr(owner, name))
 
 
@@ -34,7 +35,7 @@ def test_patched_routing_matches_hand_computed_math():
 
 def test_apply_is_idempotent_and_fixes_the_probe():
     assert patch_cpu_router.apply() is True
-    owner, name = target()
+    owner, name = compat.cpu_routing_target()
     patched = getattr(owner, name)
     assert patch_cpu_router.apply() is True
     assert getattr(owner, name) is patched

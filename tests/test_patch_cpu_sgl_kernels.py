@@ -13,11 +13,12 @@ from reference import int8_rows
 from vllm.model_executor.kernels.linear.scaled_mm import cpu as scaled_mm_cpu
 from vllm.model_executor.layers import utils
 
+from vllm_ernie_moe import compat
 from vllm_ernie_moe.patches import patch_cpu_sgl_kernels
 
 pytestmark = pytest.mark.skipif(
-    vllm.__version__ not in patch_cpu_sgl_kernels.APPLIES_TO,
-    reason=f"patch_cpu_sgl_kernels is for vLLM {patch_cpu_sgl_kernels.APPLIES_TO} (vLLM 0.27's "
+    not compat.sgl_kernel_choice_measured(),
+    reason=f"patch_cpu_sgl_kernels is for vLLM {compat.SGL_KERNELS_MEASURED_ON} (vLLM 0.27's "
     "CPU experts route themselves and its sgl GEMMs sit behind VLLM_CPU_SGL_KERNEL)",
 )
 needs_avx512_without_amx = pytest.mark.skipif(

@@ -3,8 +3,8 @@
 Supported: vLLM 0.27.1 (what vllm-ascend's main branch pairs with) through 0.33 (the newest). Code
 elsewhere asks this module about a *feature* (does vLLM have a CPU router class, do its CPU experts
 route by themselves), not about a version number. Version rules: :data:`SUPPORTED_VLLM`, checked
-by ``register()``, and the range of ``patches/patch_cpu_sgl_kernels.py`` (a kernel choice, valid
-only where it was measured and tested).
+by ``register()``, and :data:`SGL_KERNELS_MEASURED_ON`, the range of
+``patches/patch_cpu_sgl_kernels.py`` (a kernel choice, valid only where it was measured and tested).
 
 - vLLM 0.23 (vllm-ascend's registry release 0.23.0.post1) has no ``FusedMoEFactory`` and no
   ``WeightsMapper.orig_to_new_stacked`` and its CPU wheel needs a torch this project cannot install:
@@ -35,6 +35,10 @@ UPGRADE_HINT = (
     "vLLM 0.23 and is not supported. Install vLLM >= 0.27.1 with its matching vllm-ascend, or "
     "uninstall vllm-ernie-moe to use vLLM's built-in ERNIE class."
 )
+
+#: Where patches/patch_cpu_sgl_kernels.py's kernel choice was measured and tested (0.27 has other
+#: targets; 0.33 the same ones but no CPU wheel to measure on).
+SGL_KERNELS_MEASURED_ON = SpecifierSet(">=0.32,<0.33")
 
 CPU_ROUTER_MODULE = "vllm.model_executor.layers.fused_moe.router.cpu_router"
 CPU_SELECT_EXPERTS_MODULE = "vllm.model_executor.layers.fused_moe.cpu_fused_moe"
@@ -81,3 +85,19 @@ def cpu_experts_route_themselves() -> bool:
     from vllm.model_executor.layers.fused_moe.modular_kernel import FusedMoEExpertsMonolithic
 
     return issubclass(CPUExpertsInt8, FusedMoEExpertsMonolithic)
+
+
+def cpu_routing_target() -> tuple[object, str] | None:
+    """Where vLLM's CPU backend routes MoE tokens, as (owner, function name): 0.32+'s
+    ``CPURouter._compute_routing``, 0.27's ``cpu_fused_moe.select_experts``; None if neither."""
+    router_cls = cpu_router_class()
+    if router_cls is not None:
+        return router_cls, "_compute_routing"
+    if has_module(CPU_SELECT_EXPERTS_MODULE):
+        return importlib.import_module(CPU_SELECT_EXPERTS_MODULE), "select_experts"
+    return None
+
+
+def sgl_kernel_choice_measured() -> bool:
+    """Whether this vLLM is one :data:`SGL_KERNELS_MEASURED_ON`."""
+    return vllm_version() in SGL_KERNELS_MEASURED_ON

@@ -31,14 +31,13 @@ from vllm.model_executor.models.config import VerifyAndUpdateConfig
 from vllm_ernie_moe import ARCHITECTURE
 from vllm_ernie_moe.layout import CPU_LORA_MODULES
 from vllm_ernie_moe.quant.msmodelslim import (
+    DESCRIPTION_FILE,
     QUANTIZATION_NAME,
     QuantizationFormatError,
     find_description,
 )
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm.": vLLM's log handler shows it
-
-NPU_DESCRIPTION = "quant_model_description.json"  # the only name vllm-ascend detects
 
 #: Modules of the MoE blocks vLLM's CPU backend cannot adapt: routed experts and router.
 CPU_LORA_REFUSED = ("experts", "gate")
@@ -68,10 +67,10 @@ class ErnieMoeConfigHooks(VerifyAndUpdateConfig):
         if current_platform.device_type != "npu":
             logger.info("msModelSlim checkpoint detected: quantization=%s.", QUANTIZATION_NAME)
             model_config.quantization = QUANTIZATION_NAME
-        elif description.name != NPU_DESCRIPTION:
+        elif description.name != DESCRIPTION_FILE:
             raise QuantizationFormatError(
                 f"{description}: vllm-ascend detects msModelSlim checkpoints only by "
-                f"'{NPU_DESCRIPTION}': rename the file to {NPU_DESCRIPTION} (same content)."
+                f"'{DESCRIPTION_FILE}': rename the file to {DESCRIPTION_FILE} (same content)."
             )
 
     @staticmethod

@@ -50,17 +50,9 @@ from vllm.transformers_utils.config import set_default_rope_theta
 
 from vllm_ernie_moe import layout
 from vllm_ernie_moe.checkpoint import CheckpointValidator
-from vllm_ernie_moe.quant.msmodelslim import (
-    QUANTIZATION_NAME,
-    check_fused_labels,
-    find_description,
-    read_labels,
-)
+from vllm_ernie_moe.quant.msmodelslim import checkpoint_rules
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm.": vLLM's log handler shows it
-
-#: vllm-ascend's msModelSlim method (``AscendModelSlimConfig``).
-ASCEND_QUANTIZATION = "ascend"
 
 ROPE_THETA_DEFAULT = 500000
 
@@ -472,18 +464,9 @@ class Ernie4_5_MoeForCausalLM(nn.Module, SupportsPP, SupportsLoRA, MixtureOfExpe
         return self.logits_processor(self.lm_head, hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        quant_config = self.quant_config
-        method = quant_config.get_name() if quant_config is not None else None
-        ours = method == QUANTIZATION_NAME
-        if method == ASCEND_QUANTIZATION and (path := find_description(self.checkpoint_dir)):
-            # vllm-ascend reads one label per fused module (expert 0's for all experts): a file
-            # whose labels disagree would load quietly half-wrong.
-            check_fused_labels(path, read_labels(path))
+        rules = checkpoint_rules(self.quant_config, self.checkpoint_dir)
         validator = CheckpointValidator(
-            self.config,
-            self.checkpoint_dir,
-            description=quant_config.description if ours else None,
-            strict=quant_config is None or ours,
+            self.config, self.checkpoint_dir, rules.description, rules.strict
         )
         tensors = validator.check(weights)
         if self.head_copies_embedding:

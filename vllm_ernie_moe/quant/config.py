@@ -33,6 +33,7 @@ from vllm_ernie_moe.quant.msmodelslim import (
     W4A8_DYNAMIC,
     W8A8_DYNAMIC,
     W8A16,
+    CheckpointRules,
     ModelSlimDescription,
     QuantizationFormatError,
     find_description,
@@ -103,6 +104,10 @@ class ErnieW8A8DynamicConfig(QuantizationConfig):
             logger.info("%s: quantizing the weights of %s at load.", QUANTIZATION_NAME, model_name)
         else:
             logger.info("%s: serving msModelSlim checkpoint %s.", QUANTIZATION_NAME, path)
+
+    def checkpoint_rules(self) -> CheckpointRules:
+        """Every tensor as the layout and the description say (``msmodelslim.checkpoint_rules``)."""
+        return CheckpointRules(description=self.description)
 
     def _label(self, checkpoint_module: str) -> str:
         """The label of a vLLM module: that of its first checkpoint tensor (``load_description``

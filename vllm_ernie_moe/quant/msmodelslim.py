@@ -37,8 +37,11 @@ INT8_WEIGHT_LABELS = (W8A8_DYNAMIC, W8A16, W4A8_DYNAMIC)
 SUPPORTED_LABELS = (*INT8_WEIGHT_LABELS, FLOAT)
 #: Column groups of a W4A8_DYNAMIC row-parallel ``scale_bias`` (msModelSlim's fixed ``tp_num``).
 SCALE_BIAS_GROUPS = 16
-# v1 CLI / v0 ascendV1 writers, then the v0 safe_tensor writer.
-DESCRIPTION_FILES = ("quant_model_description.json", "quant_model_description_w8a8_dynamic.json")
+#: The description msModelSlim's v1 CLI and v0 ascendV1 writers save, the only name vllm-ascend
+#: detects (and the one the offline tool writes).
+DESCRIPTION_FILE = "quant_model_description.json"
+#: The names this plugin reads: then that of msModelSlim v0's safe_tensor writer.
+DESCRIPTION_FILES = (DESCRIPTION_FILE, "quant_model_description_w8a8_dynamic.json")
 METADATA_KEYS = frozenset(
     {
         "version",
@@ -230,6 +233,31 @@ class ModelSlimDescription:
                 "tensor of the checkpoint; re-export it with msModelSlim or "
                 "`python -m vllm_ernie_moe.tools.quantize`."
             ) from None
+
+
+@dataclass(frozen=True)
+class CheckpointRules:
+    """What the model's checkpoint validator holds the tensors to under a quantization method."""
+
+    #: The msModelSlim labels the int8 weights and scales are checked against.
+    description: ModelSlimDescription | None = None
+    #: Every tensor known and of the expected shape; off under another plugin's method (e.g.
+    #: vllm-ascend's ``ascend``), which owns the quantized layout.
+    strict: bool = True
+
+
+def checkpoint_rules(quant_config, checkpoint_dir: str | os.PathLike) -> CheckpointRules:
+    """The rules for a checkpoint served under ``quant_config`` (a vLLM ``QuantizationConfig``
+    or None): its own ``checkpoint_rules()`` where it has one (``ernie-w8a8-dynamic``)."""
+    if quant_config is None:
+        return CheckpointRules()
+    if hasattr(quant_config, "checkpoint_rules"):
+        return quant_config.checkpoint_rules()
+    if path := find_description(checkpoint_dir):
+        # vllm-ascend reads one label per fused module (expert 0's for all experts): a file whose
+        # labels disagree would load quietly half-wrong.
+        check_fused_labels(path, read_labels(path))
+    return CheckpointRules(strict=False)
 
 
 def find_description(model_dir: str | os.PathLike) -> Path | None:

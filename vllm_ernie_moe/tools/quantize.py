@@ -34,6 +34,7 @@ from vllm_ernie_moe.layout import (
     is_routed_expert,
 )
 from vllm_ernie_moe.quant.msmodelslim import (
+    DESCRIPTION_FILE,
     FLOAT,
     W4A8_DYNAMIC,
     W8A8_DYNAMIC,
@@ -47,7 +48,6 @@ from vllm_ernie_moe.quant.msmodelslim import (
     scale_bias_name,
 )
 
-DESCRIPTION = "quant_model_description.json"
 WEIGHTS_PREFIX = "quant_model_weights"
 INDEX = f"{WEIGHTS_PREFIX}.safetensors.index.json"
 # What msModelSlim's saver copies besides the weights (tokenizer, generation and chat files).
@@ -198,7 +198,7 @@ def write_description(out_dir: Path, labels: dict[str, str], label: str) -> None
         group_size=0,
         optional={},
     )
-    (out_dir / DESCRIPTION).write_text(json.dumps(description, indent=4))
+    (out_dir / DESCRIPTION_FILE).write_text(json.dumps(description, indent=4))
 
 
 def quantize_checkpoint(
