@@ -33,6 +33,9 @@ FUSIONS: dict[str, tuple[tuple[str, str | int], ...]] = {
 FUSION_PARENTS = {"qkv_proj": ("",), "gate_up_proj": (".mlp", ".shared_experts")}
 #: vLLM's module of all routed experts of a layer (``mlp.experts.N.*`` in the checkpoint).
 EXPERTS = "experts"
+#: transformers 5 holds all experts of a layer as 3-D tensors ``mlp.experts.<name>`` (not a -PT
+#: layout: msModelSlim needs per-expert linears).
+FUSED_EXPERT_TENSORS = ("gate_up_proj", "down_proj")
 
 #: The router's correction bias: stored [1, E] under ``moe_statics``, a [E] parameter of the gate.
 CORRECTION_BIAS = "mlp.moe_statics.e_score_correction_bias"

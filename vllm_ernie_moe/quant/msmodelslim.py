@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 
 from vllm_ernie_moe.layout import (
+    EXPERTS,
+    FUSED_EXPERT_TENSORS,
     ROW_PARALLEL_PROJECTIONS,
     fused_module_of,
     is_quantizable_weight,
@@ -73,7 +75,7 @@ def is_fused_expert_tensor(name: str) -> bool:
     """``mlp.experts.gate_up_proj`` / ``mlp.experts.down_proj``: all experts in one 3-D tensor
     (transformers 5's in-memory layout), not the -PT per-expert layout."""
     parts = _module_of(name).split(".")
-    return len(parts) >= 2 and parts[-2] == "experts" and parts[-1] in ("gate_up_proj", "down_proj")
+    return len(parts) >= 2 and parts[-2] == EXPERTS and parts[-1] in FUSED_EXPERT_TENSORS
 
 
 def _check_quantizable(path: Path, tensor: str, label: str) -> None:
