@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> None:
         outputs = llm.generate(args.input_texts, params, use_tqdm=False)
     for text, output in zip(args.input_texts, outputs):
         print(f"Question: {text!r}\nAnswer:   {output.outputs[0].text!r}\n")
+    llm.llm_engine.engine_core.shutdown()  # before exit: teardown at exit can abort the process
 
 
 if __name__ == "__main__":

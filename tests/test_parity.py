@@ -23,16 +23,18 @@ TOP_K = 5
 FP32_LOGPROB_TOLERANCE = 1e-3
 GEOMETRIES = ["tiny-21b", "tiny-300b"]
 
-# (geometry, dtype, tensor parallel size, torch.compile); TP=1 before TP=2 of the same geometry.
+# (geometry, dtype, tensor parallel size, torch.compile, KV cache dtype); TP=1 before TP=2 of the
+# same geometry. The fp8 KV cache is held to vLLM's closeness rule against transformers in bf16.
 ENGINES = [
-    ("tiny-21b", "float32", 1, False),
-    ("tiny-300b", "float32", 1, False),
-    ("tiny-21b", "bfloat16", 1, True),
-    ("tiny-300b", "bfloat16", 1, False),
-    ("tiny-21b", "float16", 1, False),
-    ("tiny-dense", "float32", 1, False),
-    ("tiny-21b", "float32", 2, False),
-    ("tiny-300b", "float32", 2, False),
+    ("tiny-21b", "float32", 1, False, "auto"),
+    ("tiny-300b", "float32", 1, False, "auto"),
+    ("tiny-21b", "bfloat16", 1, True, "auto"),
+    ("tiny-300b", "bfloat16", 1, False, "auto"),
+    ("tiny-21b", "bfloat16", 1, False, "fp8"),
+    ("tiny-21b", "float16", 1, False, "auto"),
+    ("tiny-dense", "float32", 1, False, "auto"),
+    ("tiny-21b", "float32", 2, False, "auto"),
+    ("tiny-300b", "float32", 2, False, "auto"),
 ]
 _results: dict[tuple, list] = {}
 
@@ -51,9 +53,9 @@ def environment(**values: str):
                 os.environ[key] = value
 
 
-@pytest.fixture(scope="module", params=ENGINES, ids=lambda e: f"{e[0]}-{e[1]}-tp{e[2]}")
+@pytest.fixture(scope="module", params=ENGINES, ids=lambda e: f"{e[0]}-{e[1]}-tp{e[2]}-kv{e[4]}")
 def engine(request, checkpoint):
-    geometry, dtype, tp, compiled = request.param
+    geometry, dtype, tp, compiled, kv_cache_dtype = request.param
     path = checkpoint(geometry)
     # On one NUMA node, TP=2 on CPU needs an explicit core per rank.
     binding = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"} if tp > 1 else {}
@@ -65,6 +67,7 @@ def engine(request, checkpoint):
             max_model_len=512,
             max_num_seqs=8,
             enforce_eager=not compiled,
+            kv_cache_dtype=kv_cache_dtype,
             seed=0,
         )
     prompts = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_token_ids(path)]
@@ -86,7 +89,7 @@ def test_correction_bias_changes_transformers_output(checkpoint, geometry):
 
 
 def test_matches_transformers(engine):
-    (geometry, dtype, tp, _), path, outputs = engine
+    (geometry, dtype, tp, *_), path, outputs = engine
     reference = transformers_greedy(path, dtype, MAX_TOKENS, TOP_K)
     if dtype != "float32":
         check_logprobs_close(reference, outputs)
@@ -100,10 +103,10 @@ def test_matches_transformers(engine):
 
 
 def test_tensor_parallel_matches_tp1(engine):
-    (geometry, dtype, tp, compiled), _, outputs = engine
+    (geometry, dtype, tp, compiled, kv_cache_dtype), _, outputs = engine
     if tp == 1:
         pytest.skip("TP=1 is the baseline")
-    baseline = _results.get((geometry, dtype, 1, compiled))
+    baseline = _results.get((geometry, dtype, 1, compiled, kv_cache_dtype))
     assert baseline is not None, "the TP=1 engine of this geometry must run first"
     for got, ref in zip(outputs, baseline, strict=True):
         assert got.token_ids == ref.token_ids

@@ -68,3 +68,18 @@ def test_the_supported_vllm_versions_are_accepted():
     for version in ("0.27.1", "0.32.0", "0.33.0"):
         assert Version(version) in compat.SUPPORTED_VLLM and Version(version) in compat.TESTED_VLLM
     assert Version("0.23.0") not in compat.SUPPORTED_VLLM
+
+
+USER_TOOLS = ("quantize", "precision", "perf", "parity", "soak")
+
+
+def test_user_tools_answer_under_every_name():
+    """Console scripts, tools.<name>, and the pre-move `python -m vllm_ernie_moe.<name>` alias."""
+    scripts = {ep.name: ep.value for ep in entry_points(group="console_scripts")}
+    for name in USER_TOOLS:
+        assert scripts[f"vllm-ernie-moe-{name}"] == f"vllm_ernie_moe.tools.{name}:main"
+        for module in (f"vllm_ernie_moe.tools.{name}", f"vllm_ernie_moe.{name}"):
+            done = subprocess.run(
+                [sys.executable, "-m", module, "--help"], capture_output=True, text=True
+            )
+            assert done.returncode == 0 and done.stdout.startswith("usage:"), (module, done.stderr)

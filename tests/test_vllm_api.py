@@ -100,3 +100,15 @@ def test_mtp_layer_count_patch_has_a_target(source):
 
     target = f"{patch.CONVERTOR}.get_num_hidden_layers"
     assert source.method(patch.CONVERTOR_MODULE, target), f"{patch.CONVERTOR_MODULE}.{target}"
+
+
+def test_multinode_queues_patch_has_a_target(source):
+    """The worker method it wraps, the queue function its probe runs, and the list it answers."""
+    from vllm_ernie_moe.patches import patch_cpu_multinode_queues as patch
+
+    assert source.method(patch.EXECUTOR_MODULE, "WorkerProc._init_message_queues")
+    rule = source.source_of(
+        patch.QUEUE_MODULE, "MessageQueue.create_from_process_group_single_reader"
+    )
+    assert rule is not None and "get_assigned_physical_gpu_ids()" in rule
+    assert source.definition(patch.PLATFORM_MODULE, "get_assigned_physical_gpu_ids")

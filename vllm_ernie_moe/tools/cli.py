@@ -1,6 +1,8 @@
 """Engine options shared by the project's tools (precision, perf, parity)."""
 
 import argparse
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from vllm_ernie_moe import envs
 
@@ -22,8 +24,12 @@ def check_engine_arguments(parser: argparse.ArgumentParser, args: argparse.Names
         parser.error("--max-model-len must be at least 2")
 
 
-def build_llm(args: argparse.Namespace, **overrides):
-    """A vLLM engine on all CPU cores (on CPU), from the shared options; overrides win."""
+@contextmanager
+def engine(args: argparse.Namespace, **overrides) -> Iterator:
+    """A vLLM engine on all CPU cores (on CPU), from the shared options; overrides win.
+
+    The engine core is shut down on leaving: left to interpreter exit, its threads can abort the
+    process ("terminate called without an active exception") after the results are written."""
     envs.use_all_cpu_cores()
     from vllm import LLM
 
@@ -35,4 +41,8 @@ def build_llm(args: argparse.Namespace, **overrides):
         quantization=args.quantization,
         trust_remote_code=args.trust_remote_code,
     )
-    return LLM(**dict(options, **overrides))
+    llm = LLM(**dict(options, **overrides))
+    try:
+        yield llm
+    finally:
+        llm.llm_engine.engine_core.shutdown()

@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from vllm_ernie_moe.tools.cli import add_engine_arguments, build_llm, check_engine_arguments
+from vllm_ernie_moe.tools.cli import add_engine_arguments, check_engine_arguments, engine
 
 DEFAULT_PROMPTS = [
     "What's Deep Learning?",
@@ -48,15 +48,14 @@ def vllm_sequences(args: argparse.Namespace, prompts: list[str]) -> list[Sequenc
     """Per prompt: prompt ids, generated ids, vLLM's logprob of each generated id."""
     from vllm import SamplingParams
 
-    llm = build_llm(args)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0, logprobs=1)
-    outputs = llm.generate(prompts, params, use_tqdm=False)
+    with engine(args) as llm:
+        outputs = llm.generate(prompts, params, use_tqdm=False)
     sequences = []
     for output in outputs:
         generated = list(output.outputs[0].token_ids)
         logprobs = [step[t].logprob for t, step in zip(generated, output.outputs[0].logprobs)]
         sequences.append((list(output.prompt_token_ids), generated, logprobs))
-    llm.llm_engine.engine_core.shutdown()
     return sequences
 
 

@@ -18,7 +18,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from vllm_ernie_moe.tools.cli import add_engine_arguments, build_llm, check_engine_arguments
+from vllm_ernie_moe.tools.cli import add_engine_arguments, check_engine_arguments, engine
 
 
 @dataclass
@@ -122,15 +122,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--batch-sizes must be at least 1")
     from tqdm import tqdm
 
-    llm = build_llm(
-        args,
-        max_model_len=max(i + o for i, o in cases),
-        max_num_seqs=max(args.batch_sizes),
-    )
-    vocab = llm.llm_engine.model_config.get_vocab_size()
-    run_case(llm, 16, 4, 1, vocab)  # warm-up
     work = [(i, o, b) for i, o in cases for b in args.batch_sizes]
-    results = [run_case(llm, i, o, b, vocab) for i, o, b in tqdm(work, desc="cases", unit="case")]
+    with engine(
+        args, max_model_len=max(i + o for i, o in cases), max_num_seqs=max(args.batch_sizes)
+    ) as llm:
+        vocab = llm.llm_engine.model_config.get_vocab_size()
+        run_case(llm, 16, 4, 1, vocab)  # warm-up
+        results = [run_case(llm, *case, vocab) for case in tqdm(work, desc="cases", unit="case")]
     print_table(results)
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))

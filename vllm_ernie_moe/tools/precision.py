@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vllm_ernie_moe import envs
-from vllm_ernie_moe.tools.cli import add_engine_arguments, build_llm, check_engine_arguments
+from vllm_ernie_moe.tools.cli import add_engine_arguments, check_engine_arguments, engine
 
 
 @dataclass
@@ -123,11 +123,12 @@ def run_boolq(args: argparse.Namespace) -> dict:
     if not files:
         raise SystemExit(f"{data}: no *.jsonl files")
     per_file = {f: read_boolq(f) for f in files}
-    llm = build_llm(args)
+    with engine(args) as llm:
+        predictions_per_file = {f: boolq_predictions(llm, items) for f, items in per_file.items()}
     results, correct_total, count_total = {}, 0, 0
     print(f"\n{'file':<40} {'items':>6} {'correct':>8} {'accuracy':>9}")
     for file, items in per_file.items():
-        predictions = boolq_predictions(llm, items)
+        predictions = predictions_per_file[file]
         correct = sum(p == item.answer for p, item in zip(predictions, items))
         results[file.name] = {
             "items": len(items),

@@ -51,22 +51,35 @@ def vllm_serve(
         )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + start_timeout
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with {process.returncode}; see {log}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"vllm serve not healthy after {start_timeout:.0f} s; see {log}")
-            try:
-                if requests.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            time.sleep(1)
+        wait_until_healthy(process, base, log, start_timeout)
         yield Server(str(model), base, process.pid, log)
     finally:
-        process.terminate()
+        stop(process)
+
+
+def wait_until_healthy(
+    process: subprocess.Popen, base_url: str, log: Path, start_timeout: float
+) -> None:
+    """Poll ``base_url``/health until it answers 200; raise, naming ``log``, when the server
+    exits or the timeout passes first."""
+    deadline = time.monotonic() + start_timeout
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"vllm serve exited with {process.returncode}; see {log}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"vllm serve not healthy after {start_timeout:.0f} s; see {log}")
         try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
+            if requests.get(f"{base_url}/health", timeout=2).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(1)
+
+
+def stop(process: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL after a minute."""
+    process.terminate()
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
