@@ -10,10 +10,10 @@ import pytest
 from vllm_ernie_moe import cpu_tier
 
 
-def run_as(tier: str, code: str) -> subprocess.CompletedProcess:
+def run_as(tier: str, code: str, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, cpu_tier.TIER_VARIABLE: tier}
     return subprocess.run(
-        [sys.executable, "-m", "vllm_ernie_moe.cpu_tier", tier, sys.executable, "-c", code],
+        [sys.executable, "-m", "vllm_ernie_moe.cpu_tier", tier, sys.executable, "-c", code, *args],
         env=env,
         capture_output=True,
         text=True,
@@ -59,3 +59,30 @@ def test_unknown_tier_names_the_choices():
     done = run_as("avx9", "pass")
     assert done.returncode != 0
     assert "avx2, avx512, avx512_bf16" in done.stderr
+
+
+#: vLLM's config for an fp8 KV cache (the config hooks run; no engine starts).
+FP8_KV_CONFIG = (
+    "import sys; from vllm.engine.arg_utils import EngineArgs\n"
+    "try:\n"
+    "    EngineArgs(model=sys.argv[1], kv_cache_dtype='fp8', max_model_len=128)"
+    ".create_engine_config()\n"
+    "except Exception as error:\n"
+    "    print('REFUSED', error)\n"
+)
+
+
+@pytest.mark.parametrize("tier", ["avx2", "avx512"])
+def test_fp8_kv_cache_is_refused_before_start_where_cpu_attention_lacks_it(checkpoint, tier):
+    """vLLM's CPU attention runs an fp8 KV cache only with AVX-512 or AMX; as AVX2 its workers
+    died after loading the weights. Refused at config time with the fix on AVX2, accepted on
+    AVX-512 (it serves there: tests/test_parity.py's fp8 engine)."""
+    host = cpu_tier.host_tier()
+    wanted = cpu_tier.TIERS_BY_NAME[tier]
+    if host is None or cpu_tier.TIERS.index(wanted) > cpu_tier.TIERS.index(host):
+        pytest.skip(f"this host cannot run the {tier} tier")
+    done = run_as(tier, FP8_KV_CONFIG, str(checkpoint("tiny-21b")))
+    refused = "--kv-cache-dtype fp8 cannot run on this CPU" in done.stdout
+    assert refused == (tier == "avx2"), done.stdout[-2000:] + done.stderr[-2000:]
+    if refused:
+        assert "AVX-512" in done.stdout and "--kv-cache-dtype auto" in done.stdout

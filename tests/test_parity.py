@@ -9,6 +9,7 @@ import os
 from contextlib import contextmanager
 
 import pytest
+import torch
 from reference import (
     check_logprobs_close,
     prompt_token_ids,
@@ -56,6 +57,9 @@ def environment(**values: str):
 @pytest.fixture(scope="module", params=ENGINES, ids=lambda e: f"{e[0]}-{e[1]}-tp{e[2]}-kv{e[4]}")
 def engine(request, checkpoint):
     geometry, dtype, tp, compiled, kv_cache_dtype = request.param
+    if kv_cache_dtype == "fp8" and not torch.cpu._is_avx512_supported():
+        pytest.skip("vLLM's CPU attention has no fp8 KV cache without AVX-512 (refused at start: "
+                    "tests/test_cpu_tier.py)")  # fmt: skip
     path = checkpoint(geometry)
     # On one NUMA node, TP=2 on CPU needs an explicit core per rank.
     binding = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"} if tp > 1 else {}

@@ -101,3 +101,21 @@ def cpu_routing_target() -> tuple[object, str] | None:
 def sgl_kernel_choice_measured() -> bool:
     """Whether this vLLM is one :data:`SGL_KERNELS_MEASURED_ON`."""
     return vllm_version() in SGL_KERNELS_MEASURED_ON
+
+
+CPU_ATTENTION_MODULE = "vllm.v1.attention.backends.cpu_attn"
+
+
+def cpu_attention_refusal(vllm_config) -> str | None:
+    """What vLLM's CPU attention would refuse about this config once its workers build the KV
+    cache (e.g. "FP8 KV cache on CPU requires x86 with AVX-512 or AMX."), asked of its own rule
+    (``_get_attn_isa``, 0.27 to 0.33) before any engine starts; None when it accepts it."""
+    choose_isa = getattr(importlib.import_module(CPU_ATTENTION_MODULE), "_get_attn_isa", None)
+    if choose_isa is None:
+        return None
+    model, cache = vllm_config.model_config, vllm_config.cache_config
+    try:
+        choose_isa(model.dtype, cache.block_size or 32, model.get_head_size(), cache.cache_dtype)
+    except NotImplementedError as error:
+        return str(error)
+    return None

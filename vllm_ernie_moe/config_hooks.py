@@ -16,6 +16,8 @@ models use (vLLM 0.27 to 0.33: ``ModelConfig.__post_init__`` calls
   are refused.
 - MTP speculative decoding on a checkpoint without an MTP head (``num_nextn_predict_layers``) is
   refused here, in the calling process, with the fix.
+- A KV cache dtype vLLM's CPU attention cannot run on this CPU (fp8 without AVX-512 or AMX) is
+  refused with the fix, by asking vLLM's own rule, instead of failing in the workers.
 - LoRA on CPU: vLLM's CPU LoRA kernels have no MoE path, so adapters apply to attention, dense
   MLPs and shared experts (the default target list); a target list naming the routed experts or
   the router is refused.
@@ -28,7 +30,7 @@ from pathlib import Path
 from vllm.logger import init_logger
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
 
-from vllm_ernie_moe import ARCHITECTURE
+from vllm_ernie_moe import ARCHITECTURE, compat
 from vllm_ernie_moe.layout import CPU_LORA_MODULES
 from vllm_ernie_moe.quant.msmodelslim import (
     DESCRIPTION_FILE,
@@ -89,6 +91,7 @@ class ErnieMoeConfigHooks(VerifyAndUpdateConfig):
             return
         if vllm_config.lora_config is not None:
             restrict_lora_to_dense_modules(vllm_config.lora_config)
+        refuse_kv_cache_the_cpu_cannot_run(vllm_config.cache_config.cache_dtype, vllm_config)
         parallel = vllm_config.parallel_config
         if parallel.enable_expert_parallel:
             raise ValueError(
@@ -112,6 +115,19 @@ class ErnieMoeConfigHooks(VerifyAndUpdateConfig):
                 "(sync_and_gather_intermediate_tensors), for vLLM's built-in ERNIE class too. "
                 "Use --tensor-parallel-size on CPU; pipeline parallelism is for GPU/NPU."
             )
+
+
+def refuse_kv_cache_the_cpu_cannot_run(cache_dtype: str, vllm_config) -> None:
+    """A quantized KV cache vLLM's CPU attention cannot run here (fp8 needs AVX-512 or AMX) fails
+    in every worker after the weights loaded, inside a stack trace; refuse it before that."""
+    if cache_dtype == "auto" or not cache_dtype:
+        return
+    refusal = compat.cpu_attention_refusal(vllm_config)
+    if refusal:
+        raise ValueError(
+            f"--kv-cache-dtype {cache_dtype} cannot run on this CPU: vLLM's CPU attention says "
+            f'"{refusal}" Serve with --kv-cache-dtype auto (the model dtype) on this CPU.'
+        )
 
 
 def restrict_lora_to_dense_modules(lora_config) -> None:

@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from vllm_ernie_moe.tools.cli import add_engine_arguments, check_engine_arguments, engine
+from vllm_ernie_moe.tools.cli import add_engine_arguments, check_engine_arguments, command, engine
 
 DEFAULT_PROMPTS = [
     "What's Deep Learning?",
@@ -86,6 +86,7 @@ def score(args: argparse.Namespace, sequences: list[Sequence]) -> Verdict:
     return Verdict(count, agreement, sum(drifts) / count, worst[0], worst[1], passed)
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m vllm_ernie_moe.tools.parity", description=__doc__.splitlines()[0]

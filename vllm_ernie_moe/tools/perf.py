@@ -18,7 +18,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from vllm_ernie_moe.tools.cli import add_engine_arguments, check_engine_arguments, engine
+from vllm_ernie_moe.tools.cli import add_engine_arguments, check_engine_arguments, command, engine
 
 
 @dataclass
@@ -102,6 +102,7 @@ def draw_chart(results: list[CaseResult], path: Path) -> None:
     image.save(path)
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m vllm_ernie_moe.tools.perf", description=__doc__.splitlines()[0]

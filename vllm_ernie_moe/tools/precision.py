@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vllm_ernie_moe import envs
-from vllm_ernie_moe.tools.cli import add_engine_arguments, check_engine_arguments, engine
+from vllm_ernie_moe.tools.cli import add_engine_arguments, check_engine_arguments, command, engine
 
 
 @dataclass
@@ -240,6 +240,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     return args, extra
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     args, extra = parse_args(argv)
     if args.mode == "lm-eval":
