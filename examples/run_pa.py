@@ -9,6 +9,7 @@ import argparse
 import sys
 
 from vllm_ernie_moe import envs
+from vllm_ernie_moe.tools.cli import command
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,7 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> None:
+@command
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     envs.use_all_cpu_cores()
     from vllm import LLM, SamplingParams
@@ -74,7 +76,8 @@ def main(argv: list[str] | None = None) -> None:
         outputs = llm.generate(args.input_texts, params, use_tqdm=False)
     for text, output in zip(args.input_texts, outputs):
         print(f"Question: {text!r}\nAnswer:   {output.outputs[0].text!r}\n")
-    llm.llm_engine.engine_core.shutdown()  # before exit: teardown at exit can abort the process
+    llm.llm_engine.engine_core.shutdown()  # then `command` exits without the teardown
+    return 0
 
 
 if __name__ == "__main__":

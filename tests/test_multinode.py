@@ -10,14 +10,13 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from reference import prompt_token_ids, transformers_greedy
 
-from vllm_ernie_moe.tools.served import VLLM_CLI, free_port, stop
+from vllm_ernie_moe.tools.served import VLLM_CLI, free_port, stop, wait_until_healthy
 
 SCRIPT = Path(__file__).resolve().parent.parent / "examples" / "multinode.sh"
 MAX_TOKENS = 12
@@ -114,11 +113,10 @@ def two_nodes(checkpoint, tmp_path_factory):
         ]
         try:
             url = f"http://{addresses[0]}:{ports[0]}"
-            deadline = time.monotonic() + NODE_START_TIMEOUT
-            while http(nodes[0][1], f"{url}/health", timeout=2)["status"] != 200:
-                assert started[0].poll() is None, f"node 0 exited; see {logs / 'node0.log'}"
-                assert time.monotonic() < deadline, f"node 0 not healthy; see {logs}"
-                time.sleep(2)
+            wait_until_healthy(
+                started[0], lambda: http(nodes[0][1], f"{url}/health", timeout=2)["status"] == 200,
+                logs / "node0.log", NODE_START_TIMEOUT,
+            )  # fmt: skip
             yield path, url, nodes[0][1]
         finally:
             for process in started:

@@ -91,7 +91,7 @@ class ErnieMoeConfigHooks(VerifyAndUpdateConfig):
             return
         if vllm_config.lora_config is not None:
             restrict_lora_to_dense_modules(vllm_config.lora_config)
-        refuse_kv_cache_the_cpu_cannot_run(vllm_config.cache_config.cache_dtype, vllm_config)
+        refuse_kv_cache_the_cpu_cannot_run(vllm_config)
         parallel = vllm_config.parallel_config
         if parallel.enable_expert_parallel:
             raise ValueError(
@@ -117,9 +117,10 @@ class ErnieMoeConfigHooks(VerifyAndUpdateConfig):
             )
 
 
-def refuse_kv_cache_the_cpu_cannot_run(cache_dtype: str, vllm_config) -> None:
+def refuse_kv_cache_the_cpu_cannot_run(vllm_config) -> None:
     """A quantized KV cache vLLM's CPU attention cannot run here (fp8 needs AVX-512 or AMX) fails
     in every worker after the weights loaded, inside a stack trace; refuse it before that."""
+    cache_dtype = vllm_config.cache_config.cache_dtype
     if cache_dtype == "auto" or not cache_dtype:
         return
     refusal = compat.cpu_attention_refusal(vllm_config)

@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,28 +51,30 @@ def vllm_serve(
         )
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_until_healthy(process, base, log, start_timeout)
+        wait_until_healthy(process, lambda: _answers_health(base), log, start_timeout)
         yield Server(str(model), base, process.pid, log)
     finally:
         stop(process)
 
 
+def _answers_health(base_url: str) -> bool:
+    try:
+        return requests.get(f"{base_url}/health", timeout=2).status_code == 200
+    except requests.ConnectionError:
+        return False
+
+
 def wait_until_healthy(
-    process: subprocess.Popen, base_url: str, log: Path, start_timeout: float
+    process: subprocess.Popen, healthy: Callable[[], bool], log: Path, start_timeout: float
 ) -> None:
-    """Poll ``base_url``/health until it answers 200; raise, naming ``log``, when the server
-    exits or the timeout passes first."""
+    """Poll ``healthy()`` until it is true; raise, naming ``log``, when the server exits or the
+    timeout passes first."""
     deadline = time.monotonic() + start_timeout
-    while True:
+    while not healthy():
         if process.poll() is not None:
             raise RuntimeError(f"vllm serve exited with {process.returncode}; see {log}")
         if time.monotonic() > deadline:
             raise RuntimeError(f"vllm serve not healthy after {start_timeout:.0f} s; see {log}")
-        try:
-            if requests.get(f"{base_url}/health", timeout=2).status_code == 200:
-                return
-        except requests.ConnectionError:
-            pass
         time.sleep(1)
 
 
