@@ -11,8 +11,11 @@
 #   NNODES       machines (2)                          TP         ranks over all machines (4)
 #   MASTER_PORT  node 0's rendezvous port (29555)      PORT       the API port on node 0 (8000)
 #   GLOO_SOCKET_IFNAME  the interface holding THIS_ADDR (found from THIS_ADDR when unset)
-# Every machine gets the same model path, TP, NNODES and extra arguments; arguments after MODEL go
-# to `vllm serve` (e.g. --dtype bfloat16 --max-model-len 4096). On CPU with more than one rank per
+# Every machine gets the same model files, TP, NNODES and extra arguments; arguments after MODEL go
+# to `vllm serve` (e.g. --dtype bfloat16 --max-model-len 4096). After loading, the ranks compare what
+# they loaded and refuse to start, naming the node, when a node's weights, dtype or quantization
+# differ. Ranks wait for each other up to VLLM_ERNIE_MOE_NODE_TIMEOUT seconds (900) at start and
+# in every collective, unless --distributed-timeout-seconds is given. On CPU with more than one rank per
 # machine, give each rank its cores, e.g. VLLM_CPU_OMP_THREADS_BIND="0-27|28-55" (see
 # docs/multinode.md). The machines must reach each other on MASTER_PORT and on the ports vLLM opens
 # on THIS_ADDR for its message queues.

@@ -1,5 +1,7 @@
 """Independent references: transformers' Ernie4_5_MoeForCausalLM, and vLLM's closeness rule."""
 
+from __future__ import annotations
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +19,18 @@ PROMPTS = [
 class Generation:
     token_ids: list[int]
     logprobs: list[dict[int, float]]  # per step: token id -> logprob
+
+    @classmethod
+    def from_completion(cls, logprobs: dict) -> Generation:
+        """From an OpenAI completion's ``logprobs`` asked with ``return_tokens_as_token_ids``."""
+
+        def token_id(token: str) -> int:
+            return int(token.removeprefix("token_id:"))
+
+        return cls(
+            [token_id(t) for t in logprobs["tokens"]],
+            [{token_id(t): lp for t, lp in step.items()} for step in logprobs["top_logprobs"]],
+        )
 
 
 def prompt_token_ids(path: Path) -> list[list[int]]:

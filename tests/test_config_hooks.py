@@ -102,3 +102,31 @@ def test_an_explicit_npu_method_wins_over_the_name_check(tmp_path, on_npu):
     )
     config_hooks.ErnieMoeConfigHooks.verify_and_update_model_config(model_config)
     assert model_config.quantization == "ascend"
+
+
+@pytest.mark.parametrize("node_rank", [0, 1])
+def test_waits_between_nodes_get_the_plugins_bound_unless_set(node_rank, monkeypatch):
+    """torch's defaults leave a node waiting 30 minutes (gloo) for one that never comes."""
+    from vllm.config import ParallelConfig
+
+    monkeypatch.delenv("VLLM_ERNIE_MOE_NODE_TIMEOUT", raising=False)
+    parallel = ParallelConfig(tensor_parallel_size=4, nnodes=2, node_rank=node_rank)
+    config_hooks.bound_waits_between_nodes(parallel)
+    assert parallel.distributed_timeout_seconds == parallel.cpu_distributed_timeout_seconds == 900
+
+    monkeypatch.setenv("VLLM_ERNIE_MOE_NODE_TIMEOUT", "60")
+    chosen = ParallelConfig(tensor_parallel_size=4, nnodes=2, distributed_timeout_seconds=300)
+    config_hooks.bound_waits_between_nodes(chosen)
+    assert chosen.distributed_timeout_seconds == chosen.cpu_distributed_timeout_seconds == 300
+
+    one_node = ParallelConfig(tensor_parallel_size=4)
+    config_hooks.bound_waits_between_nodes(one_node)
+    assert one_node.distributed_timeout_seconds is None
+
+
+def test_a_bad_node_timeout_is_named(monkeypatch):
+    from vllm.config import ParallelConfig
+
+    monkeypatch.setenv("VLLM_ERNIE_MOE_NODE_TIMEOUT", "10m")
+    with pytest.raises(ValueError, match="VLLM_ERNIE_MOE_NODE_TIMEOUT='10m': give whole seconds"):
+        config_hooks.bound_waits_between_nodes(ParallelConfig(tensor_parallel_size=2, nnodes=2))

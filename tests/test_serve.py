@@ -154,17 +154,7 @@ def served_greedy(
             logprobs=5,
             extra_body={"return_tokens_as_token_ids": True, "ignore_eos": True},
         )
-        logprobs = reply.choices[0].logprobs
-
-        def token_id(token: str) -> int:
-            return int(token.removeprefix("token_id:"))
-
-        generations.append(
-            Generation(
-                [token_id(t) for t in logprobs.tokens],
-                [{token_id(t): lp for t, lp in step.items()} for step in logprobs.top_logprobs],
-            )
-        )
+        generations.append(Generation.from_completion(reply.choices[0].logprobs.model_dump()))
     return generations
 
 

@@ -117,7 +117,11 @@ def test_ray_executor_is_refused_while_vllm_cpu_has_no_ray():
 
     assert not CpuPlatform.ray_device_key, "vLLM's CPU platform has Ray now: drop the refusal"
     parallel = SimpleNamespace(
-        enable_expert_parallel=False, pipeline_parallel_size=1, distributed_executor_backend="ray"
+        nnodes=1,
+        enable_expert_parallel=False,
+        data_parallel_size=1,
+        pipeline_parallel_size=1,
+        distributed_executor_backend="ray",
     )
     config = SimpleNamespace(
         speculative_config=None,
@@ -127,3 +131,18 @@ def test_ray_executor_is_refused_while_vllm_cpu_has_no_ray():
     )
     with pytest.raises(ValueError, match="--distributed-executor-backend ray is not supported"):
         ErnieMoeConfigHooks.verify_and_update_config(config)
+
+
+def test_data_parallel_is_refused_while_vllms_cpu_communicator_cannot_gather_moe_tokens(
+    checkpoint,
+):
+    """DP=2 on vLLM 0.32's CPU backend: /health answers, then the first request fails in
+    ``CpuCommunicator.all_gatherv`` (NotImplementedError; docs/results/cpu-data-parallel.txt)."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_ernie_moe import compat
+
+    assert not compat.cpu_communicator_gathers_uneven_shards()
+    args = EngineArgs(model=str(checkpoint("tiny-21b")), data_parallel_size=2, max_model_len=256)
+    with pytest.raises(ValueError, match="--data-parallel-size 2 is not supported on vLLM's CPU"):
+        args.create_engine_config()

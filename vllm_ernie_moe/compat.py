@@ -119,3 +119,11 @@ def cpu_attention_refusal(vllm_config) -> str | None:
     except NotImplementedError as error:
         return str(error)
     return None
+
+
+def cpu_communicator_gathers_uneven_shards() -> bool:
+    """Whether vLLM's CPU communicator implements ``all_gatherv``, which MoE layers under data
+    parallelism dispatch through (0.27.1 to 0.33: not implemented, the first request fails)."""
+    from vllm.distributed.device_communicators.cpu_communicator import CpuCommunicator
+
+    return "all_gatherv" in CpuCommunicator.__dict__

@@ -12,12 +12,15 @@ models use (vLLM 0.27 to 0.33: ``ModelConfig.__post_init__`` calls
   ``ernie-w8a8-dynamic``; on an NPU vllm-ascend's platform picks ``ascend`` later, but detects only
   ``quant_model_description.json``: a checkpoint with only msModelSlim v0's name is refused with the
   fix. An explicit ``--quantization`` always wins.
-- Parallel modes vLLM's CPU backend cannot run (expert and pipeline parallel, the Ray executor)
-  are refused.
+- Parallel modes vLLM's CPU backend cannot run for MoE models (expert, pipeline and data parallel,
+  the Ray executor) are refused.
 - MTP speculative decoding on a checkpoint without an MTP head (``num_nextn_predict_layers``) is
   refused here, in the calling process, with the fix.
 - A KV cache dtype vLLM's CPU attention cannot run on this CPU (fp8 without AVX-512 or AMX) is
   refused with the fix, by asking vLLM's own rule, instead of failing in the workers.
+- Multi-node (``--nnodes`` above 1): the ranks wait for each other with a bound
+  (``envs.node_timeout_seconds``) unless ``--distributed-timeout-seconds`` is given, and node 0 says
+  where it waits and what a timeout means.
 - LoRA on CPU: vLLM's CPU LoRA kernels have no MoE path, so adapters apply to attention, dense
   MLPs and shared experts (the default target list); a target list naming the routed experts or
   the router is refused.
@@ -30,7 +33,7 @@ from pathlib import Path
 from vllm.logger import init_logger
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
 
-from vllm_ernie_moe import ARCHITECTURE, compat
+from vllm_ernie_moe import ARCHITECTURE, compat, envs
 from vllm_ernie_moe.layout import CPU_LORA_MODULES
 from vllm_ernie_moe.quant.msmodelslim import (
     DESCRIPTION_FILE,
@@ -87,6 +90,7 @@ class ErnieMoeConfigHooks(VerifyAndUpdateConfig):
 
             model_config = vllm_config.model_config
             mtp_layer_count(model_config.hf_config, model_config.model)
+        bound_waits_between_nodes(vllm_config.parallel_config)
         if not current_platform.is_cpu():
             return
         if vllm_config.lora_config is not None:
@@ -108,6 +112,14 @@ class ErnieMoeConfigHooks(VerifyAndUpdateConfig):
                 "platform cpu does not support ray'). Drop the flag: the default 'mp' backend runs "
                 "--tensor-parallel-size on one machine; Ray multi-node is for GPU/NPU."
             )
+        if parallel.data_parallel_size > 1 and not compat.cpu_communicator_gathers_uneven_shards():
+            raise ValueError(
+                f"--data-parallel-size {parallel.data_parallel_size} is not supported on vLLM's "
+                "CPU backend for MoE models: the engine starts, then the first request fails in "
+                "every data-parallel rank (its CPU communicator has no all_gatherv, which the MoE "
+                "layers dispatch tokens through, in vLLM's FusedMoE whatever the model class). Use "
+                "--tensor-parallel-size, across machines with --nnodes (examples/multinode.sh)."
+            )
         if parallel.pipeline_parallel_size > 1:
             raise ValueError(
                 f"--pipeline-parallel-size {parallel.pipeline_parallel_size} is not supported on "
@@ -115,6 +127,28 @@ class ErnieMoeConfigHooks(VerifyAndUpdateConfig):
                 "(sync_and_gather_intermediate_tensors), for vLLM's built-in ERNIE class too. "
                 "Use --tensor-parallel-size on CPU; pipeline parallelism is for GPU/NPU."
             )
+
+
+def bound_waits_between_nodes(parallel) -> None:
+    """A node that never comes, or dies, leaves the others waiting in torch's rendezvous or in a
+    collective, for torch's default (30 minutes for gloo) or longer: bound both waits when the
+    user did not, and say on node 0 what a timeout there means."""
+    if parallel.nnodes <= 1:
+        return
+    seconds = parallel.distributed_timeout_seconds
+    if seconds is None:
+        seconds = parallel.distributed_timeout_seconds = envs.node_timeout_seconds()
+    if parallel.cpu_distributed_timeout_seconds is None:
+        parallel.cpu_distributed_timeout_seconds = seconds
+    if parallel.node_rank == 0:
+        logger.info(
+            "Node 0 of %d: waiting up to %d s for the other nodes' ranks at %s:%d (set "
+            "--distributed-timeout-seconds or %s to change it). A start that ends in 'Timed out "
+            "... clients joined' means a node did not start or cannot reach that address: start "
+            "examples/multinode.sh on every node with the same model and arguments.",
+            parallel.nnodes, seconds, parallel.master_addr, parallel.master_port,
+            envs.NODE_TIMEOUT_VARIABLE,
+        )  # fmt: skip
 
 
 def refuse_kv_cache_the_cpu_cannot_run(vllm_config) -> None:

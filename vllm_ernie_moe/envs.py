@@ -44,3 +44,17 @@ def vllm_mtp_drafter() -> bool:
     compare the two on the same weights, ``benchmarks/bench_small_model.py``); default: the
     plugin's."""
     return os.environ.get("VLLM_ERNIE_MOE_VLLM_MTP", "0") == "1"
+
+
+#: Seconds a rank of a multi-node engine waits for the others (see ``node_timeout_seconds``).
+NODE_TIMEOUT_VARIABLE = "VLLM_ERNIE_MOE_NODE_TIMEOUT"
+
+
+def node_timeout_seconds() -> int:
+    """``VLLM_ERNIE_MOE_NODE_TIMEOUT`` (default 900): with ``--nnodes`` above 1 and no
+    ``--distributed-timeout-seconds``, how long a rank waits for the other nodes' ranks, at start
+    and in every collective, before its engine fails (torch's own defaults: 30 min for gloo)."""
+    value = os.environ.get(NODE_TIMEOUT_VARIABLE, "900")
+    if not value.isdigit() or int(value) == 0:
+        raise ValueError(f"{NODE_TIMEOUT_VARIABLE}={value!r}: give whole seconds above 0")
+    return int(value)

@@ -51,6 +51,7 @@ from vllm.transformers_utils.config import set_default_rope_theta
 from vllm_ernie_moe import layout
 from vllm_ernie_moe.checkpoint import CheckpointValidator
 from vllm_ernie_moe.quant.msmodelslim import checkpoint_rules
+from vllm_ernie_moe.rank_agreement import CheckpointDigest, require_same_model_on_every_rank
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm.": vLLM's log handler shows it
 
@@ -374,6 +375,11 @@ class Ernie4_5_MoeForCausalLM(nn.Module, SupportsPP, SupportsLoRA, MixtureOfExpe
         self.config = config
         self.quant_config = vllm_config.quant_config
         self.checkpoint_dir = vllm_config.model_config.model
+        # What every rank must have loaded alike (rank_agreement.py), besides the weights.
+        self.loaded_as = {
+            "dtype": str(vllm_config.model_config.dtype),
+            "quantization": str(vllm_config.model_config.quantization),
+        }
         self.model = ErnieModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
         pp = get_pp_group()
         # A tied head on a last pipeline rank that has no embedding loads its own copy of it.
@@ -468,11 +474,13 @@ class Ernie4_5_MoeForCausalLM(nn.Module, SupportsPP, SupportsLoRA, MixtureOfExpe
         validator = CheckpointValidator(
             self.config, self.checkpoint_dir, rules.description, rules.strict
         )
-        tensors = validator.check(weights)
+        digest = CheckpointDigest()
+        tensors = digest.observe(validator.check(weights))
         if self.head_copies_embedding:
             tensors = _with_embedding_copied_to_head(tensors)
         loaded = AutoWeightsLoader(self).load_weights(tensors)
         validator.check_complete()
+        require_same_model_on_every_rank(dict(self.loaded_as, checkpoint=digest.hexdigest()))
         return loaded
 
 

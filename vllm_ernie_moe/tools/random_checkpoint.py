@@ -86,6 +86,36 @@ GEOMETRIES: dict[str, Geometry] = {
         moe_layer_end_index=4,
         tie_word_embeddings=False,
     ),
+    # The seed's largest world sizes: heads enough to shard over 8 and 16 ranks, fewer KV heads than
+    # ranks (each KV head is replicated), expert and MLP widths that leave every rank 8 columns.
+    "tp8-21b": _tiny(
+        "21B-A3B-like for TP 1-8: 8 heads, 2 KV heads, 2 shared experts, tied lm_head",
+        num_hidden_layers=3,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        moe_intermediate_size=64,
+        moe_k=3,
+        moe_num_shared_experts=2,
+        moe_layer_start_index=1,
+        moe_layer_end_index=-1,
+        tie_word_embeddings=True,
+    ),
+    "ws16-300b": _tiny(
+        "300B-A47B-like for world size 16: 16 heads, 4 KV heads, 16 experts (vLLM's ERNIE "
+        "refuses fewer experts than ranks), no shared experts, untied",
+        num_hidden_layers=4,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        moe_num_experts=16,
+        intermediate_size=128,
+        moe_intermediate_size=128,
+        moe_k=4,
+        moe_num_shared_experts=0,
+        moe_layer_start_index=2,
+        moe_layer_end_index=3,
+        tie_word_embeddings=False,
+    ),
     "tiny-dense": _tiny(
         "no MoE layer: the MoE range starts past the last layer",
         num_hidden_layers=2,

@@ -1,0 +1,42 @@
+"""A node started with other settings than node 0's is refused at start, on every node, with a
+message naming the node, what differs and the fix (``vllm_ernie_moe/rank_agreement.py``), within
+the plugin's bound on waits between nodes. The other faults (a node killed with requests in
+flight, never started, given a wrong master address, another model or TP) are measured by
+``benchmarks/multinode_faults.py`` (docs/multinode.md)."""
+
+import subprocess
+
+import pytest
+from two_hosts import SMALL_ENGINE, start_node, two_hosts
+
+from vllm_ernie_moe.tools.served import free_port, stop
+
+#: The plugin's wait between nodes for this test, and how long node 0 may take to end after it.
+NODE_TIMEOUT = 120
+BOUND = NODE_TIMEOUT + 240
+
+
+def test_a_node_started_with_another_dtype_is_refused_naming_it(checkpoint, tmp_path):
+    path = checkpoint("tiny-21b")
+    dtypes = ("float32", "bfloat16")
+    with two_hosts() as hosts:
+        ports = (free_port(), free_port())
+        nodes = [
+            start_node(rank, hosts, path, ports, tmp_path / f"node{rank}.log",
+                       ["--dtype", dtype, *SMALL_ENGINE], tp=4,
+                       VLLM_ERNIE_MOE_NODE_TIMEOUT=str(NODE_TIMEOUT))
+            for rank, dtype in enumerate(dtypes)
+        ]  # fmt: skip
+        try:
+            code = nodes[0].wait(timeout=BOUND)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"node 0 still running {BOUND} s after start; see {tmp_path}")
+        finally:
+            for process in nodes:
+                stop(process)
+    assert code != 0
+    said = (tmp_path / "node0.log").read_text()
+    assert "the nodes of this engine did not load the same model" in said
+    assert f"node 1 ({hosts[1].address}), from rank 2: dtype 'torch.bfloat16' where rank 0 has " \
+        "'torch.float32'" in said  # fmt: skip
+    assert "Start every node with the same model files" in said

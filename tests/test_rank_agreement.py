@@ -1,0 +1,54 @@
+"""``vllm_ernie_moe/rank_agreement.py``: the digest of the weights a rank streams, and the message
+when the ranks of a multi-node engine loaded different things. The end-to-end refusal (node 1
+started with another dtype) is in ``tests/test_multinode.py``."""
+
+import torch
+
+from vllm_ernie_moe.rank_agreement import SAMPLED_BYTES, CheckpointDigest, disagreement
+
+
+def digest_of(tensors: list[tuple[str, torch.Tensor]]) -> str:
+    digest = CheckpointDigest()
+    assert list(digest.observe(tensors)) == tensors  # passes every tensor through unchanged
+    return digest.hexdigest()
+
+
+def test_digest_is_independent_of_order_and_sees_values_names_shapes_and_dtypes():
+    a, b = torch.randn(8, 4), torch.randn(16)
+    base = digest_of([("a", a), ("b", b)])
+    assert digest_of([("b", b), ("a", a)]) == base
+    changed = a.clone()
+    changed[0, 0] += 1
+    assert digest_of([("a", changed), ("b", b)]) != base
+    assert digest_of([("a2", a), ("b", b)]) != base
+    assert digest_of([("a", a.reshape(4, 8)), ("b", b)]) != base
+    assert digest_of([("a", a.to(torch.bfloat16)), ("b", b)]) != base
+
+
+def test_digest_reads_only_the_head_of_each_tensor():
+    big = torch.zeros(SAMPLED_BYTES)  # fp32: four times the sampled bytes
+    tail_changed = big.clone()
+    tail_changed[-1] = 1
+    assert digest_of([("w", big)]) == digest_of([("w", tail_changed)])
+
+
+def loaded(dtype: str = "torch.float32", checkpoint: str = "abc") -> dict[str, str]:
+    return {"dtype": dtype, "quantization": "None", "checkpoint": checkpoint}
+
+
+def test_agreeing_ranks_pass():
+    ranks = [("node 0 (10.0.0.1)", loaded())] * 2 + [("node 1 (10.0.0.2)", loaded())] * 2
+    assert disagreement(ranks) is None
+
+
+def test_a_node_that_differs_is_named_with_what_differs_and_the_fix():
+    ranks = [("node 0 (10.0.0.1)", loaded())] * 2 + [
+        ("node 1 (10.0.0.2)", loaded("torch.bfloat16", "def"))
+    ] * 2
+    message = disagreement(ranks)
+    assert "rank 0 is on node 0 (10.0.0.1)" in message
+    assert "node 1 (10.0.0.2), from rank 2" in message
+    assert "dtype 'torch.bfloat16' where rank 0 has 'torch.float32'" in message
+    assert "checkpoint 'def' where rank 0 has 'abc'" in message
+    assert message.count("node 1 (10.0.0.2), from") == 1  # once per node, not per rank
+    assert "same model files" in message and "same `vllm serve`" in message

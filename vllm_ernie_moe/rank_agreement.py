@@ -1,0 +1,91 @@
+"""Every rank of an engine spread over several nodes must load the same model the same way.
+
+Each node of a multi-node engine is started on its own (``vllm serve ... --headless`` on the
+others) and reads its own copy of the weights with its own arguments. vLLM checks neither: a node
+started with another fine-tune of the same geometry, another ``--dtype`` or another quantization
+serves mixed, silently wrong answers, or dies later in a collective of mismatched sizes. So after
+loading, the ranks exchange what they loaded (a digest of the checkpoint as streamed, the dtype,
+the quantization, the vLLM and plugin versions) and all refuse to start when they differ, naming
+the node that differs and the fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+from collections.abc import Iterable, Iterator
+from importlib.metadata import version
+
+import torch
+
+#: Bytes of each tensor the digest reads: enough to tell fine-tunes of one geometry apart, cheap on
+#: memory-mapped weights (each rank reads only its shard of the rest).
+SAMPLED_BYTES = 4096
+
+
+class CheckpointDigest:
+    """An order-independent digest of the tensors a rank loads: names, shapes, dtypes and the
+    first ``SAMPLED_BYTES`` of each."""
+
+    def __init__(self) -> None:
+        self._per_tensor: list[bytes] = []
+
+    def observe(
+        self, tensors: Iterable[tuple[str, torch.Tensor]]
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, tensor in tensors:
+            flat = tensor.detach().reshape(-1)
+            sample = flat[: max(1, SAMPLED_BYTES // flat.element_size())].cpu().contiguous()
+            entry = hashlib.sha256(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+            entry.update(sample.view(torch.uint8).numpy().tobytes() if sample.numel() else b"")
+            self._per_tensor.append(entry.digest())
+            yield name, tensor
+
+    def hexdigest(self) -> str:
+        return hashlib.sha256(b"".join(sorted(self._per_tensor))).hexdigest()[:16]
+
+
+def require_same_model_on_every_rank(loaded: dict[str, str]) -> None:
+    """All-gather ``loaded`` (setting -> value) over the engine's ranks and raise on every rank
+    when one differs from rank 0's. Nothing to compare on a single rank."""
+    import torch.distributed as dist
+    from vllm.config import get_current_vllm_config
+    from vllm.distributed import get_world_group
+
+    world = get_world_group()
+    if world.world_size == 1:
+        return
+    loaded = dict(loaded, vllm=version("vllm"), plugin=version("vllm-ernie-moe"))
+    parallel = get_current_vllm_config().parallel_config
+    where = f"node {parallel.node_rank} ({os.environ.get('VLLM_HOST_IP') or socket.gethostname()})"
+    if parallel.data_parallel_size > 1:
+        where += f", data-parallel rank {parallel.data_parallel_rank}"
+    everyone: list = [None] * world.world_size
+    dist.all_gather_object(everyone, (where, loaded), group=world.cpu_group)
+    problem = disagreement(everyone)
+    if problem:
+        raise RuntimeError(problem)
+
+
+def disagreement(everyone: list[tuple[str, dict[str, str]]]) -> str | None:
+    """Per rank (where, loaded): None when every rank loaded what rank 0 did, else the message
+    naming, for each other place, what differs and the fix."""
+    first_where, first = everyone[0]
+    differing: dict[str, str] = {}
+    for rank, (where, loaded) in enumerate(everyone):
+        changed = [
+            f"{key} {loaded.get(key)!r} where rank 0 has {value!r}"
+            for key, value in first.items()
+            if loaded.get(key) != value
+        ]
+        if changed and where not in differing:
+            differing[where] = f"  {where}, from rank {rank}: " + ", ".join(changed)
+    if not differing:
+        return None
+    return (
+        "vllm-ernie-moe: the nodes of this engine did not load the same model (rank 0 is on "
+        f"{first_where}):\n" + "\n".join(differing.values()) + "\nStart every node with the "
+        "same model files, the same vLLM and vllm-ernie-moe versions and the same `vllm serve` "
+        "arguments (examples/multinode.sh passes its arguments to each node unchanged)."
+    )
