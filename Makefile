@@ -32,7 +32,7 @@ $(STAMP): setup.py
 
 LM_EVAL_VENV := .venv-lm-eval
 
-.PHONY: install demo test vllm-wheels lm-eval bench-serve soak
+.PHONY: install demo test vllm-wheels lm-eval bench-serve soak multinode
 install: $(STAMP)
 
 demo: $(STAMP)
@@ -54,6 +54,11 @@ $(LM_EVAL_VENV)/.installed:
 
 lm-eval: $(STAMP) $(LM_EVAL_VENV)/.installed
 	$(PY) benchmarks/lm_eval_boolq.py --lm-eval-python $(LM_EVAL_VENV)/bin/python
+
+# Two nodes (two network namespaces; loopback without root) serving the 21B-like geometry at TP 8
+# as 4 + 4, checked against transformers; ARGS="--runs ..." for the other world sizes.
+multinode: $(STAMP)
+	$(PY) benchmarks/world_sizes.py $(or $(ARGS),--runs 21b-tp8-2nodes)
 
 # vllm bench serve at several request rates on the 4-layer 21B geometry, and the perf tool.
 bench-serve: $(STAMP)

@@ -51,7 +51,11 @@ from vllm.transformers_utils.config import set_default_rope_theta
 from vllm_ernie_moe import layout
 from vllm_ernie_moe.checkpoint import CheckpointValidator
 from vllm_ernie_moe.quant.msmodelslim import checkpoint_rules
-from vllm_ernie_moe.rank_agreement import CheckpointDigest, require_same_model_on_every_rank
+from vllm_ernie_moe.rank_agreement import (
+    CheckpointDigest,
+    place_of_this_rank,
+    require_same_model_on_every_rank,
+)
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm.": vLLM's log handler shows it
 
@@ -376,6 +380,7 @@ class Ernie4_5_MoeForCausalLM(nn.Module, SupportsPP, SupportsLoRA, MixtureOfExpe
         self.quant_config = vllm_config.quant_config
         self.checkpoint_dir = vllm_config.model_config.model
         # What every rank must have loaded alike (rank_agreement.py), besides the weights.
+        self.rank_place = place_of_this_rank(vllm_config.parallel_config)
         self.loaded_as = {
             "dtype": str(vllm_config.model_config.dtype),
             "quantization": str(vllm_config.model_config.quantization),
@@ -480,7 +485,8 @@ class Ernie4_5_MoeForCausalLM(nn.Module, SupportsPP, SupportsLoRA, MixtureOfExpe
             tensors = _with_embedding_copied_to_head(tensors)
         loaded = AutoWeightsLoader(self).load_weights(tensors)
         validator.check_complete()
-        require_same_model_on_every_rank(dict(self.loaded_as, checkpoint=digest.hexdigest()))
+        loaded_as = dict(self.loaded_as, checkpoint=digest.hexdigest())
+        require_same_model_on_every_rank(self.rank_place, loaded_as)
         return loaded
 
 

@@ -46,21 +46,25 @@ class CheckpointDigest:
         return hashlib.sha256(b"".join(sorted(self._per_tensor))).hexdigest()[:16]
 
 
-def require_same_model_on_every_rank(loaded: dict[str, str]) -> None:
-    """All-gather ``loaded`` (setting -> value) over the engine's ranks and raise on every rank
-    when one differs from rank 0's. Nothing to compare on a single rank."""
+def place_of_this_rank(parallel_config) -> str:
+    """How the messages name where a rank runs: its node, address, data-parallel rank."""
+    where = f"node {parallel_config.node_rank} "
+    where += f"({os.environ.get('VLLM_HOST_IP') or socket.gethostname()})"
+    if parallel_config.data_parallel_size > 1:
+        where += f", data-parallel rank {parallel_config.data_parallel_rank}"
+    return where
+
+
+def require_same_model_on_every_rank(where: str, loaded: dict[str, str]) -> None:
+    """All-gather (``where``, ``loaded``: setting -> value) over the engine's ranks and raise on
+    every rank when one differs from rank 0's. Nothing to compare on a single rank."""
     import torch.distributed as dist
-    from vllm.config import get_current_vllm_config
     from vllm.distributed import get_world_group
 
     world = get_world_group()
     if world.world_size == 1:
         return
     loaded = dict(loaded, vllm=version("vllm"), plugin=version("vllm-ernie-moe"))
-    parallel = get_current_vllm_config().parallel_config
-    where = f"node {parallel.node_rank} ({os.environ.get('VLLM_HOST_IP') or socket.gethostname()})"
-    if parallel.data_parallel_size > 1:
-        where += f", data-parallel rank {parallel.data_parallel_rank}"
     everyone: list = [None] * world.world_size
     dist.all_gather_object(everyone, (where, loaded), group=world.cpu_group)
     problem = disagreement(everyone)
