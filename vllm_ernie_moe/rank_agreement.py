@@ -19,6 +19,8 @@ from importlib.metadata import version
 
 import torch
 
+from vllm_ernie_moe import compat
+
 #: Bytes of each tensor the digest reads: enough to tell fine-tunes of one geometry apart, cheap on
 #: memory-mapped weights (each rank reads only its shard of the rest).
 SAMPLED_BYTES = 4096
@@ -64,7 +66,7 @@ def require_same_model_on_every_rank(where: str, loaded: dict[str, str]) -> None
     world = get_world_group()
     if world.world_size == 1:
         return
-    loaded = dict(loaded, vllm=version("vllm"), plugin=version("vllm-ernie-moe"))
+    loaded = dict(loaded, vllm=str(compat.vllm_version()), plugin=version("vllm-ernie-moe"))
     everyone: list = [None] * world.world_size
     dist.all_gather_object(everyone, (where, loaded), group=world.cpu_group)
     problem = disagreement(everyone)
