@@ -32,7 +32,7 @@ from bench_engines import machine  # noqa: E402
 from two_hosts import SMALL_ENGINE, Host, healthy, http, start_node, two_hosts  # noqa: E402
 
 from vllm_ernie_moe.tools.random_checkpoint import build_checkpoint  # noqa: E402
-from vllm_ernie_moe.tools.served import free_port, stop  # noqa: E402
+from vllm_ernie_moe.tools.served import free_port, stop, wait_until_healthy  # noqa: E402
 
 NODE_TIMEOUT = 60
 #: How long after the fault node 0 may take to end or report (the bound plus start-up slack).
@@ -97,21 +97,18 @@ class Pair:
         hosts = list(self.hosts)
         if master is not None:  # point this node at another node 0 address
             hosts[0] = Host(master, hosts[0].run_here)
-            hosts[rank] = self.hosts[rank]
         process = start_node(rank, hosts, model, self.ports, self.log(rank), args, tp,
                              VLLM_ERNIE_MOE_NODE_TIMEOUT=str(NODE_TIMEOUT))  # fmt: skip
         self.nodes.append(process)
         return process
 
     def wait_healthy(self, seconds: float = 600) -> bool:
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            if self.nodes[0].poll() is not None:
-                return False
-            if healthy(self.hosts[0], self.url):
-                return True
-            time.sleep(2)
-        return False
+        try:
+            wait_until_healthy(self.nodes, lambda: healthy(self.hosts[0], self.url), self.logs,
+                               seconds)  # fmt: skip
+        except RuntimeError:
+            return False
+        return True
 
     def stop(self) -> None:
         for process in self.nodes:

@@ -30,9 +30,7 @@ def two_nodes(checkpoint, tmp_path_factory):
         ]
         try:
             url = f"http://{hosts[0].address}:{ports[0]}"
-            wait_until_healthy(
-                started[0], lambda: healthy(hosts[0], url), logs / "node0.log", NODE_START_TIMEOUT
-            )
+            wait_until_healthy(started, lambda: healthy(hosts[0], url), logs, NODE_START_TIMEOUT)
             yield path, url, hosts[0]
         finally:
             for process in started:

@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +51,7 @@ def vllm_serve(
         )
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_until_healthy(process, lambda: _answers_health(base), log, start_timeout)
+        wait_until_healthy([process], lambda: _answers_health(base), log, start_timeout)
         yield Server(str(model), base, process.pid, log)
     finally:
         stop(process)
@@ -65,14 +65,18 @@ def _answers_health(base_url: str) -> bool:
 
 
 def wait_until_healthy(
-    process: subprocess.Popen, healthy: Callable[[], bool], log: Path, start_timeout: float
+    processes: Sequence[subprocess.Popen],
+    healthy: Callable[[], bool],
+    log: Path,
+    start_timeout: float,
 ) -> None:
-    """Poll ``healthy()`` until it is true; raise, naming ``log``, when the server exits or the
-    timeout passes first."""
+    """Poll ``healthy()`` until it is true; raise, naming ``log``, when one of the server's
+    ``processes`` (its nodes, for a multi-node engine) exits or the timeout passes first."""
     deadline = time.monotonic() + start_timeout
     while not healthy():
-        if process.poll() is not None:
-            raise RuntimeError(f"vllm serve exited with {process.returncode}; see {log}")
+        for process in processes:
+            if process.poll() is not None:
+                raise RuntimeError(f"vllm serve exited with {process.returncode}; see {log}")
         if time.monotonic() > deadline:
             raise RuntimeError(f"vllm serve not healthy after {start_timeout:.0f} s; see {log}")
         time.sleep(1)
