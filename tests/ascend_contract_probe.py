@@ -26,6 +26,7 @@ QUANTIZED = {
     "w8a8": MSMODELSLIM,
     "w4a8": FIXTURES / "ernie-tiny-w4a8-msmodelslim",
     "w8a16": FIXTURES / "ernie-tiny-w8a16-msmodelslim",
+    "w4a16": FIXTURES / "ernie-tiny-w4a16-msmodelslim",
 }
 #: Routing probe: expert 0 leads the logits; the bias pulls experts 6 and 7 into the top 2.
 ROUTING_LOGITS = [[2.0, 1.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.1]]

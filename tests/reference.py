@@ -192,8 +192,8 @@ def int8_rows_dequantized(weight: torch.Tensor) -> torch.Tensor:
 
 
 def unpacked_int4(packed: torch.Tensor) -> torch.Tensor:
-    """msModelSlim's W4A8 packing read nibble by nibble: packed row j holds row 2j in its low 4 bits
-    and row 2j + 1 in its high 4 bits, each two's complement."""
+    """msModelSlim's W4A8 / W4A16 packing read nibble by nibble: packed row j holds row 2j in its
+    low 4 bits and row 2j + 1 in its high 4 bits, each two's complement."""
     nibbles = packed.to(torch.int16) & 0xFF
     low, high = nibbles & 0xF, nibbles >> 4
     rows = torch.empty(2 * packed.shape[0], packed.shape[1], dtype=torch.int16)
@@ -221,10 +221,14 @@ def dequantized_checkpoint(
     for name, tensor in tensors.items():
         if name.endswith(("_scale", "_offset", ".scale_bias")):
             continue
-        if description.get(name) == "W4A8_DYNAMIC":
+        label = description.get(name)
+        if label in ("W4A8_DYNAMIC", "W4A16"):
             tensor = unpacked_int4(tensor)
-        if description.get(name) in ("W8A8_DYNAMIC", "W8A16", "W4A8_DYNAMIC"):
-            tensor = tensor.float() * tensors[f"{name}_scale"].to(scale_dtype).float()
+        if label in ("W8A8_DYNAMIC", "W8A16", "W4A8_DYNAMIC", "W4A16"):
+            scale = tensors[f"{name}_scale"].to(scale_dtype).float()
+            # W4A16: one scale per group of inputs, [out, in / group] -> [out, in]
+            scale = scale.repeat_interleave(tensor.shape[1] // scale.shape[1], dim=1)
+            tensor = tensor.float() * scale
         plain[name] = tensor
     out_dir.mkdir(parents=True, exist_ok=True)
     config = json.loads((quantized_dir / "config.json").read_text())

@@ -7,7 +7,8 @@ another). Checked: every layer of the model is swapped for an Ascend class by na
 kernel (A2/A3) or computes (310P: ``tests/test_patch_ascend_grouped_topk_router.py``); the
 msModelSlim method per layer; the real msModelSlim fixtures' tensors in the parameters vllm-ascend's
 W8A8_DYNAMIC and W4A8_DYNAMIC methods create, every parameter, bit for bit after vllm-ascend's
-dtype cast; which formats vllm-ascend itself refuses for ERNIE (W8A16 experts; on 310P W4A8 too).
+dtype cast; which formats vllm-ascend itself refuses for ERNIE (W8A16 experts; msModelSlim's W4A16,
+whose linears it has no scheme for; on 310P W4A8 too).
 """
 
 import json
@@ -72,11 +73,17 @@ ASCEND_SCHEMES = {
     "FLOAT": (None, None),
 }
 #: What vllm-ascend refuses when it builds the model, per device: (fixture, its error).
+#: msModelSlim's W4A16 labels every linear; vllm-ascend registers W4A16 for MoE layers only, in
+#: LLM-Compressor's packed layout (docs/notes/w4a16-format.md).
 REFUSED_BY_ASCEND = {
-    "A2": {"w8a16": "quant_type=W8A16 for layer_type=moe"},
+    "A2": {
+        "w8a16": "quant_type=W8A16 for layer_type=moe",
+        "w4a16": "quant_type=W4A16 for layer_type=linear",
+    },
     "_310P": {
         "w8a16": "quant_type=W8A16 for layer_type=linear",
         "w4a8": "quant_type=W4A8_DYNAMIC for layer_type=moe",
+        "w4a16": "quant_type=W4A16 for layer_type=linear",
     },
 }
 

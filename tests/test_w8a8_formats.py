@@ -26,6 +26,7 @@ BF16_SOURCE = FIXTURES / "ernie-tiny-bf16"
 MSMODELSLIM = FIXTURES / "ernie-tiny-w8a8-msmodelslim"
 MSMODELSLIM_W8A16 = FIXTURES / "ernie-tiny-w8a16-msmodelslim"
 MSMODELSLIM_W4A8 = FIXTURES / "ernie-tiny-w4a8-msmodelslim"
+MSMODELSLIM_W4A16 = FIXTURES / "ernie-tiny-w4a16-msmodelslim"
 
 
 def description_of(directory: Path) -> dict:
@@ -180,7 +181,7 @@ def write_description(tmp_path: Path, **changes) -> Path:
     return path
 
 
-@pytest.mark.parametrize("label", ["W8A8", "W8A8_MIX", "W4A4_DYNAMIC", "W4A16"])
+@pytest.mark.parametrize("label", ["W8A8", "W8A8_MIX", "W4A4_DYNAMIC", "W4A16_MIX"])
 def test_unsupported_labels_are_named(tmp_path, label):
     tensor = "model.layers.1.self_attn.o_proj.weight"
     with pytest.raises(QuantizationFormatError, match=rf"'{tensor}' has label '{label}'"):
@@ -207,15 +208,20 @@ def test_fused_3d_experts_are_rejected(tmp_path):
 
 
 def validate(description_path: Path, tensors: dict) -> None:
-    config = Ernie4_5_MoeConfig(**json.loads((MSMODELSLIM / "config.json").read_text()))
-    validator = CheckpointValidator(config, MSMODELSLIM, load_description(description_path))
+    """Validate against the config beside the description (a fixture's), else the W8A8 one's."""
+    directory = description_path.parent
+    directory = directory if (directory / "config.json").is_file() else MSMODELSLIM
+    config = Ernie4_5_MoeConfig(**json.loads((directory / "config.json").read_text()))
+    validator = CheckpointValidator(config, directory, load_description(description_path))
     for _ in validator.check(tensors.items()):
         pass
     validator.check_complete()
 
 
 @pytest.mark.parametrize(
-    "fixture", [MSMODELSLIM, MSMODELSLIM_W8A16, MSMODELSLIM_W4A8], ids=["w8a8", "w8a16", "w4a8"]
+    "fixture",
+    [MSMODELSLIM, MSMODELSLIM_W8A16, MSMODELSLIM_W4A8, MSMODELSLIM_W4A16],
+    ids=["w8a8", "w8a16", "w4a8", "w4a16"],
 )
 def test_fixture_passes_validation(fixture):
     validate(fixture / "quant_model_description.json", load_tensors(fixture))
@@ -251,6 +257,15 @@ def test_mispacked_int4_expert_is_named():
     tensors[name] = unpack_int4_rows(tensors[name])
     with pytest.raises(CheckpointError, match=rf"'{name}' has shape \[64, 64\].*\[32, 64\]"):
         validate(MSMODELSLIM_W4A8 / "quant_model_description.json", tensors)
+
+
+def test_mispacked_w4a16_scale_is_named():
+    """A per-channel [out, 1] scale under a per-group W4A16 label: refused by name and shape."""
+    tensors = load_tensors(MSMODELSLIM_W4A16)
+    name = "model.layers.0.self_attn.o_proj.weight_scale"
+    tensors[name] = tensors[name][:, :1]
+    with pytest.raises(CheckpointError, match=rf"'{name}' has shape \[64, 1\].*\[64, 4\]"):
+        validate(MSMODELSLIM_W4A16 / "quant_model_description.json", tensors)
 
 
 def test_w8a16_label_on_a_float_weight_is_named(tmp_path):

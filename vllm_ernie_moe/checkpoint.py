@@ -25,8 +25,10 @@ from vllm_ernie_moe.layout import (
     is_quantizable_weight,
 )
 from vllm_ernie_moe.quant.msmodelslim import (
+    INT4_PACKED_LABELS,
     INT8_WEIGHT_LABELS,
     W4A8_DYNAMIC,
+    W4A16,
     ModelSlimDescription,
     scale_bias_groups,
     scale_bias_name,
@@ -76,8 +78,9 @@ class TensorLocator:
 def add_quantized_tensors(
     shapes: dict[str, tuple[int, ...]], description: ModelSlimDescription
 ) -> dict[str, tuple[int, ...]]:
-    """Add the scale and offset [out, 1] of every quantized linear weight; a W4A8_DYNAMIC weight
-    is packed [out/2, in] and has a ``scale_bias`` ([out, 16] for row-parallel projections)."""
+    """Add the scale and offset [out, 1] of every quantized linear weight ([out, in / group_size]
+    for W4A16); int4 weights are packed [out/2, in], and W4A8_DYNAMIC has a ``scale_bias``
+    ([out, 16] for row-parallel projections)."""
     quantized = dict(shapes)
     for name, shape in shapes.items():
         if not is_quantizable_weight(name):
@@ -86,10 +89,12 @@ def add_quantized_tensors(
         if label not in INT8_WEIGHT_LABELS:
             continue
         out, columns = shape
-        quantized[f"{name}_scale"] = (out, 1)
-        quantized[f"{name}_offset"] = (out, 1)
-        if label == W4A8_DYNAMIC:
+        scales = columns // description.group_size if label == W4A16 else 1
+        quantized[f"{name}_scale"] = (out, scales)
+        quantized[f"{name}_offset"] = (out, scales)
+        if label in INT4_PACKED_LABELS:
             quantized[name] = (out // 2, columns)
+        if label == W4A8_DYNAMIC:
             quantized[scale_bias_name(name)] = (out, scale_bias_groups(name))
     return quantized
 

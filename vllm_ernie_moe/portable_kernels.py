@@ -117,6 +117,39 @@ def int4_gemm(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> tor
     return sums.float() * x_scale * scale
 
 
+def int4_scales_and_zeros(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Group scales ``[..., N, K / group]`` as ``_weight_int4pack_mm_for_cpu``'s ``[..., K / group,
+    N, 2]`` (scale, zero) in ``dtype``; zero 0: symmetric."""
+    scale = scale.transpose(-1, -2).to(dtype)
+    return torch.stack([scale, torch.zeros_like(scale)], dim=-1).contiguous()
+
+
+def int4_group_gemm(
+    x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor
+) -> torch.Tensor:
+    """W4A16: ``x [.., K]`` in the model dtype times int4 ``packed`` (:func:`pack_int4`) with
+    group scales (:func:`int4_scales_and_zeros`), in ``x``'s dtype."""
+    rows = x.reshape(-1, x.shape[-1]).to(scales_and_zeros.dtype)
+    group = x.shape[-1] // scales_and_zeros.shape[0]
+    out = torch._weight_int4pack_mm_for_cpu(rows, packed, group, scales_and_zeros)
+    return out.reshape(*x.shape[:-1], out.shape[-1]).to(x.dtype)
+
+
+@torch.library.custom_op("vllm_ernie_moe::int4_group_linear", mutates_args=())
+def int4_group_linear(
+    x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor
+) -> torch.Tensor:
+    """:func:`int4_group_gemm` as one op for torch.compile, like :func:`int8_linear`."""
+    return int4_group_gemm(x, packed, scales_and_zeros)
+
+
+@int4_group_linear.register_fake
+def _int4_group_linear_shape(
+    x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor
+) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], scales_and_zeros.shape[1])
+
+
 def run_experts(
     hidden: torch.Tensor,
     topk_weights: torch.Tensor,
@@ -146,8 +179,9 @@ def run_experts(
 
 
 #: Expert weight formats :func:`experts` runs: int8 weights with int8 or model-dtype activations,
-#: int4 weights (``pack_int4``) with int8 activations.
-EXPERT_FORMATS = ("w8a8", "w8a16", "w4a8")
+#: int4 weights (``pack_int4``) with int8 activations (per-channel scales) or model-dtype ones
+#: (W4A16: the scales as :func:`int4_scales_and_zeros`).
+EXPERT_FORMATS = ("w8a8", "w8a16", "w4a8", "w4a16")
 
 
 @torch.library.custom_op("vllm_ernie_moe::portable_experts", mutates_args=())
@@ -161,14 +195,17 @@ def experts(
     w2_scale: torch.Tensor,
     weight_format: str,
 ) -> torch.Tensor:
-    """:func:`run_experts` on quantized ``[E, out, in]`` weights with per-channel scales.
+    """:func:`run_experts` on quantized ``[E, out, in]`` weights with their scales.
 
     A custom op, so torch.compile (vLLM's default mode on CPU) sees one opaque call: the loop
     over experts depends on the routing (data-dependent sizes, which Dynamo refuses)."""
     weights, scales = (w13, w2), (w13_scale, w2_scale)
 
     def gemm(expert: int, which: int, x: torch.Tensor) -> torch.Tensor:
-        weight, scale = weights[which][expert], scales[which][expert].view(-1)
+        weight, scale = weights[which][expert], scales[which][expert]
+        if weight_format == "w4a16":
+            return int4_group_gemm(x.to(hidden.dtype), weight, scale)
+        scale = scale.view(-1)
         if weight_format == "w4a8":
             return int4_gemm(x, weight, scale)
         if weight_format == "w8a16":

@@ -35,15 +35,24 @@ def register_linear_scale(layer: Module, rows: int, weight_loader) -> None:
 
 
 def register_expert_scale(
-    layer: Module, weight_name: str, experts_and_rows: tuple[int, int], extra_weight_attrs: dict
+    layer: Module,
+    weight_name: str,
+    experts_and_rows: tuple[int, int],
+    extra_weight_attrs: dict,
+    groups: int | None = None,
 ) -> None:
-    """``<weight_name>_scale`` [E, out, 1] fp32 of int8 experts, loaded per output channel."""
-    scale = Parameter(torch.empty(*experts_and_rows, 1, dtype=torch.float32), requires_grad=False)
-    layer.register_parameter(f"{weight_name}_scale", scale)
-    set_weight_attrs(
-        scale,
-        {**extra_weight_attrs, "quant_method": FusedMoeWeightScaleSupported.CHANNEL.value},
+    """``<weight_name>_scale`` fp32 of quantized experts: [E, out, 1] loaded per output channel,
+    or with ``groups`` [E, out, groups] per group of inputs (sharded with the inputs)."""
+    scale = Parameter(
+        torch.empty(*experts_and_rows, groups or 1, dtype=torch.float32), requires_grad=False
     )
+    layer.register_parameter(f"{weight_name}_scale", scale)
+    method = (
+        FusedMoeWeightScaleSupported.CHANNEL
+        if groups is None
+        else FusedMoeWeightScaleSupported.GROUP
+    )
+    set_weight_attrs(scale, {**extra_weight_attrs, "quant_method": method.value})
 
 
 def dequantize(layer: Module, weight_name: str, dtype: torch.dtype) -> None:

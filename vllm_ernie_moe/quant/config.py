@@ -18,12 +18,14 @@ from vllm.platforms import current_platform
 from vllm_ernie_moe import envs, layout, portable_kernels
 from vllm_ernie_moe.quant.common import log_kernel_once
 from vllm_ernie_moe.quant.linear import (
+    ErnieW4A16LinearMethod,
     ErnieW8A8LinearMethod,
     ErnieW8A16DequantizedLinearMethod,
     ErnieW8A16LinearMethod,
 )
 from vllm_ernie_moe.quant.moe import (
     ErnieW4A8MoEMethod,
+    ErnieW4A16MoEMethod,
     ErnieW8A8MoEMethod,
     ErnieW8A16DequantizedMoEMethod,
     ErnieW8A16MoEMethod,
@@ -31,6 +33,7 @@ from vllm_ernie_moe.quant.moe import (
 from vllm_ernie_moe.quant.msmodelslim import (
     QUANTIZATION_NAME,
     W4A8_DYNAMIC,
+    W4A16,
     W8A8_DYNAMIC,
     W8A16,
     CheckpointRules,
@@ -63,7 +66,7 @@ def _w8a16_method(layer: Module, experts: bool):
 
 @register_quantization_config(QUANTIZATION_NAME)
 class ErnieW8A8DynamicConfig(QuantizationConfig):
-    """msModelSlim W8A8_DYNAMIC, W8A16 and W4A8_DYNAMIC: served from the description JSON;
+    """msModelSlim W8A8_DYNAMIC, W8A16, W4A8_DYNAMIC and W4A16: served from the description JSON;
     W8A8_DYNAMIC also applied to BF16 at load."""
 
     def __init__(self) -> None:
@@ -138,4 +141,11 @@ class ErnieW8A8DynamicConfig(QuantizationConfig):
             return _w8a16_method(layer, experts)
         if label == W4A8_DYNAMIC:  # routed experts only (load_description checks)
             return ErnieW4A8MoEMethod(layer.moe_config, prequantized)
+        if label == W4A16:
+            group = self.description.group_size
+            return (
+                ErnieW4A16MoEMethod(layer.moe_config, group, prefix)
+                if experts
+                else ErnieW4A16LinearMethod(group, prefix)
+            )
         return UnquantizedFusedMoEMethod(layer.moe_config) if experts else UnquantizedLinearMethod()

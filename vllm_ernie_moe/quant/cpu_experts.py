@@ -122,6 +122,19 @@ class PortableCPUExpertsInt4(_PortableExperts, CPUExpertsInt4):
             set_parameter(layer, name, torch.stack(repacked))
 
 
+class PortableCPUExpertsW4A16(PortableCPUExpertsInt4):
+    """W4A16 experts: int4 in memory, group scales, activations in the model dtype."""
+
+    weight_format = "w4a16"
+
+    def process_weights_after_loading(self, layer: Module) -> None:
+        super().process_weights_after_loading(layer)
+        for scale in (self.w1_scale, self.w2_scale):
+            # In place: the quant config made from the layer holds these very parameters.
+            dtype = self.moe_config.in_dtype
+            scale.data = portable_kernels.int4_scales_and_zeros(scale.data, dtype)
+
+
 class _RoutesByErnieRule:
     """vLLM 0.27's quantized CPU experts are monolithic: they route the router logits themselves
     and, for softmax + correction bias, drop the bias and the renormalisation. Route by ERNIE's

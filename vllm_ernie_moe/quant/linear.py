@@ -1,5 +1,6 @@
-"""Linear methods: W8A8_DYNAMIC (vLLM's int8 kernel, or the portable one without VNNI) and W8A16
-(int8 in memory on the portable weight-only GEMM, or dequantized onto vLLM's unquantized one)."""
+"""Linear methods: W8A8_DYNAMIC (vLLM's int8 kernel, or the portable one without VNNI), W8A16
+(int8 in memory on the portable weight-only GEMM, or dequantized onto vLLM's unquantized one) and
+W4A16 (int4 in memory on PyTorch's weight-only int4 GEMM, every x86 tier)."""
 
 import torch
 from torch.nn import Module
@@ -11,7 +12,11 @@ from vllm.model_executor.layers.linear import (
     UnquantizedLinearMethod,
     register_weight_loader_v2_supported_method,
 )
-from vllm.model_executor.parameter import ModelWeightParameter
+from vllm.model_executor.parameter import (
+    GroupQuantScaleParameter,
+    ModelWeightParameter,
+    PackedvLLMParameter,
+)
 
 from vllm_ernie_moe import portable_kernels
 from vllm_ernie_moe.quant.common import (
@@ -21,7 +26,11 @@ from vllm_ernie_moe.quant.common import (
     row_amax,
     set_parameter,
 )
-from vllm_ernie_moe.quant.msmodelslim import quantize_rows
+from vllm_ernie_moe.quant.msmodelslim import (
+    QuantizationFormatError,
+    quantize_rows,
+    unpack_int4_rows,
+)
 
 
 @register_weight_loader_v2_supported_method
@@ -151,3 +160,72 @@ class ErnieW8A16DequantizedLinearMethod(UnquantizedLinearMethod):
     def process_weights_after_loading(self, layer: Module) -> None:
         dequantize(layer, "weight", self.params_dtype)
         super().process_weights_after_loading(layer)
+
+
+@register_weight_loader_v2_supported_method
+class ErnieW4A16LinearMethod(LinearMethodBase):
+    """msModelSlim W4A16 linear: int4 weights (two per int8 along the output rows, as stored) and
+    per-group scales, activations in the model dtype, as vllm-ascend's antiquant GEMM on the NPU.
+    Repacked at load for ``_weight_int4pack_mm_for_cpu``."""
+
+    def __init__(self, group_size: int, prefix: str) -> None:
+        self.group_size = group_size
+        self.prefix = prefix
+
+    def create_weights(
+        self,
+        layer: Module,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs,
+    ) -> None:
+        if input_size_per_partition % self.group_size or any(
+            rows % 2 for rows in output_partition_sizes
+        ):
+            raise QuantizationFormatError(
+                f"W4A16 layer '{self.prefix}': {input_size_per_partition} inputs and "
+                f"{output_partition_sizes} outputs per tensor-parallel rank do not split into "
+                f"whole groups of {self.group_size} inputs and pairs of output rows: choose a "
+                "tensor-parallel size that keeps them whole, or re-quantize with a smaller "
+                "group_size."
+            )
+        weight_loader = extra_weight_attrs["weight_loader"]
+        rows = sum(output_partition_sizes)
+        layer.logical_widths = output_partition_sizes
+        self.params_dtype = params_dtype
+        layer.register_parameter(
+            "weight",
+            PackedvLLMParameter(
+                data=torch.empty(rows // 2, input_size_per_partition, dtype=torch.int8),
+                input_dim=1,
+                output_dim=0,
+                packed_dim=0,
+                packed_factor=2,
+                weight_loader=weight_loader,
+            ),
+        )
+        layer.register_parameter(
+            "weight_scale",
+            GroupQuantScaleParameter(
+                data=torch.empty(
+                    rows, input_size_per_partition // self.group_size, dtype=torch.float32
+                ),
+                input_dim=1,
+                output_dim=0,
+                weight_loader=weight_loader,
+            ),
+        )
+        log_kernel_once("W4A16 linear", "PyTorch's int4 weight-only GEMM (_weight_int4pack_mm)")
+
+    def process_weights_after_loading(self, layer: Module) -> None:
+        values = unpack_int4_rows(layer.weight.data)
+        set_parameter(layer, "weight", portable_kernels.pack_int4(values))
+        scales = portable_kernels.int4_scales_and_zeros(layer.weight_scale.data, self.params_dtype)
+        set_parameter(layer, "weight_scale", scales)
+
+    def apply(self, layer: Module, x: torch.Tensor, bias: torch.Tensor | None = None):
+        out = portable_kernels.int4_group_linear(x, layer.weight, layer.weight_scale)
+        return out if bias is None else out + bias

@@ -1,5 +1,5 @@
-"""Routed-expert methods: W8A8_DYNAMIC and W4A8_DYNAMIC on vLLM's CPU expert kernels or the portable
-ones (:mod:`~vllm_ernie_moe.quant.cpu_experts`), W8A16 int8 in memory or dequantized."""
+"""Routed-expert methods: W8A8_DYNAMIC, W4A8_DYNAMIC and W4A16 on vLLM's CPU expert kernels or the
+portable ones (:mod:`~vllm_ernie_moe.quant.cpu_experts`), W8A16 int8 in memory or dequantized."""
 
 import torch
 from torch.nn import Module, Parameter
@@ -33,6 +33,7 @@ from vllm_ernie_moe.quant.common import (
     set_parameter,
 )
 from vllm_ernie_moe.quant.cpu_experts import (
+    PortableCPUExpertsW4A16,
     PortableCPUExpertsW8A16,
     cpu_experts_class,
     routed_by_ernie_rule,
@@ -77,6 +78,10 @@ class ErnieW8A8MoEMethod(FusedMoEMethodBase):
     def experts_class(self) -> type:
         return cpu_experts_class(int4=self.int4_packed)
 
+    def scale_groups(self, hidden: int, intermediate: int, weight_name: str) -> int | None:
+        """Scales per row of ``weight_name`` (None: one per output channel)."""
+        return None
+
     def create_weights(
         self,
         layer: Module,
@@ -99,7 +104,8 @@ class ErnieW8A8MoEMethod(FusedMoEMethodBase):
             layer.register_parameter(name, weight)
             set_weight_attrs(weight, extra_weight_attrs)
             if self.prequantized:
-                register_expert_scale(layer, name, (experts, rows), extra_weight_attrs)
+                groups = self.scale_groups(hidden_size, intermediate_size_per_partition, name)
+                register_expert_scale(layer, name, (experts, rows), extra_weight_attrs, groups)
         layer.w13_input_scale = None
         layer.w2_input_scale = None
 
@@ -199,10 +205,8 @@ class ErnieW4A8MoEMethod(ErnieW8A8MoEMethod):
         blocked = prepare_int4_moe_layer_for_cpu(
             *(gptq_int4_columns(getattr(layer, name).data) for name in names),
             *(
-                group_scales(
-                    getattr(layer, f"{name}_scale").data,
-                    getattr(layer, name).shape[-1],
-                    int4_group_size(self.moe),
+                self.kernel_scales(
+                    getattr(layer, f"{name}_scale").data, getattr(layer, name).shape[-1]
                 )
                 for name in names
             ),
@@ -222,8 +226,48 @@ class ErnieW4A8MoEMethod(ErnieW8A8MoEMethod):
             w2_scale=layer.w2_weight_scale,
             w1_zp=layer.w13_zero,
             w2_zp=layer.w2_zero,
-            block_shape=[0, int4_group_size(self.moe)],
+            block_shape=[0, self.kernel_group_size()],
         )
+
+    def kernel_scales(self, scale: torch.Tensor, inputs: int) -> torch.Tensor:
+        """The checkpoint's scales as the int4 kernel's ``[E, inputs / group, out]``."""
+        return group_scales(scale, inputs, self.kernel_group_size())
+
+    def kernel_group_size(self) -> int:
+        return int4_group_size(self.moe)
+
+
+class ErnieW4A16MoEMethod(ErnieW4A8MoEMethod):
+    """msModelSlim W4A16 routed experts: int4 weights with a scale per group of ``group_size``
+    inputs. On vLLM's fused int4 experts (where exact) as vLLM serves GPTQ W4A16 experts on CPU:
+    that kernel quantizes the activations to int8 per token inside; elsewhere on the portable
+    experts, activations in the model dtype (:class:`PortableCPUExpertsW4A16`)."""
+
+    def __init__(self, moe: FusedMoEConfig, group_size: int, prefix: str) -> None:
+        inputs = (moe.hidden_dim, moe.intermediate_size_per_partition)
+        if any(k % group_size for k in inputs):
+            raise QuantizationFormatError(
+                f"W4A16 experts '{prefix}': hidden_size {inputs[0]} and moe_intermediate_size per "
+                f"tensor-parallel rank {inputs[1]} must be multiples of the group size "
+                f"{group_size}: choose a tensor-parallel size that keeps them so, or re-quantize "
+                "with a smaller group_size."
+            )
+        self.group_size = group_size
+        super().__init__(moe, prequantized=True)
+
+    def experts_class(self) -> type:
+        if vllm_fused_experts_exact():
+            return super().experts_class()
+        return routed_by_ernie_rule(PortableCPUExpertsW4A16)
+
+    def scale_groups(self, hidden: int, intermediate: int, weight_name: str) -> int:
+        return (hidden if weight_name == "w13_weight" else intermediate) // self.group_size
+
+    def kernel_scales(self, scale: torch.Tensor, inputs: int) -> torch.Tensor:
+        return scale.transpose(1, 2).contiguous()
+
+    def kernel_group_size(self) -> int:
+        return self.group_size
 
 
 class ErnieW8A16MoEMethod(ErnieW8A8MoEMethod):

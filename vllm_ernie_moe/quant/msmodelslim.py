@@ -10,6 +10,10 @@ along the output dimension (``P.weight`` [out/2, in]: row ``2j`` in the low nibb
 ``j``, row ``2j + 1`` in the high one), its scale and offset [out, 1], and ``P.scale_bias``
 (``8 * sum`` of the dequantized row, for the NPU kernel's unsigned int4 trick; [out, 1], or
 [out, 16] partial sums for the row-parallel down_proj/o_proj); activations as W8A8_DYNAMIC.
+W4A16 (msModelSlim v0's per-group int4, any linear) packs as W4A8_DYNAMIC, with ``weight_scale``
+and ``weight_offset`` per group of ``group_size`` inputs ([out, in / group_size], fp32);
+activations stay in the model dtype. Math: ``s = max|W_group| / 7``,
+``q = clamp(round(W / s), -8, 7)`` in fp32.
 """
 
 import json
@@ -33,9 +37,14 @@ QUANTIZATION_NAME = "ernie-w8a8-dynamic"
 W8A8_DYNAMIC = "W8A8_DYNAMIC"
 W8A16 = "W8A16"
 W4A8_DYNAMIC = "W4A8_DYNAMIC"
+W4A16 = "W4A16"
 FLOAT = "FLOAT"
-#: Labels whose weights are stored as int8 tensors with a per-channel scale and a zero offset.
-INT8_WEIGHT_LABELS = (W8A8_DYNAMIC, W8A16, W4A8_DYNAMIC)
+#: Labels whose weights are stored as int8 tensors with a scale and a zero offset.
+INT8_WEIGHT_LABELS = (W8A8_DYNAMIC, W8A16, W4A8_DYNAMIC, W4A16)
+#: Labels whose int8 tensors hold two int4 values each, along the output rows.
+INT4_PACKED_LABELS = (W4A8_DYNAMIC, W4A16)
+#: W4A16 group sizes both int4 kernels take (vLLM's experts: 128/64/32; PyTorch's linear: +256).
+W4A16_GROUP_SIZES = (32, 64, 128)
 SUPPORTED_LABELS = (*INT8_WEIGHT_LABELS, FLOAT)
 #: Column groups of a W4A8_DYNAMIC row-parallel ``scale_bias`` (msModelSlim's fixed ``tp_num``).
 SCALE_BIAS_GROUPS = 16
@@ -218,6 +227,20 @@ def quantize_rows(
     return quantized, scale.float()
 
 
+def quantize_int4_groups(
+    weight: torch.Tensor, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-group int4 of ``weight [out, in]`` as msModelSlim v0's W4A16 MinMax, bit for
+    bit (fp32 arithmetic): returns int8 holding -8..7 ``[out, in]`` and the fp32 scale
+    ``[out, in / group_size]``."""
+    out, inputs = weight.shape
+    groups = weight.float().reshape(out, inputs // group_size, group_size)
+    scale = groups.abs().amax(dim=-1, keepdim=True) / 7
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)  # an all-zero group: q = 0
+    values = torch.clamp(torch.round(groups / scale), -8, 7).to(torch.int8)
+    return values.reshape(out, inputs), scale.reshape(out, -1)
+
+
 @dataclass
 class ModelSlimDescription:
     """A parsed, validated description JSON: tensor labels plus metadata."""
@@ -225,6 +248,11 @@ class ModelSlimDescription:
     path: Path
     labels: dict[str, str]
     metadata: dict
+
+    @property
+    def group_size(self) -> int:
+        """Inputs per W4A16 scale (0: per channel)."""
+        return int(self.metadata.get("group_size", 0) or 0)
 
     def label(self, tensor: str) -> str:
         try:
@@ -274,16 +302,24 @@ def find_description(model_dir: str | os.PathLike) -> Path | None:
 
 
 def load_description(path: Path) -> ModelSlimDescription:
-    """Parse and validate: only per-channel W8A8_DYNAMIC, W8A16, W4A8_DYNAMIC and FLOAT, no
-    quantized KV cache."""
+    """Parse and validate: per-channel W8A8_DYNAMIC, W8A16, W4A8_DYNAMIC, per-group W4A16 and
+    FLOAT, no quantized KV cache."""
     raw = json.loads(path.read_text())
     labels = read_labels(path)
     metadata = {k: v for k, v in raw.items() if k in METADATA_KEYS}
     group_size = int(metadata.get("group_size", 0) or 0)
-    if group_size > 0:
+    w4a16 = W4A16 in labels.values()
+    if w4a16 and group_size not in W4A16_GROUP_SIZES:
         raise QuantizationFormatError(
-            f"{path}: group_size={group_size} (per-group quantization) is not supported; "
-            "the int8 and int4 weights here are per channel: quantize with group_size 0."
+            f"{path}: W4A16 with group_size={group_size}: only per-group W4A16 with a group of "
+            f"{', '.join(map(str, W4A16_GROUP_SIZES))} inputs is served (the int4 CPU kernels' "
+            "groups). Re-quantize with msModelSlim (is_lowbit=True, open_outlier=False, "
+            "group_size=128) or `python -m vllm_ernie_moe.tools.quantize --format w4a16`."
+        )
+    if group_size > 0 and not w4a16:
+        raise QuantizationFormatError(
+            f"{path}: group_size={group_size} (per-group quantization) is only served for W4A16; "
+            "the int8 and W4A8 weights here are per channel: quantize with group_size 0."
         )
     for key in ("kv_quant_type", "fa_quant_type", "kv_cache_type"):
         if metadata.get(key) not in (None, FLOAT, "", "None"):
@@ -297,8 +333,8 @@ def load_description(path: Path) -> ModelSlimDescription:
                 f"{path}: tensor '{tensor}' has label {label!r}; only W8A8_DYNAMIC (int8 "
                 "per-channel weights, per-token dynamic activations), W8A16 (int8 per-channel "
                 "weights only), W4A8_DYNAMIC (int4 per-channel weights, per-token dynamic "
-                "activations) and FLOAT are supported. Re-quantize with msModelSlim's w8a8 "
-                "dynamic, w8a16 or w4a8 dynamic mode."
+                "activations), W4A16 (int4 per-group weights only) and FLOAT are supported. "
+                "Re-quantize with msModelSlim's w8a8 dynamic, w8a16, w4a8 dynamic or w4a16 mode."
             )
         if label != FLOAT:
             _check_quantizable(path, tensor, label)

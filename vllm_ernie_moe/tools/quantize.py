@@ -1,13 +1,15 @@
-"""Quantize a BF16 ERNIE-4.5 MoE ``-PT`` checkpoint to msModelSlim's v1 format: W8A8_DYNAMIC,
-W8A16, or W4A8_DYNAMIC routed experts with W8A8_DYNAMIC elsewhere.
+"""Quantize a BF16 ERNIE-4.5 MoE ``-PT`` checkpoint to msModelSlim's format: W8A8_DYNAMIC, W8A16,
+W4A8_DYNAMIC routed experts with W8A8_DYNAMIC elsewhere, or W4A16 (per-group int4, every linear).
 
-    python -m vllm_ernie_moe.tools.quantize --model IN --output OUT [--format w8a16|w4a8-dynamic]
+    python -m vllm_ernie_moe.tools.quantize --model IN --output OUT
+        [--format w8a16|w4a8-dynamic|w4a16 [--group-size 128]]
     (or: vllm-ernie-moe-quantize)
 
 W8A8_DYNAMIC and W8A16 store the same int8 weights and scales (msModelSlim's per-channel symmetric
 minmax); only the labels differ, which tell the server whether to quantize activations too.
 W4A8_DYNAMIC experts get msModelSlim's "ssz" int4 scales, its packing and ``scale_bias``, as its
-w4a8 practices write them.
+w4a8 practices write them. W4A16 gets msModelSlim v0's per-group MinMax int4 (fp32 arithmetic),
+packed as W4A8, with fp32 scales and offsets per group, as its ascendV1 saver writes them.
 
 The output loads in vllm-ascend (``ascend``) and in this plugin, and holds the same int8 weights and
 scales msModelSlim writes for the same input. It streams one tensor at a time, so peak memory is
@@ -37,11 +39,14 @@ from vllm_ernie_moe.quant.msmodelslim import (
     DESCRIPTION_FILE,
     FLOAT,
     W4A8_DYNAMIC,
+    W4A16,
+    W4A16_GROUP_SIZES,
     W8A8_DYNAMIC,
     W8A16,
     int4_scale_bias,
     is_fused_expert_tensor,
     pack_int4_rows,
+    quantize_int4_groups,
     quantize_int4_rows_ssz,
     quantize_rows,
     scale_bias_groups,
@@ -54,7 +59,12 @@ INDEX = f"{WEIGHTS_PREFIX}.safetensors.index.json"
 COPIED_SUFFIXES = (".json", ".py", ".txt", ".jinja", ".model", ".tiktoken")
 NOT_COPIED = ("model.safetensors.index.json", "config.json")
 #: ``--format`` values and the label each writes.
-FORMATS = {"w8a8-dynamic": W8A8_DYNAMIC, "w8a16": W8A16, "w4a8-dynamic": W4A8_DYNAMIC}
+FORMATS = {
+    "w8a8-dynamic": W8A8_DYNAMIC,
+    "w8a16": W8A16,
+    "w4a8-dynamic": W4A8_DYNAMIC,
+    "w4a16": W4A16,
+}
 
 
 class QuantizeError(Exception):
@@ -109,14 +119,23 @@ def _read(path: Path, name: str) -> torch.Tensor:
 
 
 def converted(
-    name: str, tensor: torch.Tensor, label: str
+    name: str, tensor: torch.Tensor, label: str, group_size: int = 0
 ) -> Iterator[tuple[str, torch.Tensor, str]]:
     """The output tensors for one input tensor, with their labels: W4A8_DYNAMIC applies to the
-    routed experts, the other quantized linears get W8A8_DYNAMIC (msModelSlim's w4a8 practice)."""
+    routed experts, the other quantized linears get W8A8_DYNAMIC (msModelSlim's w4a8 practice);
+    W4A16 applies to every quantized linear, per group of ``group_size`` inputs."""
     if not (is_quantizable_weight(name) and tensor.dim() == 2 and tensor.is_floating_point()):
         yield name, tensor, FLOAT
         return
-    if label == W4A8_DYNAMIC and is_routed_expert(name):
+    if label == W4A16:
+        if tensor.shape[1] % group_size:
+            raise QuantizeError(
+                f"tensor '{name}' has {tensor.shape[1]} inputs, not a multiple of --group-size "
+                f"{group_size}: choose a group size that divides it."
+            )
+        values, scale = quantize_int4_groups(tensor, group_size)
+        yield name, pack_int4_rows(values), label
+    elif label == W4A8_DYNAMIC and is_routed_expert(name):
         values, scale = quantize_int4_rows_ssz(tensor)
         yield name, pack_int4_rows(values), label
         yield scale_bias_name(name), int4_scale_bias(values, scale, scale_bias_groups(name)), label
@@ -187,7 +206,9 @@ class ShardWriter:
         (self.out_dir / INDEX).write_text(json.dumps(index, indent=2))
 
 
-def write_description(out_dir: Path, labels: dict[str, str], label: str) -> None:
+def write_description(
+    out_dir: Path, labels: dict[str, str], label: str, group_size: int = 0
+) -> None:
     """msModelSlim's description JSON: every tensor's label and the model's type."""
     description = dict(
         labels,
@@ -195,17 +216,22 @@ def write_description(out_dir: Path, labels: dict[str, str], label: str) -> None
         # msModelSlim names the highest type but hides W4A8_DYNAMIC behind W8A8_DYNAMIC.
         model_quant_type=W8A8_DYNAMIC if label == W4A8_DYNAMIC else label,
         metadata={},
-        group_size=0,
+        group_size=group_size,
         optional={},
     )
     (out_dir / DESCRIPTION_FILE).write_text(json.dumps(description, indent=4))
 
 
 def quantize_checkpoint(
-    model_dir: Path, output_dir: Path, shard_size_gb: float = 2.0, label: str = W8A8_DYNAMIC
+    model_dir: Path,
+    output_dir: Path,
+    shard_size_gb: float = 2.0,
+    label: str = W8A8_DYNAMIC,
+    group_size: int = W4A16_GROUP_SIZES[-1],
 ) -> Path:
     """Write the ``label`` (a :data:`FORMATS` value) checkpoint of ``model_dir`` to
-    ``output_dir``; returns it."""
+    ``output_dir`` (W4A16 per ``group_size`` inputs); returns it."""
+    group_size = group_size if label == W4A16 else 0
     from tqdm import tqdm
 
     model_dir, output_dir = model_dir.resolve(), output_dir.resolve()
@@ -236,7 +262,9 @@ def quantize_checkpoint(
                 writer.add(name, _read(path, name))
                 labels[name] = FLOAT
                 continue
-            for out_name, tensor, out_label in converted(name, _read(path, name), label):
+            for out_name, tensor, out_label in converted(
+                name, _read(path, name), label, group_size
+            ):
                 writer.add(out_name, tensor)
                 labels[out_name] = out_label
         if ties_word_embeddings(config) and "lm_head.weight" not in labels:
@@ -245,7 +273,7 @@ def quantize_checkpoint(
             writer.add("lm_head.weight", _read(embedding, "model.embed_tokens.weight"))
             labels["lm_head.weight"] = FLOAT
         writer.finish()
-        write_description(partial, labels, label)
+        write_description(partial, labels, label, group_size)
         config.pop("quantization_config", None)
         (partial / "config.json").write_text(json.dumps(config, indent=2))
         for item in model_dir.iterdir():
@@ -261,8 +289,8 @@ def quantize_checkpoint(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="vllm-ernie-moe-quantize",
-        description="Quantize an ERNIE-4.5 MoE -PT checkpoint to msModelSlim W8A8_DYNAMIC, W8A16 "
-        "or W4A8_DYNAMIC (v1).",
+        description="Quantize an ERNIE-4.5 MoE -PT checkpoint to msModelSlim W8A8_DYNAMIC, W8A16, "
+        "W4A8_DYNAMIC or W4A16.",
     )
     parser.add_argument("--model", required=True, type=Path, help="input checkpoint directory")
     parser.add_argument("--output", required=True, type=Path, help="new output directory")
@@ -274,7 +302,15 @@ def main(argv: list[str] | None = None) -> None:
         choices=FORMATS,
         default="w8a8-dynamic",
         help="w8a8-dynamic: int8 weights and per-token int8 activations; w8a16: int8 weights "
-        "only; w4a8-dynamic: int4 routed experts, w8a8-dynamic elsewhere",
+        "only; w4a8-dynamic: int4 routed experts, w8a8-dynamic elsewhere; w4a16: int4 weights "
+        "per group of inputs, every linear",
+    )
+    parser.add_argument(
+        "--group-size",
+        type=int,
+        choices=W4A16_GROUP_SIZES,
+        default=W4A16_GROUP_SIZES[-1],
+        help="inputs per W4A16 scale (msModelSlim's W4A16 recipes use 128)",
     )
     args = parser.parse_args(argv)
     if not args.model.is_dir():
@@ -282,7 +318,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.shard_size_gb <= 0:
         parser.error("--shard-size-gb must be positive")
     try:
-        out = quantize_checkpoint(args.model, args.output, args.shard_size_gb, FORMATS[args.format])
+        out = quantize_checkpoint(
+            args.model, args.output, args.shard_size_gb, FORMATS[args.format], args.group_size
+        )
     except (QuantizeError, OSError) as error:
         sys.exit(f"vllm-ernie-moe-quantize: {error}")
     print(f"wrote {out} (serve it with: vllm serve {out})")
