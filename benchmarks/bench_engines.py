@@ -3,22 +3,23 @@
 Checkpoint: the exact ERNIE-4.5-21B-A3B geometry with 4 layers (dense layer 0 + 3 MoE layers),
 random bf16 weights with a random router (built once and cached), its W8A8_DYNAMIC and W8A16
 versions written by ``vllm_ernie_moe.tools.quantize`` and, for llama.cpp, GGUF BF16 / Q8_0
-conversions of the same weights. The W4A8_DYNAMIC engines (the plugin's ``w4a8``, llama.cpp's
-Q4_0 and Q4_K_M) share a random W4A8_DYNAMIC checkpoint written tensor by tensor
-(``build_w4a8_checkpoint``); llama.cpp's files are its dequantized weights, converted to Q8_0 and
-quantized by llama.cpp's own quantizer. ``--layers 28`` is the whole ERNIE-4.5-21B-A3B: only the
-W4A8 engines run at that size (its bf16 checkpoint, 43 GB, does not fit this machine's memory;
-W8A8 needs ~22 GB).
+conversions of the same weights. The 4-bit engines (the plugin's ``w4a8`` and ``w4a16``, llama.cpp's
+Q4_0 and Q4_K_M) load random W4A8_DYNAMIC / W4A16 checkpoints written tensor by tensor
+(``build_int4_checkpoint``); llama.cpp's files are the dequantized weights of one of them
+(``--int4-source``), converted to Q8_0 and quantized by llama.cpp's own quantizer. ``--layers 28``
+is the whole ERNIE-4.5-21B-A3B: only the 4-bit engines run at that size (its bf16 checkpoint, 43
+GB, does not fit this machine's memory; W8A8 needs ~22 GB).
 
 Each engine runs in its own subprocess on the same cores; rows: bs=1 decode (128 in / 64 out),
 bs=8 decode, 1024-token prefill; for vLLM also engine load time and peak memory while
-loading (PSS of the benchmark process and its engine/worker children, sampled every 0.1 s;
+loading (PSS of the benchmark process and its engine/worker children, sampled every second;
 serving adds only the fixed 1 GiB KV cache, already allocated at load). "roofline" is not an
 engine: the bs=1 decode speed at which the weights stream at the best GEMV rate measured.
 
     python benchmarks/bench_engines.py --rounds 2   # every engine installed, interleaved rounds
     python benchmarks/bench_engines.py --engines plugin builtin --json out.json
     python benchmarks/bench_engines.py --layers 28 --engines w4a8 llama.cpp-q4_0 llama.cpp-q4_k_m
+    python benchmarks/bench_engines.py --layers 28 --int4-source w4a16 --engines w4a16 ...
     python benchmarks/bench_engines.py --cpu-tier avx2 --llama-cpp-path /opt/llama-avx2 ...
 
 ``--cpu-tier`` runs every vLLM engine as a lower kernel tier (``vllm_ernie_moe.cpu_tier``);
@@ -53,16 +54,28 @@ ENGINES = {
     "llama.cpp-q8_0": "llama.cpp Q8_0 (llama-cpp-python 0.3.36)",
     "w4a8": "vLLM + vllm-ernie-moe, W4A8_DYNAMIC (int4 experts)",
     "w4a8-int8-head": "vLLM + vllm-ernie-moe, W4A8_DYNAMIC + int8 lm_head",
-    "llama.cpp-q4_0": "llama.cpp Q4_0 of the W4A8 weights (llama-cpp-python 0.3.36)",
-    "llama.cpp-q4_k_m": "llama.cpp Q4_K_M of the W4A8 weights (llama-cpp-python 0.3.36)",
+    "w4a16": "vLLM + vllm-ernie-moe, W4A16 (int4 per group of 128, every linear)",
+    "w4a16-int8-head": "vLLM + vllm-ernie-moe, W4A16 + int8 lm_head",
+    "llama.cpp-q4_0": "llama.cpp Q4_0 of the 4-bit checkpoint (llama-cpp-python 0.3.36)",
+    "llama.cpp-q4_k_m": "llama.cpp Q4_K_M of the 4-bit checkpoint (llama-cpp-python 0.3.36)",
 }
-#: Engines that load the W4A8_DYNAMIC checkpoint or GGUF files made from it.
-W4A8_ENGINES = ("w4a8", "w4a8-int8-head", "llama.cpp-q4_0", "llama.cpp-q4_k_m")
+#: Engines that load a 4-bit checkpoint (W4A8_DYNAMIC, W4A16) or GGUF files made from one.
+INT4_ENGINES = (
+    "w4a8",
+    "w4a8-int8-head",
+    "w4a16",
+    "w4a16-int8-head",
+    "llama.cpp-q4_0",
+    "llama.cpp-q4_k_m",
+)
+#: The int4 checkpoint's label, by ``--int4-source``, for llama.cpp's 4-bit files.
+INT4_SOURCES = {"w4a8": "W4A8_DYNAMIC", "w4a16": "W4A16"}
 # Engine -> extra environment for its process.
 ENGINE_ENV = {
     "builtin": {"VLLM_PLUGINS": "none"},  # load no general plugin: vLLM's own ERNIE class
     "w8a8-int8-head": {"VLLM_ERNIE_MOE_INT8_LM_HEAD": "1"},
     "w4a8-int8-head": {"VLLM_ERNIE_MOE_INT8_LM_HEAD": "1"},
+    "w4a16-int8-head": {"VLLM_ERNIE_MOE_INT8_LM_HEAD": "1"},
     "plugin-stock-kernels": {"VLLM_ERNIE_MOE_SGL_KERNELS": "0"},
     "w8a8-stock-kernels": {"VLLM_ERNIE_MOE_SGL_KERNELS": "0"},
 }
@@ -114,8 +127,14 @@ def tree_pss_gib() -> float:
     return sum(p.memory_full_info().pss for p in (me, *me.children(recursive=True))) / 2**30
 
 
+#: Seconds between PSS samples while an engine loads. Reading the smaps of a 15 GB worker is not
+#: free: every 0.1 s it took about half of one of the two cores during the 28-layer W4A16 load
+#: (ps, 2026-12-04), slowing the load it measured.
+PSS_INTERVAL_S = 1.0
+
+
 class PeakMemory:
-    """The peak of :func:`tree_pss_gib`, sampled every 0.1 s until :meth:`stop`."""
+    """The peak of :func:`tree_pss_gib`, sampled every :data:`PSS_INTERVAL_S` until :meth:`stop`."""
 
     def __init__(self) -> None:
         import threading
@@ -130,7 +149,7 @@ class PeakMemory:
                     self.peak = max(self.peak, tree_pss_gib())
                 except psutil.Error:  # a child exited while being read
                     pass
-                time.sleep(0.1)
+                time.sleep(PSS_INTERVAL_S)
 
         self.thread = threading.Thread(target=sample, daemon=True)
         self.thread.start()
@@ -241,22 +260,26 @@ def w8a16_checkpoint(bf16: Path) -> Path:
     return w8a16
 
 
-def w4a8_checkpoint(cache: Path, layers: int) -> Path:
-    """The random W4A8_DYNAMIC 21B-geometry checkpoint with ``layers`` layers, built once."""
-    from vllm_ernie_moe.tools.random_checkpoint import build_w4a8_checkpoint
+def int4_checkpoint(cache: Path, layers: int, label: str = "W4A8_DYNAMIC") -> Path:
+    """The random W4A8_DYNAMIC (or W4A16) 21B-geometry checkpoint with ``layers`` layers, built
+    once."""
+    from vllm_ernie_moe.tools.random_checkpoint import build_int4_checkpoint
 
-    w4a8 = cache / f"21b-{layers}layers-w4a8"
-    if not (w4a8 / "config.json").exists():
-        print(f"building the W4A8_DYNAMIC {layers}-layer checkpoint in {w4a8} ...", flush=True)
-        build_w4a8_checkpoint(w4a8, "21b-4layers", **_geometry(layers))
-    return w4a8
+    path = cache / f"21b-{layers}layers-{'w4a16' if label == 'W4A16' else 'w4a8'}"
+    if not (path / "config.json").exists():
+        print(f"building the {label} {layers}-layer checkpoint in {path} ...", flush=True)
+        build_int4_checkpoint(path, "21b-4layers", label, **_geometry(layers))
+    return path
 
 
-def engine_checkpoint(engine: str, cache: Path, layers: int, llama_src: str | None) -> Path:
+def engine_checkpoint(
+    engine: str, cache: Path, layers: int, llama_src: str | None, int4_source: str = "w4a8"
+) -> Path:
     """What ``engine`` loads; llama.cpp's files are GGUF conversions of the BF16 checkpoint or,
-    for the 4-bit formats, of the W4A8_DYNAMIC one, made once (see :func:`gguf_file`)."""
-    if engine in W4A8_ENGINES:
-        source = w4a8_checkpoint(cache, layers)
+    for the 4-bit formats, of the ``int4_source`` one, made once (see :func:`gguf_file`)."""
+    if engine in INT4_ENGINES:
+        kind = engine.split("-")[0] if engine.startswith("w4") else int4_source
+        source = int4_checkpoint(cache, layers, INT4_SOURCES[kind])
     else:
         bf16, w8a8 = checkpoint_paths(cache, layers)
         source = w8a8 if engine.startswith("w8a8") else bf16
@@ -339,6 +362,10 @@ RATIOS = (
     ("w4a8-int8-head", "w4a8", (*SPEED_KEYS, "load_s", "peak_pss_gib")),
     ("w4a8", "llama.cpp-q4_0", SPEED_KEYS),
     ("w4a8", "w8a8", (*SPEED_KEYS, "load_s", "peak_pss_gib")),
+    ("w4a16", "llama.cpp-q4_k_m", SPEED_KEYS),
+    ("w4a16-int8-head", "llama.cpp-q4_k_m", SPEED_KEYS),
+    ("w4a16", "w4a8", (*SPEED_KEYS, "load_s", "peak_pss_gib")),
+    ("w4a16", "llama.cpp-q4_0", SPEED_KEYS),
 )
 
 
@@ -427,7 +454,13 @@ def main() -> None:
         "--llama-cpp-src", help="llama.cpp source (for its GGUF converter), see llama_cpp_engine.py"
     )
     parser.add_argument(
-        "--layers", type=int, default=4, help="28: the whole 21B-A3B (W4A8 engines only)"
+        "--layers", type=int, default=4, help="28: the whole 21B-A3B (4-bit engines only)"
+    )
+    parser.add_argument(
+        "--int4-source",
+        choices=INT4_SOURCES,
+        default="w4a8",
+        help="the checkpoint llama.cpp's 4-bit files are made from (the same weights)",
     )
     parser.add_argument(
         "--cpu-tier",
@@ -445,12 +478,13 @@ def main() -> None:
         child(*args.child)
         return
     cache = Path(args.cache)
-    if args.layers > 4 and not all(e in W4A8_ENGINES for e in args.engines):
-        parser.error(f"--layers {args.layers}: only {', '.join(W4A8_ENGINES)} fit this machine")
+    if args.layers > 4 and not all(e in INT4_ENGINES for e in args.engines):
+        parser.error(f"--layers {args.layers}: only {', '.join(INT4_ENGINES)} fit this machine")
     results: dict[str, dict[str, float]] = {}
     rounds: dict[str, list[dict[str, float]]] = {}
     checkpoints = {
-        e: engine_checkpoint(e, cache, args.layers, args.llama_cpp_src) for e in args.engines
+        e: engine_checkpoint(e, cache, args.layers, args.llama_cpp_src, args.int4_source)
+        for e in args.engines
     }
     for engine in args.engines * args.rounds:
         out = cache / f"{engine}.json"

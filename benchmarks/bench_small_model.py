@@ -4,9 +4,10 @@ its own process, rounds interleaved in one run:
 - MTP speculative decoding: drafts accepted and bs=1 decode speed with the plugin's drafter, with
   vLLM's built-in ``ErnieMTP`` on the same weights, and without speculation: 12 held-out passages
   of 32 tokens, 48 greedy tokens each, one request at a time; the tokens must agree (lossless).
-- Quantized accuracy: held-out perplexity of the bf16 model, its W8A8_DYNAMIC and W8A16
-  quantizations (``vllm-ernie-moe-quantize``), W8A8 with the int8 lm_head, and with ``--w4a8 DIR``
-  msModelSlim's W4A8_DYNAMIC of it (``MODE=w4a8 tests/fixtures/msmodelslim/recipe.sh MODEL DIR``).
+- Quantized accuracy: held-out perplexity of the bf16 model, its W8A8_DYNAMIC, W8A16 and W4A16
+  (groups of 128, and of 32) quantizations (``vllm-ernie-moe-quantize``), W8A8 and W4A16 with the
+  int8 lm_head, and with ``--w4a8 DIR`` msModelSlim's W4A8_DYNAMIC of it
+  (``MODE=w4a8 tests/fixtures/msmodelslim/recipe.sh MODEL DIR``).
 
     python benchmarks/bench_small_model.py [--model DIR] [--rounds 2] [--w4a8 DIR] [--json out.json]
 
@@ -39,6 +40,9 @@ PPL_CASES = {
     "w8a8-int8-head": ("w8a8", {"VLLM_ERNIE_MOE_INT8_LM_HEAD": "1"}),
     "w8a16": ("w8a16", {}),
     "w4a8": ("w4a8", {}),
+    "w4a16": ("w4a16", {}),
+    "w4a16-int8-head": ("w4a16", {"VLLM_ERNIE_MOE_INT8_LM_HEAD": "1"}),
+    "w4a16-g32": ("w4a16-g32", {}),
 }
 PPL_CHUNK = 256
 PROMPTS, PROMPT_TOKENS, MAX_TOKENS = 12, 32, 48
@@ -174,10 +178,16 @@ def main(argv: list[str] | None = None) -> None:
     model, cache = args.model.resolve(), args.cache
     cache.mkdir(parents=True, exist_ok=True)
     checkpoints = {"bf16": model, "w4a8": args.w4a8}
-    for name, fmt in (("w8a8", "w8a8-dynamic"), ("w8a16", "w8a16")):
+    quantized = (
+        ("w8a8", "w8a8-dynamic", 0),
+        ("w8a16", "w8a16", 0),
+        ("w4a16", "w4a16", 128),
+        ("w4a16-g32", "w4a16", 32),
+    )
+    for name, fmt, group_size in quantized:
         checkpoints[name] = cache / name
         shutil.rmtree(checkpoints[name], ignore_errors=True)  # anew: the model may have changed
-        quantize_checkpoint(model, checkpoints[name], label=FORMATS[fmt])
+        quantize_checkpoint(model, checkpoints[name], label=FORMATS[fmt], group_size=group_size)
     rounds = [
         {
             case: run_child(__file__, case, model, cache / f"{case}-{i}.json", env)

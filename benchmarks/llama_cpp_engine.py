@@ -62,17 +62,14 @@ def quantize(source: Path, outfile: Path, outtype: str) -> None:
 
 def dequantized(tensors: dict) -> dict:
     """The converter's lazy tensors of a msModelSlim checkpoint as bf16 weights: each int8 weight
-    (int4 pairs when it has a ``scale_bias``) times its per-row scale, computed only when the
-    converter writes it; the scales, offsets (zero: symmetric) and ``scale_bias`` left out."""
+    (or int4 pairs) times its per-row or per-group scale, computed only when the converter writes
+    it; the scales, offsets (zero: symmetric) and ``scale_bias`` left out."""
     import torch
 
-    from vllm_ernie_moe.quant.msmodelslim import scale_bias_name, unpack_int4_rows
+    from vllm_ernie_moe.quant.msmodelslim import dequantized_weight
 
     def weight(name: str) -> torch.Tensor:
-        values = tensors[name]()
-        if scale_bias_name(name) in tensors:
-            values = unpack_int4_rows(values)
-        return (values.float() * tensors[f"{name}_scale"]()).to(torch.bfloat16)
+        return dequantized_weight(tensors[name](), tensors[f"{name}_scale"]()).to(torch.bfloat16)
 
     side_tensors = ("_scale", "_offset", ".scale_bias")
     return {

@@ -173,6 +173,13 @@ def quantize_activations(x: torch.Tensor) -> torch.Tensor:
     return quantized * scale
 
 
+def description_of(directory: Path) -> dict:
+    """A msModelSlim checkpoint's description JSON, metadata included."""
+    import json
+
+    return json.loads((directory / "quant_model_description.json").read_text())
+
+
 def load_tensors(directory: Path) -> dict[str, torch.Tensor]:
     """Every tensor of every safetensors file in a directory."""
     from safetensors import safe_open

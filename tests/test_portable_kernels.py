@@ -101,22 +101,29 @@ def test_int8_linear_compiles_with_inductor(quantize_input):
 @pytest.mark.parametrize("weight_format", portable_kernels.EXPERT_FORMATS)
 def test_experts_op_compiles_whole_and_matches_integer_math(weight_format):
     """vLLM compiles the model on CPU (fullgraph): the experts' routing-dependent loop must be one
-    opaque op there, and the op must compute each format's math (float64 reference)."""
+    opaque op there, and the op must compute each format's math (float64 reference). W4A16: a
+    scale per group of 32 inputs, activations unquantized."""
     generator = torch.Generator().manual_seed(6)
-    experts, hidden, inter, tokens = 3, 64, 32, 5
+    experts, hidden, inter, tokens, group = 3, 64, 32, 5, 32
+    int4 = weight_format in ("w4a8", "w4a16")
     w13, s13 = full_range_weights(experts * 2 * inter, hidden, seed=1)
     w2, s2 = full_range_weights(experts * hidden, inter, seed=2)
-    if weight_format == "w4a8":
+    if int4:
         w13, w2 = w13.clamp(-8, 7), w2.clamp(-8, 7)
     w13, w2 = w13.view(experts, 2 * inter, hidden), w2.view(experts, hidden, inter)
     s13, s2 = s13.view(experts, 2 * inter, 1), s2.view(experts, hidden, 1)
+    if weight_format == "w4a16":  # per-group scales, as the kernel holds them (bf16)
+        s13 = s13 * torch.rand(experts, 2 * inter, hidden // group, generator=generator)
+        s2 = s2 * torch.rand(experts, hidden, inter // group, generator=generator)
+        s13, s2 = s13.bfloat16(), s2.bfloat16()
     x = torch.randn(tokens, hidden, generator=generator).bfloat16()
     topk_ids = torch.tensor([[0, 2], [2, 1], [1, 0], [2, 0], [0, 1]])
     topk_weights = torch.rand(tokens, 2, generator=generator)
 
     def reference(rows, weight, scale):
-        if weight_format == "w8a16":
-            return rows.double() @ (weight.double() * scale.double().view(-1, 1)).T
+        if weight_format in ("w8a16", "w4a16"):
+            per_weight = scale.double().repeat_interleave(weight.shape[1] // scale.shape[1], dim=1)
+            return rows.double() @ (weight.double() * per_weight).T
         return reference_w8a8(rows, weight, scale.view(-1))
 
     want = torch.zeros(tokens, hidden, dtype=torch.float64)
@@ -127,9 +134,11 @@ def test_experts_op_compiles_whole_and_matches_integer_math(weight_format):
             act = torch.nn.functional.silu(gate) * up
             want[t] += topk_weights[t, k].double() * reference(act, w2[e], s2[e])[0]
 
-    if weight_format == "w4a8":
+    if int4:
         w13 = torch.stack([portable_kernels.pack_int4(w) for w in w13])
         w2 = torch.stack([portable_kernels.pack_int4(w) for w in w2])
+    if weight_format == "w4a16":
+        s13, s2 = (portable_kernels.int4_scales_and_zeros(s, torch.bfloat16) for s in (s13, s2))
 
     def layer(x, topk_weights, topk_ids):
         return portable_kernels.experts(x, topk_weights, topk_ids, w13, w2, s13, s2, weight_format)

@@ -17,6 +17,7 @@ from reference import (
     assert_bf16_drift,
     check_logprobs_close,
     dequantized_checkpoint,
+    description_of,
     load_tensors,
     logprob_drift,
     transformers_greedy,
@@ -32,10 +33,6 @@ W4A16 = FIXTURES / "ernie-tiny-w4a16-msmodelslim"
 SOURCE = FIXTURES / "ernie-tiny-bf16-wide"
 MAX_TOKENS, TOP_K = 32, 5
 _results: dict[int, list] = {}
-
-
-def description_of(directory: Path) -> dict:
-    return json.loads((directory / "quant_model_description.json").read_text())
 
 
 @pytest.fixture(scope="module", params=[1, 2], ids=lambda tp: f"tp{tp}")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from reference import load_tensors
+from reference import description_of, load_tensors
 from safetensors.torch import save_file
 from transformers import Ernie4_5_MoeConfig
 
@@ -27,10 +27,6 @@ MSMODELSLIM = FIXTURES / "ernie-tiny-w8a8-msmodelslim"
 MSMODELSLIM_W8A16 = FIXTURES / "ernie-tiny-w8a16-msmodelslim"
 MSMODELSLIM_W4A8 = FIXTURES / "ernie-tiny-w4a8-msmodelslim"
 MSMODELSLIM_W4A16 = FIXTURES / "ernie-tiny-w4a16-msmodelslim"
-
-
-def description_of(directory: Path) -> dict:
-    return json.loads((directory / "quant_model_description.json").read_text())
 
 
 @pytest.mark.parametrize(

@@ -135,6 +135,14 @@ def unpack_int4_rows(packed: torch.Tensor) -> torch.Tensor:
     return rows.reshape(*packed.shape[:-2], 2 * packed.shape[-2], packed.shape[-1])
 
 
+def dequantized_weight(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """An int8 weight, or int4 pairs (``[out/2, in]`` against ``out`` scale rows), times its
+    per-channel or per-group scale: fp32 ``[out, in]``."""
+    scale = scale.float().reshape(scale.shape[0], -1)  # a per-channel scale may be stored flat
+    values = unpack_int4_rows(weight) if 2 * weight.shape[0] == scale.shape[0] else weight
+    return values.float() * scale.repeat_interleave(values.shape[1] // scale.shape[1], dim=1)
+
+
 #: msModelSlim's "ssz" scale search: at most this many least-squares refinements per weight.
 SSZ_ITERATIONS = 50
 SSZ_CONVERGED = 1e-10

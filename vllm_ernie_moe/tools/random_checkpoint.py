@@ -254,20 +254,24 @@ def build_checkpoint(
     return out
 
 
-def build_w4a8_checkpoint(
+def build_int4_checkpoint(
     out_dir: str | os.PathLike,
     geometry: str = "21b-4layers",
+    label: str = "W4A8_DYNAMIC",
     seed: int = 0,
     shard_size_gb: float = 2.0,
+    group_size: int = 128,
     **config_overrides: Any,
 ) -> Path:
-    """Write a random msModelSlim W4A8_DYNAMIC checkpoint one tensor at a time: memory stays at
-    about two shards (one and its serialized copy), so the whole ERNIE-4.5-21B-A3B
-    (``num_hidden_layers=28``, 12.4 GB on disk) builds on this project's machines.
+    """Write a random msModelSlim W4A8_DYNAMIC or W4A16 (``label``) checkpoint one tensor at a
+    time: memory stays at about two shards (one and its serialized copy), so the whole
+    ERNIE-4.5-21B-A3B (``num_hidden_layers=28``, 12.4 GB on disk as W4A8_DYNAMIC) builds on this
+    project's machines.
 
-    The routed experts get random int4 values and per-row scales directly (msModelSlim's ssz search,
-    as the offline tool runs it, takes ~4 s per expert matrix: 6 hours for 21B); every other
-    tensor is drawn in bf16 and converted by the offline tool's own code (W8A8_DYNAMIC, FLOAT).
+    W4A8_DYNAMIC's routed experts get random int4 values and per-row scales directly (msModelSlim's
+    ssz search, as the offline tool runs it, takes ~4 s per expert matrix: 6 hours for 21B); every
+    other tensor is drawn in bf16 and converted by the offline tool's own code (W8A8_DYNAMIC, W4A16
+    per ``group_size`` inputs, FLOAT).
     """
     import torch
 
@@ -279,6 +283,7 @@ def build_w4a8_checkpoint(
     from vllm_ernie_moe.quant.msmodelslim import (
         FLOAT,
         W4A8_DYNAMIC,
+        W4A16,
         int4_scale_bias,
         pack_int4_rows,
         scale_bias_groups,
@@ -301,7 +306,7 @@ def build_w4a8_checkpoint(
         return torch.empty(shape).normal_(0.0, scale, generator=generator).to(dtype)
 
     for name, shape in shapes.items():
-        if is_routed_expert(name) and is_quantizable_weight(name):
+        if label == W4A8_DYNAMIC and is_routed_expert(name) and is_quantizable_weight(name):
             values = torch.randint(-8, 8, shape, dtype=torch.int8, generator=generator)
             scale = torch.empty(shape[0], 1).uniform_(0.8, 1.2, generator=generator) * int4_scale
             tensors = [
@@ -323,14 +328,14 @@ def build_w4a8_checkpoint(
             if config.tie_word_embeddings:  # msModelSlim writes the tied head
                 written.append(("lm_head.weight", embedding.clone(), FLOAT))
         else:
-            written = converted(name, normal(shape, std), W4A8_DYNAMIC)
-        for out_name, tensor, label in written:
+            written = converted(name, normal(shape, std), label, group_size)
+        for out_name, tensor, tensor_label in written:
             writer.add(out_name, tensor)
-            labels[out_name] = label
+            labels[out_name] = tensor_label
     writer.finish()
-    write_description(out, labels, W4A8_DYNAMIC)
+    write_description(out, labels, label, group_size if label == W4A16 else 0)
     config.save_pretrained(str(out))
-    notes = f"W4A8_DYNAMIC random int4, seed {seed}."
+    notes = f"{label} random int4, seed {seed}."
     fields = dict(dtype="bfloat16", architectures=["Ernie4_5_MoeForCausalLM"])
     _finish_config(out, geometry, config_overrides, notes, **fields)
     return out

@@ -1,0 +1,101 @@
+"""The W4A16 linear kernel choice: ERNIE-4.5-21B-A3B's linear shapes (attention, shared experts,
+dense MLP) on PyTorch's int4 weight-only GEMM (the plugin's W4A16 linear), vLLM's CPU WNA16 GEMM
+(``cpu_gemm_wna16``, its GPTQ/AWQ linear on CPU), PyTorch's int8 weight-only GEMM and bf16, side
+by side in one process, interleaved per shape.
+
+Weights: random int4 values with group scales (128 inputs), laid out as each kernel takes them;
+``COPIES`` copies cycle so that they come from memory, not from the L3 cache. Rows: milliseconds
+per call for 1, 8 and 256 tokens, and the weight bytes' rate at 1 token.
+
+    python benchmarks/int4_linear.py [--rounds 2] [--json out.json]
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+#: (name, inputs, outputs) of the 21B-A3B's linears, one TP rank.
+SHAPES = (
+    ("qkv_proj", 2560, 3584),
+    ("o_proj", 2560, 2560),
+    ("shared gate_up", 2560, 3072),
+    ("shared down", 1536, 2560),
+    ("dense down", 12288, 2560),
+)
+TOKENS, GROUP, COPIES = (1, 8, 256), 128, 8
+#: bytes per weight of each kernel's layout
+BYTES = {"bf16": 2.0, "int8 (torch)": 1.0, "int4 (torch)": 0.5, "int4 (vLLM wna16)": 0.5}
+
+
+def kernels(inputs: int, outputs: int, generator) -> dict:
+    """Kernel name -> callable(x, copy) on random int4 weights in that kernel's layout."""
+    import torch
+    from vllm import _custom_ops as ops
+    from vllm.model_executor.layers.quantization.utils.quant_utils import (
+        pack_quantized_values_into_int32,
+    )
+    from vllm.scalar_type import scalar_types
+
+    from vllm_ernie_moe.portable_kernels import int4_scales_and_zeros, pack_int4
+
+    torch4, vllm4, int8, bf16 = [], [], [], []
+    for _ in range(COPIES):
+        q = torch.randint(-8, 8, (outputs, inputs), dtype=torch.int8, generator=generator)
+        s = torch.rand(outputs, inputs // GROUP, generator=generator) * 0.01 + 0.005
+        torch4.append((pack_int4(q), int4_scales_and_zeros(s, torch.bfloat16)))
+        # vLLM's wna16 layout, as its CPUWNA16LinearKernel repacks GPTQ weights (16-column blocks)
+        columns = pack_quantized_values_into_int32(
+            (q.T + 8).to(torch.int32), scalar_types.uint4b8, 1
+        )
+        blocked = columns.view(inputs, -1, 2).permute(1, 0, 2).reshape(-1, inputs * 2)
+        vllm4.append((blocked.contiguous(), s.T.contiguous().to(torch.bfloat16)))
+        int8.append((q, torch.ones(outputs, dtype=torch.bfloat16)))
+        bf16.append(q.to(torch.bfloat16))
+    return {
+        "bf16": lambda x, i: torch.nn.functional.linear(x, bf16[i]),
+        "int8 (torch)": lambda x, i: torch._weight_int8pack_mm(x, *int8[i]),
+        "int4 (torch)": lambda x, i: torch._weight_int4pack_mm_for_cpu(
+            x, torch4[i][0], GROUP, torch4[i][1]
+        ),
+        "int4 (vLLM wna16)": lambda x, i: ops.cpu_gemm_wna16(
+            x, vllm4[i][0], vllm4[i][1], None, None, 8, "vec"
+        ),
+    }
+
+
+def timed(call, x, calls: int) -> float:
+    call(x, 0)
+    start = time.perf_counter()
+    for i in range(calls):
+        call(x, i % COPIES)
+    return (time.perf_counter() - start) / calls * 1e3
+
+
+def main() -> None:
+    import torch
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    generator = torch.Generator().manual_seed(0)
+    results = []
+    for name, inputs, outputs in SHAPES:
+        calls = kernels(inputs, outputs, generator)
+        for tokens in TOKENS:
+            x = torch.randn(tokens, inputs, dtype=torch.bfloat16, generator=generator)
+            for round_ in range(args.rounds):
+                for kernel, call in calls.items():
+                    ms = timed(call, x, 200 if tokens < 256 else 10)
+                    gbps = inputs * outputs * BYTES[kernel] / ms / 1e6
+                    row = dict(shape=name, tokens=tokens, round=round_, kernel=kernel, ms=ms)
+                    results.append(dict(row, weight_gb_per_s=gbps if tokens == 1 else None))
+                    print(json.dumps(results[-1]), flush=True)
+    if args.json:
+        host = {"torch": torch.__version__, "threads": torch.get_num_threads()}
+        args.json.write_text(json.dumps({"host": host, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
