@@ -268,7 +268,7 @@ def int4_checkpoint(cache: Path, layers: int, label: str = "W4A8_DYNAMIC") -> Pa
     path = cache / f"21b-{layers}layers-{'w4a16' if label == 'W4A16' else 'w4a8'}"
     if not (path / "config.json").exists():
         print(f"building the {label} {layers}-layer checkpoint in {path} ...", flush=True)
-        build_int4_checkpoint(path, "21b-4layers", label, **_geometry(layers))
+        build_int4_checkpoint(path, "21b-4layers", label=label, **_geometry(layers))
     return path
 
 
@@ -493,7 +493,9 @@ def main() -> None:
         rounds.setdefault(engine, []).append(measured)
         results[engine] = best_of(results.get(engine), measured)
         print(engine, measured, flush=True)
-    host = dict(machine(args.cpu_tier), llama_cpp_path=args.llama_cpp_path)
+    host = dict(
+        machine(args.cpu_tier), llama_cpp_path=args.llama_cpp_path, int4_source=args.int4_source
+    )
     print(f"machine: {host}")
     print(markdown(results, rounds))
     if args.json:

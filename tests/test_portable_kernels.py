@@ -98,6 +98,25 @@ def test_int8_linear_compiles_with_inductor(quantize_input):
     torch.testing.assert_close(got, layer(x), rtol=0, atol=0)
 
 
+def test_int4_group_linear_compiles_with_inductor_and_matches_group_math():
+    """The W4A16 linear as one op under Inductor, against int4 values times their group's scale
+    (float64; scales as the kernel holds them, in bf16)."""
+    generator = torch.Generator().manual_seed(8)
+    values = torch.randint(-8, 8, (48, 64), generator=generator, dtype=torch.int8)
+    scale = (torch.rand(48, 2, generator=generator) * 0.01 + 1e-3).bfloat16()  # groups of 32
+    packed = portable_kernels.pack_int4(values)
+    scales = portable_kernels.int4_scales_and_zeros(scale, torch.bfloat16)
+    x = torch.randn(7, 64, generator=generator).bfloat16()
+
+    def layer(x):
+        return portable_kernels.int4_group_linear(x * 2 + 1, packed, scales)
+
+    got = torch.compile(layer, fullgraph=True, backend="inductor")(x)
+    rows = (x * 2 + 1).double()
+    want = rows @ (values.double() * scale.double().repeat_interleave(32, dim=1)).T
+    assert (got.double() - want).abs().max() <= want.abs().max() * 2**-7
+
+
 @pytest.mark.parametrize("weight_format", portable_kernels.EXPERT_FORMATS)
 def test_experts_op_compiles_whole_and_matches_integer_math(weight_format):
     """vLLM compiles the model on CPU (fullgraph): the experts' routing-dependent loop must be one

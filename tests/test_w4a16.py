@@ -103,10 +103,32 @@ def test_group_sizes_the_kernels_lack_are_refused(tmp_path, group_size):
         load_description(_with(tmp_path, group_size=group_size))
 
 
+@pytest.mark.parametrize("group_size", ["128g", 32.5])
+def test_a_group_size_that_is_no_whole_number_is_named(tmp_path, group_size):
+    with pytest.raises(QuantizationFormatError, match="is not a whole number of inputs"):
+        load_description(_with(tmp_path, group_size=group_size))
+
+
 def test_group_size_on_per_channel_formats_is_refused(tmp_path):
     labels = {k: "W8A8_DYNAMIC" for k, v in description_of(W4A16).items() if v == "W4A16"}
     with pytest.raises(QuantizationFormatError, match="only served for W4A16"):
         load_description(_with(tmp_path, **labels))
+
+
+def test_experts_that_split_a_group_are_refused():
+    """Experts whose per-rank intermediate size (48) is no multiple of the group (32): named."""
+    from types import SimpleNamespace
+
+    from vllm_ernie_moe.quant.moe import ErnieW4A16MoEMethod
+
+    moe = SimpleNamespace(hidden_dim=64, intermediate_size_per_partition=48)
+    with pytest.raises(QuantizationFormatError, match="model.layers.1.mlp.experts"):
+        ErnieW4A16MoEMethod(moe, 32, "model.layers.1.mlp.experts")
+
+
+def test_offline_tool_refuses_a_group_size_the_server_would_refuse(tmp_path):
+    with pytest.raises(quantize.QuantizeError, match="group size 48"):
+        quantize.quantize_checkpoint(SOURCE, tmp_path / "out", label="W4A16", group_size=48)
 
 
 def test_tensor_parallel_split_inside_a_group_is_refused():

@@ -191,7 +191,8 @@ class CheckpointValidator:
                 raise self._fail(
                     name,
                     "is non-zero (asymmetric weight quantization)",
-                    "Only symmetric int8 weights are served: re-quantize with symmetric weights.",
+                    "Only symmetric int8 / int4 weights are served: re-quantize with symmetric "
+                    "weights.",
                 )
             return
         if not is_quantizable_weight(canonical):

@@ -165,8 +165,8 @@ class ErnieW8A16DequantizedLinearMethod(UnquantizedLinearMethod):
 @register_weight_loader_v2_supported_method
 class ErnieW4A16LinearMethod(LinearMethodBase):
     """msModelSlim W4A16 linear: int4 weights (two per int8 along the output rows, as stored) and
-    per-group scales, activations in the model dtype, as vllm-ascend's antiquant GEMM on the NPU.
-    Repacked at load for ``_weight_int4pack_mm_for_cpu``."""
+    per-group scales (rounded to the model dtype, as the kernel takes them), activations in the
+    model dtype: W4A16's math. Repacked at load for ``_weight_int4pack_mm_for_cpu``."""
 
     def __init__(self, group_size: int, prefix: str) -> None:
         self.group_size = group_size

@@ -259,8 +259,8 @@ class ModelSlimDescription:
 
     @property
     def group_size(self) -> int:
-        """Inputs per W4A16 scale (0: per channel)."""
-        return int(self.metadata.get("group_size", 0) or 0)
+        """Inputs per W4A16 scale (0: per channel); :func:`load_description` checked it."""
+        return parse_group_size(self.path, self.metadata)
 
     def label(self, tensor: str) -> str:
         try:
@@ -271,6 +271,22 @@ class ModelSlimDescription:
                 "tensor of the checkpoint; re-export it with msModelSlim or "
                 "`python -m vllm_ernie_moe.tools.quantize`."
             ) from None
+
+
+def parse_group_size(path: Path, metadata: dict) -> int:
+    """The description's ``group_size``: a whole number (msModelSlim writes an int; its docs show
+    a string such as "128"), 0 when absent."""
+    raw = metadata.get("group_size") or 0
+    try:
+        value = int(raw) if not isinstance(raw, float) else None
+    except ValueError:
+        value = None
+    if value is None or value < 0:
+        raise QuantizationFormatError(
+            f"{path}: group_size={raw!r} is not a whole number of inputs; write it as an integer "
+            "(0 for per-channel weights)."
+        )
+    return value
 
 
 @dataclass(frozen=True)
@@ -315,7 +331,7 @@ def load_description(path: Path) -> ModelSlimDescription:
     raw = json.loads(path.read_text())
     labels = read_labels(path)
     metadata = {k: v for k, v in raw.items() if k in METADATA_KEYS}
-    group_size = int(metadata.get("group_size", 0) or 0)
+    group_size = parse_group_size(path, metadata)
     w4a16 = W4A16 in labels.values()
     if w4a16 and group_size not in W4A16_GROUP_SIZES:
         raise QuantizationFormatError(

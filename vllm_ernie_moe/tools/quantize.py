@@ -11,7 +11,8 @@ W4A8_DYNAMIC experts get msModelSlim's "ssz" int4 scales, its packing and ``scal
 w4a8 practices write them. W4A16 gets msModelSlim v0's per-group MinMax int4 (fp32 arithmetic),
 packed as W4A8, with fp32 scales and offsets per group, as its ascendV1 saver writes them.
 
-The output loads in vllm-ascend (``ascend``) and in this plugin, and holds the same int8 weights and
+The output loads in this plugin and, except W4A16 (vllm-ascend 182b75e has no msModelSlim W4A16
+scheme for linear layers), in vllm-ascend (``ascend``), and holds the same int8 weights and
 scales msModelSlim writes for the same input. It streams one tensor at a time, so peak memory is
 about one output shard (``--shard-size-gb``), not the model; it writes into a temporary sibling
 directory and renames it only when complete, so an interrupted run (full disk, Ctrl-C) never leaves
@@ -128,10 +129,11 @@ def converted(
         yield name, tensor, FLOAT
         return
     if label == W4A16:
-        if tensor.shape[1] % group_size:
+        if tensor.shape[1] % group_size or tensor.shape[0] % 2:
             raise QuantizeError(
-                f"tensor '{name}' has {tensor.shape[1]} inputs, not a multiple of --group-size "
-                f"{group_size}: choose a group size that divides it."
+                f"tensor '{name}' of shape {list(tensor.shape)}: W4A16 needs inputs in whole "
+                f"groups of --group-size {group_size} and an even number of rows (two int4 per "
+                "byte): choose a group size that divides the inputs."
             )
         values, scale = quantize_int4_groups(tensor, group_size)
         yield name, pack_int4_rows(values), label
@@ -231,6 +233,11 @@ def quantize_checkpoint(
 ) -> Path:
     """Write the ``label`` (a :data:`FORMATS` value) checkpoint of ``model_dir`` to
     ``output_dir`` (W4A16 per ``group_size`` inputs); returns it."""
+    if label == W4A16 and group_size not in W4A16_GROUP_SIZES:
+        raise QuantizeError(
+            f"group size {group_size}: W4A16 is served with groups of "
+            f"{', '.join(map(str, W4A16_GROUP_SIZES))} inputs."
+        )
     group_size = group_size if label == W4A16 else 0
     from tqdm import tqdm
 
@@ -310,7 +317,7 @@ def main(argv: list[str] | None = None) -> None:
         type=int,
         choices=W4A16_GROUP_SIZES,
         default=W4A16_GROUP_SIZES[-1],
-        help="inputs per W4A16 scale (msModelSlim's W4A16 recipes use 128)",
+        help="inputs per W4A16 scale (msModelSlim's W4A16 recipes use 128); w4a16 only",
     )
     args = parser.parse_args(argv)
     if not args.model.is_dir():

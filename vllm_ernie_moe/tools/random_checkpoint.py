@@ -257,6 +257,7 @@ def build_checkpoint(
 def build_int4_checkpoint(
     out_dir: str | os.PathLike,
     geometry: str = "21b-4layers",
+    *,
     label: str = "W4A8_DYNAMIC",
     seed: int = 0,
     shard_size_gb: float = 2.0,
