@@ -173,12 +173,20 @@ def _self_routing(experts_cls: type) -> type:
     return type(f"SelfRouting{experts_cls.__name__}", (_RoutesByErnieRule, experts_cls), {})
 
 
-def cpu_experts_class(int4: bool) -> type:
-    """The W8A8 / W4A8 experts for this CPU and vLLM: vLLM's fused kernel where it exists and is
-    exact, else the portable one."""
-    if vllm_fused_experts_exact():
-        return routed_by_ernie_rule(ErnieCPUExpertsInt4 if int4 else ErnieCPUExpertsInt8)
-    return routed_by_ernie_rule(PortableCPUExpertsInt4 if int4 else PortableCPUExpertsInt8)
+#: Weight format -> (vLLM's fused experts, the portable ones). W4A16 shares vLLM's int4 kernel
+#: (activations int8 inside) but keeps model-dtype activations on the portable path.
+_EXPERTS_BY_FORMAT = {
+    "w8a8": (ErnieCPUExpertsInt8, PortableCPUExpertsInt8),
+    "w4a8": (ErnieCPUExpertsInt4, PortableCPUExpertsInt4),
+    "w4a16": (ErnieCPUExpertsInt4, PortableCPUExpertsW4A16),
+}
+
+
+def cpu_experts_class(weight_format: str) -> type:
+    """The experts of ``weight_format`` (a key of :data:`_EXPERTS_BY_FORMAT`) for this CPU and
+    vLLM: vLLM's fused kernel where it exists and is exact, else the portable one."""
+    fused, portable = _EXPERTS_BY_FORMAT[weight_format]
+    return routed_by_ernie_rule(fused if vllm_fused_experts_exact() else portable)
 
 
 def routed_by_ernie_rule(experts_cls: type) -> type:

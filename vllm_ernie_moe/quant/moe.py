@@ -33,7 +33,6 @@ from vllm_ernie_moe.quant.common import (
     set_parameter,
 )
 from vllm_ernie_moe.quant.cpu_experts import (
-    PortableCPUExpertsW4A16,
     PortableCPUExpertsW8A16,
     cpu_experts_class,
     routed_by_ernie_rule,
@@ -52,6 +51,8 @@ class ErnieW8A8MoEMethod(FusedMoEMethodBase):
 
     #: msModelSlim stores two int4 values per int8 along the output rows (W4A8_DYNAMIC).
     int4_packed = False
+    #: :func:`cpu_experts_class`'s key
+    weight_format = "w8a8"
     experts_quant_keys = (kInt8StaticChannelSym, kInt8DynamicTokenSym)
 
     def __init__(self, moe: FusedMoEConfig, prequantized: bool) -> None:
@@ -76,7 +77,7 @@ class ErnieW8A8MoEMethod(FusedMoEMethodBase):
         log_kernel_once("routed experts", self.experts_cls.__name__)
 
     def experts_class(self) -> type:
-        return cpu_experts_class(int4=self.int4_packed)
+        return cpu_experts_class(self.weight_format)
 
     def scale_groups(self, hidden: int, intermediate: int, weight_name: str) -> int | None:
         """Scales per row of ``weight_name`` (None: one per output channel)."""
@@ -195,6 +196,7 @@ class ErnieW4A8MoEMethod(ErnieW8A8MoEMethod):
     """
 
     int4_packed = True
+    weight_format = "w4a8"
     experts_quant_keys = (kInt4Static, None)
 
     def process_weights_after_loading(self, layer: Module) -> None:
@@ -241,7 +243,9 @@ class ErnieW4A16MoEMethod(ErnieW4A8MoEMethod):
     """msModelSlim W4A16 routed experts: int4 weights with a scale per group of ``group_size``
     inputs. On vLLM's fused int4 experts (where exact) as vLLM serves GPTQ W4A16 experts on CPU:
     that kernel quantizes the activations to int8 per token inside; elsewhere on the portable
-    experts, activations in the model dtype (:class:`PortableCPUExpertsW4A16`)."""
+    experts, activations in the model dtype (``PortableCPUExpertsW4A16``)."""
+
+    weight_format = "w4a16"
 
     def __init__(self, moe: FusedMoEConfig, group_size: int, prefix: str) -> None:
         inputs = (moe.hidden_dim, moe.intermediate_size_per_partition)
@@ -254,11 +258,6 @@ class ErnieW4A16MoEMethod(ErnieW4A8MoEMethod):
             )
         self.group_size = group_size
         super().__init__(moe, prequantized=True)
-
-    def experts_class(self) -> type:
-        if vllm_fused_experts_exact():
-            return super().experts_class()
-        return routed_by_ernie_rule(PortableCPUExpertsW4A16)
 
     def scale_groups(self, hidden: int, intermediate: int, weight_name: str) -> int:
         return (hidden if weight_name == "w13_weight" else intermediate) // self.group_size
