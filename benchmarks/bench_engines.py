@@ -176,12 +176,17 @@ def timed_vllm_generate(llm, prompts: list[list[int]], tokens: int) -> float:
     return time.perf_counter() - start
 
 
-def run_vllm(checkpoint: str) -> dict[str, float]:
+def vllm_engine(checkpoint: str):
+    """The benchmarks' vLLM engine on ``checkpoint``."""
     from vllm import LLM
 
+    return LLM(model=checkpoint, dtype="bfloat16", max_model_len=2048, max_num_seqs=BATCH)
+
+
+def run_vllm(checkpoint: str) -> dict[str, float]:
     memory = PeakMemory()
     start = time.perf_counter()
-    llm = LLM(model=checkpoint, dtype="bfloat16", max_model_len=2048, max_num_seqs=BATCH)
+    llm = vllm_engine(checkpoint)
     load_s = time.perf_counter() - start
     peak_pss_gib = memory.stop()  # sampling PSS costs CPU: never during the timed runs
     generate = functools.partial(vllm_generate, llm)

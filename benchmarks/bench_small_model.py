@@ -11,7 +11,7 @@ its own process, rounds interleaved in one run:
 
     python benchmarks/bench_small_model.py [--model DIR] [--rounds 2] [--w4a8 DIR] [--json out.json]
 
-``--rounds 0`` measures the perplexities only.
+``--rounds 0`` measures the perplexities only; ``--cases`` picks their rows.
 """
 
 from __future__ import annotations
@@ -165,6 +165,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--w4a8", type=Path, help="msModelSlim's W4A8_DYNAMIC of --model")
     parser.add_argument("--json", type=Path)
     parser.add_argument(
+        "--cases", nargs="+", choices=PPL_CASES, default=list(PPL_CASES), help="perplexity rows"
+    )
+    parser.add_argument(
         "--child", nargs=3, metavar=("TASK", "CHECKPOINT", "OUT"), help=argparse.SUPPRESS
     )
     args = parser.parse_args(argv)
@@ -198,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     perplexity = {
         case: run_child(__file__, "perplexity", checkpoints[name], cache / f"ppl-{case}.json", env)
         for case, (name, env) in PPL_CASES.items()
-        if checkpoints[name] is not None
+        if checkpoints[name] is not None and case in args.cases
     }
     print("\n".join((mtp_table(rounds) + [""] if rounds else []) + ppl_table(perplexity)))
     if args.json:

@@ -1,11 +1,12 @@
 """The W4A16 linear kernel choice: ERNIE-4.5-21B-A3B's linear shapes (attention, shared experts,
-dense MLP) on PyTorch's int4 weight-only GEMM (the plugin's W4A16 linear), vLLM's CPU WNA16 GEMM
-(``cpu_gemm_wna16``, its GPTQ/AWQ linear on CPU), PyTorch's int8 weight-only GEMM and bf16, side
-by side in one process, interleaved per shape.
+dense MLP) on PyTorch's int4 weight-only GEMM (the plugin's W4A16 linear at few tokens), the
+dequantize-then-bf16 path (the plugin's W4A16 linear from ``INT4_DEQUANTIZE_FROM_TOKENS`` on),
+vLLM's CPU WNA16 GEMM (``cpu_gemm_wna16``, its GPTQ/AWQ linear on CPU), PyTorch's int8
+weight-only GEMM and bf16, side by side in one process, interleaved per shape.
 
 Weights: random int4 values with group scales (128 inputs), laid out as each kernel takes them;
 ``COPIES`` copies cycle so that they come from memory, not from the L3 cache. Rows: milliseconds
-per call for 1, 8 and 256 tokens, and the weight bytes' rate at 1 token.
+per call for each of ``TOKENS`` tokens, and the weight bytes' rate at 1 token.
 
     python benchmarks/int4_linear.py [--rounds 2] [--json out.json]
 """
@@ -23,9 +24,10 @@ SHAPES = (
     ("shared down", 1536, 2560),
     ("dense down", 12288, 2560),
 )
-TOKENS, GROUP, COPIES = (1, 8, 256), 128, 8
+TOKENS, GROUP, COPIES = (1, 8, 16, 32, 64, 256, 1024), 128, 8
 #: bytes per weight of each kernel's layout
-BYTES = {"bf16": 2.0, "int8 (torch)": 1.0, "int4 (torch)": 0.5, "int4 (vLLM wna16)": 0.5}
+BYTES = {"bf16": 2.0, "int8 (torch)": 1.0, "int4 (torch)": 0.5, "int4 (vLLM wna16)": 0.5,
+         "int4 dequantized + bf16": 0.5}  # fmt: skip
 
 
 def kernels(inputs: int, outputs: int, generator) -> dict:
@@ -37,9 +39,14 @@ def kernels(inputs: int, outputs: int, generator) -> dict:
     )
     from vllm.scalar_type import scalar_types
 
-    from vllm_ernie_moe.portable_kernels import int4_scales_and_zeros, pack_int4
+    from vllm_ernie_moe.portable_kernels import (
+        int4_dequantized_linear,
+        int4_scales_and_zeros,
+        pack_int4,
+    )
+    from vllm_ernie_moe.quant.msmodelslim import pack_int4_rows
 
-    torch4, vllm4, int8, bf16 = [], [], [], []
+    torch4, vllm4, int8, bf16, rows = [], [], [], [], []
     for _ in range(COPIES):
         q = torch.randint(-8, 8, (outputs, inputs), dtype=torch.int8, generator=generator)
         s = torch.rand(outputs, inputs // GROUP, generator=generator) * 0.01 + 0.005
@@ -52,6 +59,7 @@ def kernels(inputs: int, outputs: int, generator) -> dict:
         vllm4.append((blocked.contiguous(), s.T.contiguous().to(torch.bfloat16)))
         int8.append((q, torch.ones(outputs, dtype=torch.bfloat16)))
         bf16.append(q.to(torch.bfloat16))
+        rows.append((pack_int4_rows(q), s.to(torch.bfloat16)))
     return {
         "bf16": lambda x, i: torch.nn.functional.linear(x, bf16[i]),
         "int8 (torch)": lambda x, i: torch._weight_int8pack_mm(x, *int8[i]),
@@ -61,6 +69,7 @@ def kernels(inputs: int, outputs: int, generator) -> dict:
         "int4 (vLLM wna16)": lambda x, i: ops.cpu_gemm_wna16(
             x, vllm4[i][0], vllm4[i][1], None, None, 8, "vec"
         ),
+        "int4 dequantized + bf16": lambda x, i: int4_dequantized_linear(x, *rows[i]),
     }
 
 
@@ -87,7 +96,7 @@ def main() -> None:
             x = torch.randn(tokens, inputs, dtype=torch.bfloat16, generator=generator)
             for round_ in range(args.rounds):
                 for kernel, call in calls.items():
-                    ms = timed(call, x, 200 if tokens < 256 else 10)
+                    ms = timed(call, x, 200 if tokens < 64 else 10)
                     gbps = inputs * outputs * BYTES[kernel] / ms / 1e6
                     row = dict(shape=name, tokens=tokens, round=round_, kernel=kernel, ms=ms)
                     results.append(dict(row, weight_gb_per_s=gbps if tokens == 1 else None))

@@ -1,14 +1,17 @@
 """Shared fixtures: small ERNIE-4.5-MoE checkpoints built with transformers, engine settings."""
 
+import atexit
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import settings
 
-from vllm_ernie_moe import compat, cpu_tier
+from vllm_ernie_moe import compat, cpu_tier, envs
 
 # VLLM_ERNIE_MOE_CPU_TIER (make test CPU_TIER=avx2): torch, oneDNN, vLLM and every engine process
 # run as that tier; before torch runs a kernel and before a test module imports vLLM's kernels.
@@ -16,6 +19,11 @@ cpu_tier.force()
 # A small KV cache and both cores for the engine; set before vLLM reads its environment.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+# Repacked weights in a directory of this session: each run starts without entries (no state
+# from an earlier run), and later engines on the same weights load what earlier ones stored.
+_REPACK_CACHE = tempfile.mkdtemp(prefix="ernie-moe-repack-")
+atexit.register(shutil.rmtree, _REPACK_CACHE, ignore_errors=True)
+os.environ.setdefault(envs.REPACK_CACHE_VARIABLE, _REPACK_CACHE)
 
 from pathlib import Path  # noqa: E402
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from vllm_ernie_moe import cpu_tier, portable_kernels
+from vllm_ernie_moe.quant.msmodelslim import pack_int4_rows
 
 TIER = cpu_tier.active()
 
@@ -98,22 +99,28 @@ def test_int8_linear_compiles_with_inductor(quantize_input):
     torch.testing.assert_close(got, layer(x), rtol=0, atol=0)
 
 
-def test_int4_group_linear_compiles_with_inductor_and_matches_group_math():
-    """The W4A16 linear as one op under Inductor, against int4 values times their group's scale
-    (float64; scales as the kernel holds them, in bf16)."""
+@pytest.mark.parametrize(
+    "tokens", [7, portable_kernels.INT4_DEQUANTIZE_FROM_TOKENS], ids=["int4-gemm", "dequantized"]
+)
+def test_int4_group_linear_compiles_with_inductor_and_matches_group_math(tokens):
+    """The W4A16 linear as one op under Inductor, on both of its paths (PyTorch's int4 GEMM; from
+    ``INT4_DEQUANTIZE_FROM_TOKENS`` on, bf16 weights dequantized chunk by chunk: 592 rows cross
+    the chunk size), against int4 values times their group's scale (float64; scales as the kernel
+    holds them, in bf16)."""
     generator = torch.Generator().manual_seed(8)
-    values = torch.randint(-8, 8, (48, 64), generator=generator, dtype=torch.int8)
-    scale = (torch.rand(48, 2, generator=generator) * 0.01 + 1e-3).bfloat16()  # groups of 32
+    values = torch.randint(-8, 8, (592, 64), generator=generator, dtype=torch.int8)
+    scale = (torch.rand(592, 2, generator=generator) * 0.01 + 1e-3).bfloat16()  # groups of 32
     packed = portable_kernels.pack_int4(values)
     scales = portable_kernels.int4_scales_and_zeros(scale, torch.bfloat16)
-    x = torch.randn(7, 64, generator=generator).bfloat16()
+    rows = pack_int4_rows(values)
+    x = torch.randn(tokens, 64, generator=generator).bfloat16()
 
     def layer(x):
-        return portable_kernels.int4_group_linear(x * 2 + 1, packed, scales)
+        return portable_kernels.int4_group_linear(x * 2 + 1, packed, scales, rows, scale)
 
     got = torch.compile(layer, fullgraph=True, backend="inductor")(x)
-    rows = (x * 2 + 1).double()
-    want = rows @ (values.double() * scale.double().repeat_interleave(32, dim=1)).T
+    inputs = (x * 2 + 1).double()
+    want = inputs @ (values.double() * scale.double().repeat_interleave(32, dim=1)).T
     assert (got.double() - want).abs().max() <= want.abs().max() * 2**-7
 
 

@@ -112,3 +112,12 @@ def test_multinode_queues_patch_has_a_target(source):
     )
     assert rule is not None and "get_assigned_physical_gpu_ids()" in rule
     assert source.definition(patch.PLATFORM_MODULE, "get_assigned_physical_gpu_ids")
+
+
+def test_aot_compile_cache_patch_has_a_target_with_the_bug(source):
+    """The loader it wraps, still calling ``finalize_loading`` unguarded (the patch's probe)."""
+    from vllm_ernie_moe.patches import patch_cpu_aot_compile_cache as patch
+
+    loader = source.source_of(patch.DECORATORS_MODULE, patch.TARGET)
+    assert loader is not None and "torch.compiler.load_compiled_function" in loader
+    assert patch._finalizes_unguarded_source(loader)

@@ -1,6 +1,7 @@
 """Every environment variable this plugin reads, in one place."""
 
 import os
+from pathlib import Path
 
 #: ``avx2`` / ``avx512`` / ``avx512_bf16``: run as that x86 kernel tier (see ``cpu_tier.py``).
 CPU_TIER_VARIABLE = "VLLM_ERNIE_MOE_CPU_TIER"
@@ -58,3 +59,22 @@ def node_timeout_seconds() -> int:
     if not value.isdigit() or int(value) == 0:
         raise ValueError(f"{NODE_TIMEOUT_VARIABLE}={value!r}: give whole seconds above 0")
     return int(value)
+
+
+#: Where load-time repacks are kept (``quant/repack_cache.py``).
+REPACK_CACHE_VARIABLE = "VLLM_ERNIE_MOE_REPACK_CACHE"
+
+
+def repack_cache_dir() -> Path | None:
+    """``VLLM_ERNIE_MOE_REPACK_CACHE``: a directory for repacked weights (default
+    ``$VLLM_CACHE_ROOT/ernie_moe_repack``, beside vLLM's compile cache), or ``off`` (also ``0``)
+    to repack at every start. Entries are keyed by content, so one directory serves every
+    checkpoint; deleting it is always safe."""
+    value = os.environ.get(REPACK_CACHE_VARIABLE, "").strip()
+    if value.lower() in ("off", "0"):
+        return None
+    if value:
+        return Path(value).expanduser()
+    import vllm.envs
+
+    return Path(vllm.envs.VLLM_CACHE_ROOT) / "ernie_moe_repack"

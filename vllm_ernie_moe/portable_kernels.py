@@ -135,18 +135,73 @@ def int4_group_gemm(
     return out.reshape(*x.shape[:-1], out.shape[-1]).to(x.dtype)
 
 
+#: Output rows dequantized at a time: the temporaries of a chunk stay in the L2 cache; whole
+#: weights at once took several times longer (the 21B's qkv_proj and dense down_proj, Zen 4).
+DEQUANTIZE_ROWS_PER_CHUNK = 256
+
+
+def dequantize_int4_rows(
+    rows: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """msModelSlim's int4 pairs ``[N/2, K]`` times group scales ``[N, K / group]`` into ``out``
+    (``[N, K]`` in the scales' dtype): each weight is ``value * scale`` rounded once, as a bf16
+    checkpoint would hold it."""
+    from vllm_ernie_moe.quant.msmodelslim import unpack_int4_rows
+
+    outputs, groups = scale.shape
+    if out is None:
+        out = torch.empty(outputs, rows.shape[1], dtype=scale.dtype)
+    for start in range(0, outputs, DEQUANTIZE_ROWS_PER_CHUNK):
+        values = unpack_int4_rows(rows[start // 2 : (start + DEQUANTIZE_ROWS_PER_CHUNK) // 2])
+        chunk = values.shape[0]
+        grouped = out[start : start + chunk].view(chunk, groups, -1)
+        torch.mul(
+            values.view(chunk, groups, -1), scale[start : start + chunk, :, None], out=grouped
+        )
+    return out
+
+
+_scratch: dict[torch.dtype, torch.Tensor] = {}
+
+
+def int4_dequantized_linear(
+    x: torch.Tensor, rows: torch.Tensor, scale: torch.Tensor
+) -> torch.Tensor:
+    """``x @ W^T`` on the model dtype's GEMM, ``W`` dequantized (:func:`dequantize_int4_rows`)
+    into one buffer kept for the process: allocating it afresh each call cost more than the
+    dequantization (page faults of tens of MB per call)."""
+    numel = scale.shape[0] * rows.shape[1]
+    buffer = _scratch.get(x.dtype)
+    if buffer is None or buffer.numel() < numel:
+        buffer = _scratch[x.dtype] = torch.empty(numel, dtype=x.dtype)
+    weight = buffer[:numel].view(scale.shape[0], rows.shape[1])
+    return F.linear(x, dequantize_int4_rows(rows, scale.to(x.dtype), weight))
+
+
+#: From this many tokens on, a W4A16 linear dequantizes its weight and runs the model dtype's
+#: GEMM: PyTorch's int4 GEMM computes at a fraction of the bf16 rate, so once the weight bytes stop
+#: deciding the time, dequantizing once per call wins (benchmarks/int4_linear.py, docs/w8a8.md).
+INT4_DEQUANTIZE_FROM_TOKENS = 128
+
+
 @torch.library.custom_op("vllm_ernie_moe::int4_group_linear", mutates_args=())
 def int4_group_linear(
-    x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales_and_zeros: torch.Tensor,
+    rows: torch.Tensor,
+    scale: torch.Tensor,
 ) -> torch.Tensor:
-    """:func:`int4_group_gemm` as one op for torch.compile, like :func:`int8_linear`."""
-    return int4_group_gemm(x, packed, scales_and_zeros)
+    """A W4A16 linear as one op for torch.compile, like :func:`int8_linear`: below
+    :data:`INT4_DEQUANTIZE_FROM_TOKENS` tokens :func:`int4_group_gemm` on ``packed``, from there
+    on :func:`int4_dequantized_linear` on ``rows`` and ``scale``."""
+    if x.numel() // x.shape[-1] < INT4_DEQUANTIZE_FROM_TOKENS:
+        return int4_group_gemm(x, packed, scales_and_zeros)
+    return int4_dequantized_linear(x, rows, scale)
 
 
 @int4_group_linear.register_fake
-def _int4_group_linear_shape(
-    x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor
-) -> torch.Tensor:
+def _int4_group_linear_shape(x: torch.Tensor, packed, scales_and_zeros, rows, scale):
     return x.new_empty(*x.shape[:-1], scales_and_zeros.shape[1])
 
 

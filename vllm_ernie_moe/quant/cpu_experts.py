@@ -23,6 +23,7 @@ from vllm.platforms import current_platform
 from vllm_ernie_moe import compat, portable_kernels
 from vllm_ernie_moe.quant.common import set_parameter
 from vllm_ernie_moe.quant.msmodelslim import unpack_int4_rows
+from vllm_ernie_moe.quant.repack_cache import cached_repack
 from vllm_ernie_moe.routing import ernie_topk
 
 
@@ -118,8 +119,13 @@ class PortableCPUExpertsInt4(_PortableExperts, CPUExpertsInt4):
     def process_weights_after_loading(self, layer: Module) -> None:
         for name in ("w13_weight", "w2_weight"):
             packed_rows = getattr(layer, name).data  # msModelSlim's [E, out/2, in]
-            repacked = [portable_kernels.pack_int4(unpack_int4_rows(rows)) for rows in packed_rows]
-            set_parameter(layer, name, torch.stack(repacked))
+
+            def repack(packed_rows=packed_rows) -> dict[str, torch.Tensor]:
+                experts = [portable_kernels.pack_int4(unpack_int4_rows(r)) for r in packed_rows]
+                return {"weight": torch.stack(experts)}
+
+            repacked = cached_repack("torch-int4pack-experts", [packed_rows], repack)
+            set_parameter(layer, name, repacked["weight"])
 
 
 class PortableCPUExpertsW4A16(PortableCPUExpertsInt4):

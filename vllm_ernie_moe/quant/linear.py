@@ -221,11 +221,18 @@ class ErnieW4A16LinearMethod(LinearMethodBase):
         log_kernel_once("W4A16 linear", "PyTorch's int4 weight-only GEMM (_weight_int4pack_mm)")
 
     def process_weights_after_loading(self, layer: Module) -> None:
-        values = unpack_int4_rows(layer.weight.data)
-        set_parameter(layer, "weight", portable_kernels.pack_int4(values))
-        scales = portable_kernels.int4_scales_and_zeros(layer.weight_scale.data, self.params_dtype)
-        set_parameter(layer, "weight_scale", scales)
+        """Two layouts: PyTorch's int4 GEMM's (few tokens) and, for dequantizing at many tokens,
+        msModelSlim's as loaded (half a byte per weight more, 3% of the 21B's W4A16 bytes)."""
+        rows, scale = layer.weight.data, layer.weight_scale.data.to(self.params_dtype)
+        set_parameter(layer, "weight", portable_kernels.pack_int4(unpack_int4_rows(rows)))
+        set_parameter(
+            layer, "weight_scale", portable_kernels.int4_scales_and_zeros(scale, scale.dtype)
+        )
+        set_parameter(layer, "weight_rows", rows)
+        set_parameter(layer, "weight_group_scale", scale)
 
     def apply(self, layer: Module, x: torch.Tensor, bias: torch.Tensor | None = None):
-        out = portable_kernels.int4_group_linear(x, layer.weight, layer.weight_scale)
+        out = portable_kernels.int4_group_linear(
+            x, layer.weight, layer.weight_scale, layer.weight_rows, layer.weight_group_scale
+        )
         return out if bias is None else out + bias

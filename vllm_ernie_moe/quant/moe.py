@@ -44,6 +44,7 @@ from vllm_ernie_moe.quant.msmodelslim import (
     QuantizationFormatError,
     quantize_rows,
 )
+from vllm_ernie_moe.quant.repack_cache import cached_repack
 
 
 class ErnieW8A8MoEMethod(FusedMoEMethodBase):
@@ -204,19 +205,21 @@ class ErnieW4A8MoEMethod(ErnieW8A8MoEMethod):
             self._make_kernel(layer)
             return
         names = ("w13_weight", "w2_weight")
-        blocked = prepare_int4_moe_layer_for_cpu(
-            *(gptq_int4_columns(getattr(layer, name).data) for name in names),
-            *(
-                self.kernel_scales(
-                    getattr(layer, f"{name}_scale").data, getattr(layer, name).shape[-1]
-                )
-                for name in names
-            ),
-            quant_algo=CPUQuantAlgo.GPTQ,
-        )
-        kernel_names = ("w13_weight", "w2_weight", "w13_weight_scale", "w2_weight_scale",
-                        "w13_zero", "w2_zero")  # fmt: skip
-        for name, tensor in zip(kernel_names, blocked, strict=True):
+        weights = [getattr(layer, name).data for name in names]
+        scales = [getattr(layer, f"{name}_scale").data for name in names]
+
+        def repack() -> dict[str, torch.Tensor]:
+            blocked = prepare_int4_moe_layer_for_cpu(
+                *(gptq_int4_columns(weight) for weight in weights),
+                *(self.kernel_scales(s, w.shape[-1]) for s, w in zip(scales, weights)),
+                quant_algo=CPUQuantAlgo.GPTQ,
+            )
+            kernel_names = ("w13_weight", "w2_weight", "w13_weight_scale", "w2_weight_scale",
+                            "w13_zero", "w2_zero")  # fmt: skip
+            return dict(zip(kernel_names, blocked, strict=True))
+
+        kind = f"vllm-int4-experts-gptq-group{self.kernel_group_size()}"
+        for name, tensor in cached_repack(kind, weights + scales, repack).items():
             set_parameter(layer, name, tensor)
         self._make_kernel(layer)
 

@@ -1,0 +1,151 @@
+"""The repack cache (``vllm_ernie_moe/quant/repack_cache.py``): an entry is served only for the
+same input bytes, dtypes, shapes and kind, holds exactly what the repack returned (checked against
+vLLM's own int4 experts repack, called directly), and a damaged, unwritable or disabled cache
+falls back to repacking."""
+
+import os
+
+import pytest
+import torch
+
+from vllm_ernie_moe import envs
+from vllm_ernie_moe.quant import repack_cache
+
+
+class CountingRepack:
+    """A repack (int8 rows -> transposed int32 + a sum) that counts its calls."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight, self.calls = weight, 0
+
+    def __call__(self) -> dict[str, torch.Tensor]:
+        self.calls += 1
+        return {"columns": self.weight.T.to(torch.int32).contiguous(),
+                "sums": self.weight.sum(dim=1, dtype=torch.int64)}  # fmt: skip
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    directory = tmp_path / "repack"
+    monkeypatch.setenv(envs.REPACK_CACHE_VARIABLE, str(directory))
+    return directory
+
+
+def weight(seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(-128, 128, (64, 96), dtype=torch.int8, generator=generator)
+
+
+def test_second_call_loads_what_the_first_stored(cache_dir):
+    w = weight()
+    repack = CountingRepack(w)
+    first = repack_cache.cached_repack("test-kind", [w], repack)
+    second = repack_cache.cached_repack("test-kind", [w.clone()], repack)
+    assert repack.calls == 1
+    assert len(list(cache_dir.rglob("*.safetensors"))) == 1
+    assert not list(cache_dir.rglob(".*"))  # no temporary file left
+    expected = {"columns": w.T.to(torch.int32), "sums": w.sum(dim=1, dtype=torch.int64)}
+    for result in (first, second):
+        assert result.keys() == expected.keys()
+        for name, tensor in expected.items():
+            assert result[name].dtype == tensor.dtype and torch.equal(result[name], tensor)
+
+
+def test_other_bytes_dtype_shape_or_kind_miss(cache_dir):
+    w = weight()
+    repack = CountingRepack(w)
+    repack_cache.cached_repack("test-kind", [w], repack)
+    changed = w.clone()
+    changed[17, 3] += 1
+    for kind, inputs in (
+        ("test-kind", [changed]),  # one byte differs
+        ("test-kind", [w.view(torch.uint8)]),  # same bytes, other dtype
+        ("test-kind", [w.reshape(96, 64)]),  # same bytes, other shape
+        ("other-kind", [w]),  # e.g. another group size
+    ):
+        calls = repack.calls
+        repack_cache.cached_repack(kind, inputs, repack)
+        assert repack.calls == calls + 1, (kind, inputs[0].dtype, inputs[0].shape)
+
+
+def test_damaged_entry_is_repacked_and_replaced(cache_dir, caplog):
+    w = weight()
+    repack = CountingRepack(w)
+    repack_cache.cached_repack("test-kind", [w], repack)
+    (entry,) = cache_dir.rglob("*.safetensors")
+    entry.write_bytes(entry.read_bytes()[:100])  # truncated, as by a full disk
+    result = repack_cache.cached_repack("test-kind", [w], repack)
+    assert repack.calls == 2
+    assert torch.equal(result["columns"], w.T.to(torch.int32))
+    assert "unreadable" in caplog.text
+    repack_cache.cached_repack("test-kind", [w], repack)
+    assert repack.calls == 2  # the rewritten entry serves
+
+
+@pytest.mark.parametrize("setting", ["off", "0"])
+def test_disabled(monkeypatch, tmp_path, setting):
+    monkeypatch.setenv(envs.REPACK_CACHE_VARIABLE, setting)
+    w = weight()
+    repack = CountingRepack(w)
+    for _ in range(2):
+        repack_cache.cached_repack("test-kind", [w], repack)
+    assert repack.calls == 2
+
+
+def test_unwritable_directory_still_repacks(tmp_path, monkeypatch, caplog):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv(envs.REPACK_CACHE_VARIABLE, str(blocker / "repack"))
+    repack_cache._warn_once.cache_clear()
+    w = weight()
+    result = repack_cache.cached_repack("test-kind", [w], CountingRepack(w))
+    assert torch.equal(result["sums"], w.sum(dim=1, dtype=torch.int64))
+    assert envs.REPACK_CACHE_VARIABLE in caplog.text
+
+
+def test_vllm_int4_experts_repack_round_trips(cache_dir):
+    """The entry of the int4 experts repack the W4A8/W4A16 methods cache is byte for byte what
+    vLLM's ``prepare_int4_moe_layer_for_cpu`` returns when called directly."""
+    from vllm._custom_ops import CPUQuantAlgo
+
+    if not hasattr(torch.ops._C, "convert_weight_packed_scale_zp"):
+        pytest.skip("vLLM's int4 experts repack is in its AVX-512 BF16 library only")
+    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import (
+        prepare_int4_moe_layer_for_cpu,
+    )
+
+    generator = torch.Generator().manual_seed(1)
+    experts, hidden, intermediate, group = 2, 256, 128, 64
+    w13 = torch.randint(0, 2**31 - 1, (experts, hidden // 8, 2 * intermediate),
+                        dtype=torch.int32, generator=generator)  # fmt: skip
+    w2 = torch.randint(0, 2**31 - 1, (experts, intermediate // 8, hidden),
+                       dtype=torch.int32, generator=generator)  # fmt: skip
+    s13 = torch.rand(experts, hidden // group, 2 * intermediate, generator=generator)
+    s2 = torch.rand(experts, intermediate // group, hidden, generator=generator)
+    names = ("w13", "w2", "s13", "s2", "z13", "z2")
+
+    def repack():
+        blocked = prepare_int4_moe_layer_for_cpu(w13, w2, s13, s2, quant_algo=CPUQuantAlgo.GPTQ)
+        return dict(zip(names, blocked))
+
+    repack_cache.cached_repack("int4", [w13, w2, s13, s2], repack)
+    loaded = repack_cache.cached_repack("int4", [w13, w2, s13, s2], lambda: pytest.fail("miss"))
+    for name, tensor in repack().items():
+        assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor), name
+
+
+def test_a_new_environment_keeps_only_the_last_used_other(cache_dir, monkeypatch):
+    """Entries of another plugin/vLLM/torch/tier are never read again: the first entry of a new
+    environment deletes all but the most recently used other environment's."""
+    w = weight()
+
+    def use(environment: bytes, repack) -> None:
+        monkeypatch.setattr(repack_cache, "_environment_digest", lambda: environment)
+        repack_cache.cached_repack("test-kind", [w], repack)
+
+    for index, environment in enumerate((b"a", b"b")):
+        use(environment, CountingRepack(w))
+        os.utime(repack_cache._environment_dir(cache_dir), (index, index))
+    use(b"a", lambda: pytest.fail("a's entry was deleted"))  # a hit: "a" is now used last
+    use(b"c", CountingRepack(w))
+    assert {d.name for d in cache_dir.iterdir()} == {b"a".hex(), b"c".hex()}

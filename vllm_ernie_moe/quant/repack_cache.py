@@ -1,0 +1,134 @@
+"""Load-time repacks kept on disk, so that only the first start of a checkpoint pays for them.
+
+Why: vLLM's int4 experts kernel wants its own blocked layout, and its repack
+(``convert_weight_packed_scale_zp``) took 16.1 of the 19.3 s of weight processing on the 4-layer
+21B geometry (``benchmarks/profile_load.py``, docs/results/load-profile-4layers-w4a16-zen4.txt).
+
+How: a repack's result is stored under the SHA-256 of everything that decides it: the bytes,
+dtypes and shapes of its inputs (this rank's shard, as loaded), its kind, the plugin's quantization
+source, and the vLLM, torch and CPU-tier it ran on. A changed checkpoint, shard, kernel tier or
+version therefore finds no entry and repacks; an entry cannot be stale. Files are written whole
+under a temporary name and renamed, so a crash leaves no partial entry; an unreadable entry is
+repacked and rewritten. Entries of environments no longer used are deleted
+(:data:`_KEEP_ENVIRONMENTS`). ``VLLM_ERNIE_MOE_REPACK_CACHE`` (``envs.repack_cache_dir``) moves or
+disables it.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from vllm.logger import init_logger
+
+from vllm_ernie_moe import envs
+
+logger = init_logger(f"vllm.{__name__}")
+
+#: Free space an entry must leave on the cache's file system.
+_FREE_SPACE_MARGIN = 2 << 30
+#: Environments (plugin source, vLLM, torch, tier) whose entries are kept: the two used last, e.g.
+#: two vLLM versions on one machine. An older one's entries can never be read again (their key
+#: includes the environment), so the first entry of a new environment deletes them.
+_KEEP_ENVIRONMENTS = 2
+
+
+@functools.cache
+def _environment_digest() -> bytes:
+    """What, besides the inputs, decides a repack: this plugin's quantization code and the
+    libraries and kernel tier that run it."""
+    import vllm
+
+    from vllm_ernie_moe import cpu_tier, portable_kernels
+
+    digest = hashlib.sha256()
+    tier = cpu_tier.active()
+    for part in (vllm.__version__, torch.__version__, tier.name if tier else "other"):
+        digest.update(part.encode() + b"\0")
+    sources = sorted(Path(__file__).parent.glob("*.py")) + [Path(portable_kernels.__file__)]
+    for source in sources:
+        digest.update(source.read_bytes())
+    return digest.digest()
+
+
+def _environment_dir(root: Path) -> Path:
+    return root / _environment_digest().hex()[:16]
+
+
+def _key(kind: str, inputs: Sequence[torch.Tensor]) -> str:
+    digest = hashlib.sha256(_environment_digest() + kind.encode())
+    for tensor in inputs:
+        digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().contiguous().view(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def cached_repack(
+    kind: str,
+    inputs: Sequence[torch.Tensor],
+    repack: Callable[[], dict[str, torch.Tensor]],
+) -> dict[str, torch.Tensor]:
+    """``repack()``, or its result stored by an earlier start for the same ``inputs``.
+
+    ``kind`` names the repack and every setting it takes that is not in ``inputs`` (a group
+    size, an algorithm); ``repack`` returns named CPU tensors.
+    """
+    root = envs.repack_cache_dir()
+    if root is None:
+        return repack()
+    path = _environment_dir(root) / f"{_key(kind, inputs)}.safetensors"
+    if path.exists():
+        try:
+            tensors = load_file(path)
+            os.utime(path.parent)  # this environment was used last
+            return tensors
+        except Exception as error:  # a damaged entry: repack and replace it
+            logger.warning("Repack cache entry %s is unreadable (%s); repacking.", path, error)
+    result = repack()
+    _store(path, result)
+    return result
+
+
+def _prune_environments(root: Path, current: Path) -> None:
+    """Delete the entries of environments beyond the :data:`_KEEP_ENVIRONMENTS` used last."""
+    others = [d for d in root.iterdir() if d.is_dir() and d != current]
+    others.sort(key=lambda d: d.stat().st_mtime, reverse=True)
+    for stale in others[_KEEP_ENVIRONMENTS - 1 :]:
+        logger.info("Repack cache: deleting %s (entries of an older plugin/vLLM/torch).", stale)
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _store(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    size = sum(tensor.numel() * tensor.element_size() for tensor in tensors.values())
+    try:
+        if not path.parent.exists():
+            path.parent.mkdir(parents=True)
+            _prune_environments(path.parent.parent, path.parent)
+        if shutil.disk_usage(path.parent).free < size + _FREE_SPACE_MARGIN:
+            _warn_once(f"less than {(size + _FREE_SPACE_MARGIN) >> 20} MiB free")
+            return
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            save_file({name: t.contiguous() for name, t in tensors.items()}, temporary)
+            os.replace(temporary, path)
+        finally:
+            temporary.unlink(missing_ok=True)
+    except OSError as error:
+        _warn_once(str(error))
+
+
+@functools.cache
+def _warn_once(reason: str) -> None:
+    logger.warning(
+        "Repack cache %s not written (%s): the next start repacks again. Set %s to a writable "
+        "directory with room, or to 'off'.",
+        envs.repack_cache_dir(),
+        reason,
+        envs.REPACK_CACHE_VARIABLE,
+    )
