@@ -94,6 +94,7 @@ def main() -> None:
     plugin_env = dict(
         engine_environment(plugin, None, None),
         VLLM_CACHE_ROOT=str(vllm_cache),
+        VLLM_ERNIE_MOE_REPACK_CACHE=str(vllm_cache / "ernie_moe_repack"),  # even if set outside
         TORCHINDUCTOR_CACHE_DIR=str(vllm_cache / "inductor"),  # else shared with earlier runs
     )
     llama_env = engine_environment(llama, None, args.llama_cpp_path)

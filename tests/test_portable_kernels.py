@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from vllm_ernie_moe import cpu_tier, portable_kernels
+from vllm_ernie_moe.portable_kernels import int4_dequantized_linear
 from vllm_ernie_moe.quant.msmodelslim import pack_int4_rows
 
 TIER = cpu_tier.active()
@@ -100,9 +101,14 @@ def test_int8_linear_compiles_with_inductor(quantize_input):
 
 
 @pytest.mark.parametrize(
-    "tokens", [7, portable_kernels.INT4_DEQUANTIZE_FROM_TOKENS], ids=["int4-gemm", "dequantized"]
+    "tokens",
+    [
+        portable_kernels.INT4_DEQUANTIZE_FROM_TOKENS - 1,
+        portable_kernels.INT4_DEQUANTIZE_FROM_TOKENS,
+    ],
+    ids=["int4-gemm", "dequantized"],
 )
-def test_int4_group_linear_compiles_with_inductor_and_matches_group_math(tokens):
+def test_int4_group_linear_compiles_with_inductor_and_matches_group_math(tokens, monkeypatch):
     """The W4A16 linear as one op under Inductor, on both of its paths (PyTorch's int4 GEMM; from
     ``INT4_DEQUANTIZE_FROM_TOKENS`` on, bf16 weights dequantized chunk by chunk: 592 rows cross
     the chunk size), against int4 values times their group's scale (float64; scales as the kernel
@@ -118,7 +124,14 @@ def test_int4_group_linear_compiles_with_inductor_and_matches_group_math(tokens)
     def layer(x):
         return portable_kernels.int4_group_linear(x * 2 + 1, packed, scales, rows, scale)
 
+    dequantized = []
+    monkeypatch.setattr(
+        portable_kernels,
+        "int4_dequantized_linear",
+        lambda *args: dequantized.append(1) or int4_dequantized_linear(*args),
+    )
     got = torch.compile(layer, fullgraph=True, backend="inductor")(x)
+    assert bool(dequantized) == (tokens >= portable_kernels.INT4_DEQUANTIZE_FROM_TOKENS)
     inputs = (x * 2 + 1).double()
     want = inputs @ (values.double() * scale.double().repeat_interleave(32, dim=1)).T
     assert (got.double() - want).abs().max() <= want.abs().max() * 2**-7

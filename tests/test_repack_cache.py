@@ -96,7 +96,7 @@ def test_unwritable_directory_still_repacks(tmp_path, monkeypatch, caplog):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     monkeypatch.setenv(envs.REPACK_CACHE_VARIABLE, str(blocker / "repack"))
-    repack_cache._warn_once.cache_clear()
+    monkeypatch.setattr(repack_cache, "_warned", False)
     w = weight()
     result = repack_cache.cached_repack("test-kind", [w], CountingRepack(w))
     assert torch.equal(result["sums"], w.sum(dim=1, dtype=torch.int64))
@@ -143,9 +143,48 @@ def test_a_new_environment_keeps_only_the_last_used_other(cache_dir, monkeypatch
         monkeypatch.setattr(repack_cache, "_environment_digest", lambda: environment)
         repack_cache.cached_repack("test-kind", [w], repack)
 
-    for index, environment in enumerate((b"a", b"b")):
+    a, b, c = (letter * 8 for letter in (b"a", b"b", b"c"))  # 16 hex digits, as real ones
+    for index, environment in enumerate((a, b)):
         use(environment, CountingRepack(w))
         os.utime(repack_cache._environment_dir(cache_dir), (index, index))
-    use(b"a", lambda: pytest.fail("a's entry was deleted"))  # a hit: "a" is now used last
-    use(b"c", CountingRepack(w))
-    assert {d.name for d in cache_dir.iterdir()} == {b"a".hex(), b"c".hex()}
+    use(a, lambda: pytest.fail("a's entry was deleted"))  # a hit: "a" is now used last
+    use(c, CountingRepack(w))
+    assert {d.name for d in cache_dir.iterdir()} == {a.hex(), c.hex()}
+
+
+def test_pruning_leaves_other_directories_under_the_root_alone(cache_dir, monkeypatch):
+    """``VLLM_ERNIE_MOE_REPACK_CACHE`` may name a directory that holds other things."""
+    for name in ("models", "0123456789abcdeg", "notes.txt"):
+        (cache_dir / name).mkdir(parents=True)
+    for environment in (b"a" * 8, b"b" * 8, b"c" * 8):
+        monkeypatch.setattr(repack_cache, "_environment_digest", lambda e=environment: e)
+        repack_cache.cached_repack("test-kind", [weight()], CountingRepack(weight()))
+    names = {d.name for d in cache_dir.iterdir()}
+    assert {"models", "0123456789abcdeg", "notes.txt"} <= names
+    assert (b"a" * 8).hex() not in names  # but old environments go
+
+
+def test_a_read_only_cache_still_serves(cache_dir, monkeypatch):
+    w = weight()
+    repack_cache.cached_repack("test-kind", [w], CountingRepack(w))
+
+    def refuse(*args, **kwargs):
+        raise PermissionError("read-only file system")
+
+    monkeypatch.setattr(repack_cache.os, "utime", refuse)
+    repack_cache.cached_repack("test-kind", [w], lambda: pytest.fail("a served entry repacked"))
+
+
+def test_a_failing_write_never_fails_the_load(cache_dir, monkeypatch, caplog):
+    """safetensors reports a full disk as its own error type, not OSError."""
+
+    def full_disk(*args, **kwargs):
+        raise RuntimeError("No space left on device")
+
+    monkeypatch.setattr(repack_cache, "save_file", full_disk)
+    monkeypatch.setattr(repack_cache, "_warned", False)
+    w = weight()
+    result = repack_cache.cached_repack("test-kind", [w], CountingRepack(w))
+    assert torch.equal(result["sums"], w.sum(dim=1, dtype=torch.int64))
+    assert "No space left" in caplog.text
+    assert not list(cache_dir.rglob("*.tmp")) and not list(cache_dir.rglob("*.safetensors"))

@@ -218,7 +218,12 @@ class ErnieW4A16LinearMethod(LinearMethodBase):
                 weight_loader=weight_loader,
             ),
         )
-        log_kernel_once("W4A16 linear", "PyTorch's int4 weight-only GEMM (_weight_int4pack_mm)")
+        log_kernel_once(
+            "W4A16 linear",
+            "PyTorch's int4 weight-only GEMM (_weight_int4pack_mm) below "
+            f"{portable_kernels.INT4_DEQUANTIZE_FROM_TOKENS} tokens, the model dtype's GEMM on "
+            "weights dequantized per call from there on",
+        )
 
     def process_weights_after_loading(self, layer: Module) -> None:
         """Two layouts: PyTorch's int4 GEMM's (few tokens) and, for dequantizing at many tokens,

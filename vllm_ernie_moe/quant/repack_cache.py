@@ -16,9 +16,11 @@ disables it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
+import re
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -37,6 +39,8 @@ _FREE_SPACE_MARGIN = 2 << 30
 #: two vLLM versions on one machine. An older one's entries can never be read again (their key
 #: includes the environment), so the first entry of a new environment deletes them.
 _KEEP_ENVIRONMENTS = 2
+#: Directory names of environments (16 hex digits): pruning touches nothing else under the root.
+_ENVIRONMENT_NAME = re.compile(r"[0-9a-f]{16}")
 
 
 @functools.cache
@@ -49,7 +53,13 @@ def _environment_digest() -> bytes:
 
     digest = hashlib.sha256()
     tier = cpu_tier.active()
-    for part in (vllm.__version__, torch.__version__, tier.name if tier else "other"):
+    parts = (
+        vllm.__version__,
+        torch.__version__,
+        tier.name if tier else "other",
+        torch.backends.cpu.get_cpu_capability(),  # the ISA torch's packing kernels dispatch to
+    )
+    for part in parts:
         digest.update(part.encode() + b"\0")
     sources = sorted(Path(__file__).parent.glob("*.py")) + [Path(portable_kernels.__file__)]
     for source in sources:
@@ -77,54 +87,73 @@ def cached_repack(
     """``repack()``, or its result stored by an earlier start for the same ``inputs``.
 
     ``kind`` names the repack and every setting it takes that is not in ``inputs`` (a group
-    size, an algorithm); ``repack`` returns named CPU tensors.
+    size, an algorithm); ``repack`` returns named CPU tensors. The cache never fails a load: a
+    missing, damaged, unreadable or unwritable cache means repacking.
     """
     root = envs.repack_cache_dir()
     if root is None:
         return repack()
     path = _environment_dir(root) / f"{_key(kind, inputs)}.safetensors"
-    if path.exists():
-        try:
+    try:
+        if path.is_file():
             tensors = load_file(path)
-            os.utime(path.parent)  # this environment was used last
+            with contextlib.suppress(OSError):  # a read-only cache still serves
+                os.utime(path.parent)  # this environment was used last
             return tensors
-        except Exception as error:  # a damaged entry: repack and replace it
-            logger.warning("Repack cache entry %s is unreadable (%s); repacking.", path, error)
+    except Exception as error:  # a damaged or unreadable entry: repack and replace it
+        logger.warning("Repack cache entry %s is unreadable (%s); repacking.", path, error)
     result = repack()
     _store(path, result)
     return result
 
 
 def _prune_environments(root: Path, current: Path) -> None:
-    """Delete the entries of environments beyond the :data:`_KEEP_ENVIRONMENTS` used last."""
-    others = [d for d in root.iterdir() if d.is_dir() and d != current]
-    others.sort(key=lambda d: d.stat().st_mtime, reverse=True)
+    """Delete the entries of environments beyond the :data:`_KEEP_ENVIRONMENTS` used last; only
+    directories named as :func:`_environment_dir` names them (the root may hold other things)."""
+    others = [d for d in root.iterdir() if _ENVIRONMENT_NAME.fullmatch(d.name) and d != current]
+    others.sort(key=_modified, reverse=True)
     for stale in others[_KEEP_ENVIRONMENTS - 1 :]:
         logger.info("Repack cache: deleting %s (entries of an older plugin/vLLM/torch).", stale)
         shutil.rmtree(stale, ignore_errors=True)
 
 
+def _modified(directory: Path) -> float:
+    try:
+        return directory.stat().st_mtime
+    except OSError:  # deleted by another process meanwhile
+        return 0.0
+
+
 def _store(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     size = sum(tensor.numel() * tensor.element_size() for tensor in tensors.values())
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        if not path.parent.exists():
-            path.parent.mkdir(parents=True)
+        created = not path.parent.is_dir()
+        path.parent.mkdir(parents=True, exist_ok=True)  # tensor-parallel ranks race here
+        if created:
             _prune_environments(path.parent.parent, path.parent)
         if shutil.disk_usage(path.parent).free < size + _FREE_SPACE_MARGIN:
             _warn_once(f"less than {(size + _FREE_SPACE_MARGIN) >> 20} MiB free")
             return
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            save_file({name: t.contiguous() for name, t in tensors.items()}, temporary)
-            os.replace(temporary, path)
-        finally:
-            temporary.unlink(missing_ok=True)
-    except OSError as error:
+        save_file({name: t.contiguous() for name, t in tensors.items()}, temporary)
+        os.replace(temporary, path)
+    except Exception as error:  # optional: a full disk or a permission never fails the load
         _warn_once(str(error))
+    finally:
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
 
 
-@functools.cache
+_warned = False
+
+
 def _warn_once(reason: str) -> None:
+    """One warning per process: a cache that cannot be written fails the same way for every
+    entry."""
+    global _warned
+    if _warned:
+        return
+    _warned = True
     logger.warning(
         "Repack cache %s not written (%s): the next start repacks again. Set %s to a writable "
         "directory with room, or to 'off'.",
