@@ -22,6 +22,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from vllm_ernie_moe.quant.msmodelslim import unpack_int4_rows
+
 #: Group sizes ``_weight_int4pack_mm_for_cpu`` takes (its scales are per group of inputs).
 INT4_GROUP_SIZES = (256, 128, 64, 32)
 
@@ -141,16 +143,12 @@ DEQUANTIZE_ROWS_PER_CHUNK = 256
 
 
 def dequantize_int4_rows(
-    rows: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None = None
+    rows: torch.Tensor, scale: torch.Tensor, out: torch.Tensor
 ) -> torch.Tensor:
     """msModelSlim's int4 pairs ``[N/2, K]`` times group scales ``[N, K / group]`` into ``out``
     (``[N, K]`` in the scales' dtype): each weight is ``value * scale`` rounded once, as a bf16
     checkpoint would hold it."""
-    from vllm_ernie_moe.quant.msmodelslim import unpack_int4_rows
-
     outputs, groups = scale.shape
-    if out is None:
-        out = torch.empty(outputs, rows.shape[1], dtype=scale.dtype)
     for start in range(0, outputs, DEQUANTIZE_ROWS_PER_CHUNK):
         values = unpack_int4_rows(rows[start // 2 : (start + DEQUANTIZE_ROWS_PER_CHUNK) // 2])
         chunk = values.shape[0]
