@@ -1,8 +1,9 @@
 """The W4A16 linear kernel choice: ERNIE-4.5-21B-A3B's linear shapes (attention, shared experts,
-dense MLP) on PyTorch's int4 weight-only GEMM (the plugin's W4A16 linear at few tokens), the
-dequantize-then-bf16 path (the plugin's W4A16 linear from ``INT4_DEQUANTIZE_FROM_TOKENS`` on),
-vLLM's CPU WNA16 GEMM (``cpu_gemm_wna16``, its GPTQ/AWQ linear on CPU), PyTorch's int8
-weight-only GEMM and bf16, side by side in one process, interleaved per shape.
+dense MLP) on vLLM's int4 linear with int8 activations (``int4_scaled_mm_cpu``, the plugin's W4A16
+linear where VNNI makes it exact), PyTorch's int4 weight-only GEMM (the plugin's W4A16 linear at
+few tokens elsewhere), the dequantize-then-bf16 path (from ``INT4_DEQUANTIZE_FROM_TOKENS`` on
+elsewhere), vLLM's CPU WNA16 GEMM (``cpu_gemm_wna16``, its GPTQ/AWQ linear on CPU), PyTorch's
+int8 weight-only GEMM and bf16, side by side in one process, interleaved per shape.
 
 Weights: random int4 values with group scales (128 inputs), laid out as each kernel takes them;
 ``COPIES`` copies cycle so that they come from memory, not from the L3 cache. Rows: milliseconds
@@ -20,14 +21,14 @@ from pathlib import Path
 SHAPES = (
     ("qkv_proj", 2560, 3584),
     ("o_proj", 2560, 2560),
-    ("shared gate_up", 2560, 3072),
-    ("shared down", 1536, 2560),
+    ("shared gate_up", 2560, 6144),
+    ("shared down", 3072, 2560),
     ("dense down", 12288, 2560),
 )
 TOKENS, GROUP, COPIES = (1, 8, 16, 32, 64, 256, 1024), 128, 8
 #: bytes per weight of each kernel's layout
 BYTES = {"bf16": 2.0, "int8 (torch)": 1.0, "int4 (torch)": 0.5, "int4 (vLLM wna16)": 0.5,
-         "int4 dequantized + bf16": 0.5}  # fmt: skip
+         "int4 dequantized + bf16": 0.5, "int4 (vLLM, int8 activations)": 0.5}  # fmt: skip
 
 
 def kernels(inputs: int, outputs: int, generator) -> dict:
@@ -44,9 +45,10 @@ def kernels(inputs: int, outputs: int, generator) -> dict:
         int4_scales_and_zeros,
         pack_int4,
     )
+    from vllm_ernie_moe.quant.int4 import vllm_int4_blocked
     from vllm_ernie_moe.quant.msmodelslim import pack_int4_rows
 
-    torch4, vllm4, int8, bf16, rows = [], [], [], [], []
+    torch4, vllm4, int8, bf16, rows, int8_inputs = [], [], [], [], [], []
     for _ in range(COPIES):
         q = torch.randint(-8, 8, (outputs, inputs), dtype=torch.int8, generator=generator)
         s = torch.rand(outputs, inputs // GROUP, generator=generator) * 0.01 + 0.005
@@ -60,6 +62,7 @@ def kernels(inputs: int, outputs: int, generator) -> dict:
         int8.append((q, torch.ones(outputs, dtype=torch.bfloat16)))
         bf16.append(q.to(torch.bfloat16))
         rows.append((pack_int4_rows(q), s.to(torch.bfloat16)))
+        int8_inputs.append(vllm_int4_blocked(rows[-1][0], rows[-1][1].T.contiguous()))
     return {
         "bf16": lambda x, i: torch.nn.functional.linear(x, bf16[i]),
         "int8 (torch)": lambda x, i: torch._weight_int8pack_mm(x, *int8[i]),
@@ -70,6 +73,9 @@ def kernels(inputs: int, outputs: int, generator) -> dict:
             x, vllm4[i][0], vllm4[i][1], None, None, 8, "vec"
         ),
         "int4 dequantized + bf16": lambda x, i: int4_dequantized_linear(x, *rows[i]),
+        "int4 (vLLM, int8 activations)": lambda x, i: ops.int4_scaled_mm_cpu(
+            x, *int8_inputs[i], None
+        ),
     }
 
 

@@ -92,7 +92,8 @@ def matching(model, parts: dict[str, str]):
 
 # Operator name fragments -> part of a compiled step (first match wins; the lm_head is told apart
 # from the other weight kernels by the vocabulary in its operand shapes).
-WEIGHT_KERNELS = ("weight_packed_linear", "int8_scaled_mm", "onednn_mm", "onednn_scaled_mm")
+WEIGHT_KERNELS = ("weight_packed_linear", "int8_scaled_mm", "onednn_mm", "onednn_scaled_mm",
+                  "int4_scaled_mm", "weight_int4pack_mm", "weight_int8pack_mm")  # fmt: skip
 EXPERT_KERNELS = ("fused_experts", "cpu_fused_moe")
 ATTENTION_OPS = ("attention", "kv_cache", "reshape_and_cache", "scheduler_metadata")
 

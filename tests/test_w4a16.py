@@ -5,7 +5,8 @@ Fixture ``ernie-tiny-w4a16-msmodelslim``: what msModelSlim 26.1.0's v0 ``llm_ptq
 ``ernie-tiny-bf16-wide`` with groups of 32 inputs
 (``MODE=w4a16 tests/fixtures/msmodelslim/recipe.sh``).
 Reference: transformers in fp32 on the checkpoint with the int4 values read nibble by nibble and
-multiplied by their group's scale.
+multiplied by their group's scale; where vLLM's int4 kernels serve W4A16 (VNNI), with every linear
+and expert input quantized to int8 per token, as those kernels do.
 """
 
 import json
@@ -18,12 +19,14 @@ from reference import (
     check_logprobs_close,
     dequantized_checkpoint,
     description_of,
+    fake_quantize_activations,
     load_tensors,
     logprob_drift,
     transformers_greedy,
     vllm_greedy,
 )
 
+from vllm_ernie_moe.quant.cpu_experts import vllm_kernel_serves
 from vllm_ernie_moe.quant.linear import ErnieW4A16LinearMethod
 from vllm_ernie_moe.quant.msmodelslim import QuantizationFormatError, load_description
 from vllm_ernie_moe.tools import quantize
@@ -43,14 +46,23 @@ def engine(request):
 
 
 def test_matches_fake_quant_reference(engine, tmp_path):
+    """Where vLLM's int4 kernels serve W4A16 (VNNI), every linear and expert quantizes its input to
+    int8 per token inside: the reference does too. Elsewhere activations stay in the model dtype."""
     tp, outputs = engine
     if tp != 1:
         pytest.skip("compared once, at TP=1")
-    reference = transformers_greedy(
-        dequantized_checkpoint(W4A16, tmp_path / "dequantized"), "float32", MAX_TOKENS, TOP_K
+    plain = dequantized_checkpoint(W4A16, tmp_path / "dequantized")
+    int8_inputs = transformers_greedy(
+        plain, "float32", MAX_TOKENS, TOP_K, prepare=fake_quantize_activations
     )
+    model_dtype_inputs = transformers_greedy(plain, "float32", MAX_TOKENS, TOP_K)
+    if vllm_kernel_serves("w4a16"):
+        reference, other = int8_inputs, model_dtype_inputs
+    else:
+        reference, other = model_dtype_inputs, int8_inputs
     check_logprobs_close(reference, outputs)
     assert_bf16_drift(reference, outputs)
+    print(f"drift between the two references: max {logprob_drift(other, reference).max():.3f}")
     # int4 moves the logits: the bf16 source's own output is not this reference.
     source = transformers_greedy(SOURCE, "float32", MAX_TOKENS, TOP_K)
     assert logprob_drift(source, reference).max() > 0.05
@@ -138,3 +150,56 @@ def test_tensor_parallel_split_inside_a_group_is_refused():
     method = ErnieW4A16LinearMethod(32, "model.layers.0.mlp.down_proj")
     with pytest.raises(QuantizationFormatError, match="model.layers.0.mlp.down_proj"):
         method.create_weights(Module(), 48, [64], 96, 64, torch.bfloat16, weight_loader=None)
+
+
+@pytest.mark.parametrize("tokens", [1, 200])
+def test_linear_on_vllm_int4_kernel_computes_int8_activation_math(tokens, monkeypatch):
+    """Where vLLM's int4 linear serves W4A16, the method's repack feeds it msModelSlim's rows and
+    group scales: its output is int4 x group scale times the input quantized to int8 per token
+    (float64), measurably closer to that than to W4A16's unquantized-input math."""
+    from reference import quantize_activations
+    from torch.nn import Module
+    from vllm.model_executor import parameter
+
+    from vllm_ernie_moe.quant.msmodelslim import pack_int4_rows
+
+    monkeypatch.setattr(parameter, "get_tensor_model_parallel_rank", lambda: 0)
+    monkeypatch.setattr(parameter, "get_tensor_model_parallel_world_size", lambda: 1)
+    method = ErnieW4A16LinearMethod(32, "model.layers.0.self_attn.o_proj")
+    layer = Module()
+    method.create_weights(layer, 256, [96], 256, 96, torch.bfloat16, weight_loader=lambda *a: 0)
+    if not method.on_vllm_kernel:
+        pytest.skip("vLLM's int4 linear does not serve W4A16 here (no VNNI, or switched off)")
+    generator = torch.Generator().manual_seed(3)
+    values = torch.randint(-8, 8, (96, 256), generator=generator, dtype=torch.int8)
+    scale = torch.rand(96, 8, generator=generator) * 0.01 + 1e-3
+    layer.weight.data.copy_(pack_int4_rows(values))
+    layer.weight_scale.data.copy_(scale)
+    method.process_weights_after_loading(layer)
+    x = torch.randn(tokens, 256, generator=generator)
+    x[:, 0] = 20  # an outlier sets each token's int8 step: coarse for the other inputs
+    x = x.bfloat16()
+    got = method.apply(layer, x).double()
+    weight = values.double() * scale.bfloat16().double().repeat_interleave(32, dim=1)
+    int8_math = quantize_activations(x.double()) @ weight.T
+    error = (got - int8_math).abs().max()
+    assert error <= int8_math.abs().max() * 2**-8
+    assert (got - x.double() @ weight.T).abs().max() > 3 * error
+
+
+def test_switch_keeps_w4a16_activations_in_the_model_dtype(monkeypatch):
+    """``VLLM_ERNIE_MOE_W4A16_INT8_ACTIVATIONS=0``: neither the linears nor the experts go to
+    vLLM's int4 kernels (which quantize activations), on any host; W4A8 keeps its kernel."""
+    from torch.nn import Module
+    from vllm.model_executor import parameter
+
+    from vllm_ernie_moe.quant.cpu_experts import PortableCPUExpertsW4A16, cpu_experts_class
+
+    monkeypatch.setattr(parameter, "get_tensor_model_parallel_rank", lambda: 0)
+    monkeypatch.setattr(parameter, "get_tensor_model_parallel_world_size", lambda: 1)
+    monkeypatch.setenv("VLLM_ERNIE_MOE_W4A16_INT8_ACTIVATIONS", "0")
+    method = ErnieW4A16LinearMethod(32, "model.layers.0.self_attn.o_proj")
+    method.create_weights(Module(), 256, [96], 256, 96, torch.bfloat16, weight_loader=lambda *a: 0)
+    assert not method.on_vllm_kernel
+    assert issubclass(cpu_experts_class("w4a16"), PortableCPUExpertsW4A16)
+    assert vllm_kernel_serves("w4a8") == vllm_kernel_serves("w8a8")

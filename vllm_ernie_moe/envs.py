@@ -34,6 +34,14 @@ def w8a16_int8_in_memory() -> bool | None:
     return None if value == "" else value == "1"
 
 
+def w4a16_int8_activations() -> bool:
+    """``VLLM_ERNIE_MOE_W4A16_INT8_ACTIVATIONS`` (default 1): where vLLM's int4 kernels are exact
+    (VNNI), W4A16 experts and linears run on them, which quantize the activations to int8 per token
+    inside (several times the int4 weight-only GEMM's speed; perplexity in docs/w8a8.md). ``0``
+    keeps the activations in the model dtype everywhere, W4A16's math as on the NPU."""
+    return os.environ.get("VLLM_ERNIE_MOE_W4A16_INT8_ACTIVATIONS", "1") != "0"
+
+
 def sgl_kernels_without_amx() -> bool:
     """``VLLM_ERNIE_MOE_SGL_KERNELS=0`` keeps vLLM's own kernel choice (oneDNN GEMMs, "vec" bf16
     experts) on AVX-512 CPUs without AMX (``patches/patch_cpu_sgl_kernels.py``); default on."""

@@ -20,7 +20,7 @@ from vllm._custom_ops import CPUQuantMethod
 from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUExpertsInt4, CPUExpertsInt8
 from vllm.platforms import current_platform
 
-from vllm_ernie_moe import compat, portable_kernels
+from vllm_ernie_moe import compat, envs, portable_kernels
 from vllm_ernie_moe.quant.common import set_parameter
 from vllm_ernie_moe.quant.msmodelslim import unpack_int4_rows
 from vllm_ernie_moe.quant.repack_cache import cached_repack
@@ -179,6 +179,15 @@ def _self_routing(experts_cls: type) -> type:
     return type(f"SelfRouting{experts_cls.__name__}", (_RoutesByErnieRule, experts_cls), {})
 
 
+def vllm_kernel_serves(weight_format: str) -> bool:
+    """Whether vLLM's fused kernels serve ``weight_format`` here (else the portable ones): where
+    they are exact, and for W4A16 only while ``VLLM_ERNIE_MOE_W4A16_INT8_ACTIVATIONS`` allows, as
+    vLLM's int4 kernels quantize the activations to int8 per token inside."""
+    if weight_format == "w4a16" and not envs.w4a16_int8_activations():
+        return False
+    return vllm_fused_experts_exact()
+
+
 #: Weight format -> (vLLM's fused experts, the portable ones). W4A16 shares vLLM's int4 kernel
 #: (activations int8 inside) but keeps model-dtype activations on the portable path.
 _EXPERTS_BY_FORMAT = {
@@ -190,9 +199,9 @@ _EXPERTS_BY_FORMAT = {
 
 def cpu_experts_class(weight_format: str) -> type:
     """The experts of ``weight_format`` (a key of :data:`_EXPERTS_BY_FORMAT`) for this CPU and
-    vLLM: vLLM's fused kernel where it exists and is exact, else the portable one."""
+    vLLM: vLLM's fused kernel where :func:`vllm_kernel_serves`, else the portable one."""
     fused, portable = _EXPERTS_BY_FORMAT[weight_format]
-    return routed_by_ernie_rule(fused if vllm_fused_experts_exact() else portable)
+    return routed_by_ernie_rule(fused if vllm_kernel_serves(weight_format) else portable)
 
 
 def routed_by_ernie_rule(experts_cls: type) -> type:

@@ -1,7 +1,8 @@
-"""msModelSlim's int4 experts in the layout of vLLM's CPU int4 experts kernel (GPTQ columns, group
-scales)."""
+"""msModelSlim's int4 weights in the layout of vLLM's CPU int4 kernels (GPTQ columns, group scales,
+blocked): its fused experts and its linear ``int4_scaled_mm_cpu``."""
 
 import torch
+from vllm._custom_ops import CPUQuantAlgo, convert_weight_packed_scale_zp
 from vllm.model_executor.layers.fused_moe.config import FusedMoEConfig
 
 from vllm_ernie_moe.quant.msmodelslim import unpack_int4_rows
@@ -33,3 +34,23 @@ def gptq_int4_columns(packed_rows: torch.Tensor) -> torch.Tensor:
         nibble_pairs = pairs[..., 0] | (pairs[..., 1] << 4)  # [out, in/2]
         columns[expert] = nibble_pairs.view(torch.int32).T  # [in/8, out]
     return columns
+
+
+#: Output channels per block of vLLM's int4 layout: a weight's outputs must be a multiple.
+VLLM_INT4_OUTPUT_BLOCK = 32
+#: GPTQ's symmetric zero point as vLLM's int4 kernels read it (they add 1 to each nibble: 7 -> 8).
+_GPTQ_ZERO_WORD = 0x77777777
+
+
+def vllm_int4_blocked(
+    packed_rows: torch.Tensor, scales: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """msModelSlim's ``[..., out/2, in]`` int4 rows and ``[..., in/group, out]`` scales as vLLM's
+    int4 kernels take them: (weight, zeros, scales), blocked by ``convert_weight_packed_scale_zp``.
+    No leading dimension: a linear's; one: experts'."""
+    columns = gptq_int4_columns(packed_rows.reshape(-1, *packed_rows.shape[-2:]))
+    columns = columns.view(*packed_rows.shape[:-2], *columns.shape[-2:])
+    zeros = torch.full(
+        (*scales.shape[:-1], scales.shape[-1] // 8), _GPTQ_ZERO_WORD, dtype=torch.int32
+    )
+    return convert_weight_packed_scale_zp(columns, zeros, scales, CPUQuantAlgo.GPTQ)

@@ -3,11 +3,9 @@ portable ones (:mod:`~vllm_ernie_moe.quant.cpu_experts`), W8A16 int8 in memory o
 
 import torch
 from torch.nn import Module, Parameter
-from vllm._custom_ops import CPUQuantAlgo
 from vllm.distributed import get_ep_group
 from vllm.model_executor.layers.fused_moe import FusedMoEMethodBase, RoutedExperts
 from vllm.model_executor.layers.fused_moe.config import FusedMoEConfig, int4_w4a16_moe_quant_config
-from vllm.model_executor.layers.fused_moe.experts.cpu_moe import prepare_int4_moe_layer_for_cpu
 from vllm.model_executor.layers.fused_moe.modular_kernel import FusedMoEActivationFormat
 from vllm.model_executor.layers.fused_moe.oracle.int8 import (
     Int8MoeBackend,
@@ -36,9 +34,9 @@ from vllm_ernie_moe.quant.cpu_experts import (
     PortableCPUExpertsW8A16,
     cpu_experts_class,
     routed_by_ernie_rule,
-    vllm_fused_experts_exact,
+    vllm_kernel_serves,
 )
-from vllm_ernie_moe.quant.int4 import gptq_int4_columns, group_scales, int4_group_size
+from vllm_ernie_moe.quant.int4 import group_scales, int4_group_size, vllm_int4_blocked
 from vllm_ernie_moe.quant.msmodelslim import (
     QUANTIZATION_NAME,
     QuantizationFormatError,
@@ -201,7 +199,7 @@ class ErnieW4A8MoEMethod(ErnieW8A8MoEMethod):
     experts_quant_keys = (kInt4Static, None)
 
     def process_weights_after_loading(self, layer: Module) -> None:
-        if not vllm_fused_experts_exact():  # the portable experts repack for their own kernel
+        if not vllm_kernel_serves(self.weight_format):  # the portable experts repack their own
             self._make_kernel(layer)
             return
         names = ("w13_weight", "w2_weight")
@@ -209,14 +207,13 @@ class ErnieW4A8MoEMethod(ErnieW8A8MoEMethod):
         scales = [getattr(layer, f"{name}_scale").data for name in names]
 
         def repack() -> dict[str, torch.Tensor]:
-            blocked = prepare_int4_moe_layer_for_cpu(
-                *(gptq_int4_columns(weight) for weight in weights),
-                *(self.kernel_scales(s, w.shape[-1]) for s, w in zip(scales, weights)),
-                quant_algo=CPUQuantAlgo.GPTQ,
-            )
-            kernel_names = ("w13_weight", "w2_weight", "w13_weight_scale", "w2_weight_scale",
-                            "w13_zero", "w2_zero")  # fmt: skip
-            return dict(zip(kernel_names, blocked, strict=True))
+            blocked = {}
+            for name, weight, scale in zip(names, weights, scales, strict=True):
+                kernel_scale = self.kernel_scales(scale, weight.shape[-1])
+                weight, zero, kernel_scale = vllm_int4_blocked(weight, kernel_scale)
+                zero_name = name.replace("_weight", "_zero")
+                blocked |= {name: weight, f"{name}_scale": kernel_scale, zero_name: zero}
+            return blocked
 
         kind = f"vllm-int4-experts-gptq-group{self.kernel_group_size()}"
         for name, tensor in cached_repack(kind, weights + scales, repack).items():
@@ -224,7 +221,7 @@ class ErnieW4A8MoEMethod(ErnieW8A8MoEMethod):
         self._make_kernel(layer)
 
     def get_fused_moe_quant_config(self, layer: Module):
-        if not vllm_fused_experts_exact():  # per-channel scales, as loaded
+        if not vllm_kernel_serves(self.weight_format):  # per-channel scales, as loaded
             return super().get_fused_moe_quant_config(layer)
         return int4_w4a16_moe_quant_config(
             w1_scale=layer.w13_weight_scale,
