@@ -232,6 +232,7 @@ class ErnieW4A16LinearMethod(LinearMethodBase):
             vllm_kernel_serves("w4a16")
             and hasattr(torch.ops._C, "int4_scaled_mm_cpu")
             and rows % VLLM_INT4_OUTPUT_BLOCK == 0
+            and params_dtype == torch.bfloat16  # the kernel refuses fp32; bf16 is what ran
         )
         log_kernel_once(
             "W4A16 linear" + (" on vLLM's int4 kernel" if self.on_vllm_kernel else ""),
