@@ -62,6 +62,8 @@ class ErnieW8A8MoEMethod(FusedMoEMethodBase):
                 f"{QUANTIZATION_NAME}: quantized experts are implemented for vLLM's CPU backend "
                 "only (on Ascend, vllm-ascend serves msModelSlim checkpoints as 'ascend')."
             )
+        # Decided once, here: the repack and the quant config follow the experts chosen now.
+        self.on_vllm_kernel = vllm_kernel_serves(self.weight_format)
         self.experts_cls = self.experts_class()
         supported, why = self.experts_cls.is_supported_config(
             self.experts_cls, moe, *self.experts_quant_keys, FusedMoEActivationFormat.Standard
@@ -199,7 +201,7 @@ class ErnieW4A8MoEMethod(ErnieW8A8MoEMethod):
     experts_quant_keys = (kInt4Static, None)
 
     def process_weights_after_loading(self, layer: Module) -> None:
-        if not vllm_kernel_serves(self.weight_format):  # the portable experts repack their own
+        if not self.on_vllm_kernel:  # the portable experts repack their own
             self._make_kernel(layer)
             return
         names = ("w13_weight", "w2_weight")
@@ -221,7 +223,7 @@ class ErnieW4A8MoEMethod(ErnieW8A8MoEMethod):
         self._make_kernel(layer)
 
     def get_fused_moe_quant_config(self, layer: Module):
-        if not vllm_kernel_serves(self.weight_format):  # per-channel scales, as loaded
+        if not self.on_vllm_kernel:  # per-channel scales, as loaded
             return super().get_fused_moe_quant_config(layer)
         return int4_w4a16_moe_quant_config(
             w1_scale=layer.w13_weight_scale,
