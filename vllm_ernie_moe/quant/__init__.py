@@ -17,9 +17,10 @@ Kernels are vLLM's own where they exist and are exact: oneDNN int8 scaled-mm for
 layers, ``CPUExpertsInt8`` for W8A8 experts, ``CPUExpertsInt4``'s INT4_W4A8 path for W4A8_DYNAMIC
 experts (int4 in memory; W4A16 experts too, whose activations that kernel quantizes to int8 inside,
 as vLLM's own CPU W4A16 experts do); elsewhere :mod:`vllm_ernie_moe.portable_kernels`
-(docs/cpu-tiers.md). W4A16 linears run on PyTorch's int4 weight-only GEMM on every tier, and
-from ``portable_kernels.INT4_DEQUANTIZE_FROM_TOKENS`` tokens per step on the model dtype's GEMM
-with weights dequantized per call.
+(docs/cpu-tiers.md). W4A16 linears run on vLLM's int4 linear (``int4_scaled_mm_cpu``,
+activations int8 inside, as its experts kernel) where that is exact, else on PyTorch's int4
+weight-only GEMM, and from ``portable_kernels.INT4_DEQUANTIZE_FROM_TOKENS`` tokens per step on the
+model dtype's GEMM with weights dequantized per call.
 vLLM has no CPU GEMM for int8 weights with unquantized activations (its CPU WNA16 kernels take
 4-bit weights only). W8A16 weights stay int8 on the portable int8 weight-only GEMM where that is
 the faster kernel (CPUs without AVX-512 BF16), else they are dequantized at load onto vLLM's bf16

@@ -169,7 +169,8 @@ class ErnieW8A16DequantizedLinearMethod(UnquantizedLinearMethod):
 @register_weight_loader_v2_supported_method
 class ErnieW4A16LinearMethod(LinearMethodBase):
     """msModelSlim W4A16 linear: int4 weights (two per int8 along the output rows, as stored) and
-    per-group scales (rounded to the model dtype, as the kernels take them).
+    per-group scales, rounded to the model dtype (as PyTorch's int4 GEMM takes them; vLLM's int4
+    linear gets the same rounded values).
 
     Where :func:`vllm_kernel_serves` W4A16 (VNNI), on vLLM's int4 linear ``int4_scaled_mm_cpu``
     (activations int8 per token inside, as the routed experts' kernel): 2.4-2.6x PyTorch's int4
