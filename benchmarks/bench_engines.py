@@ -169,6 +169,16 @@ def vllm_generate(llm, prompts: list[list[int]], tokens: int) -> None:
     llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
 
 
+def greedy_token_ids(llm, prompts: list[list[int]], tokens: int) -> list[list[int]]:
+    """Up to ``tokens`` greedy tokens after each prompt (token ids), ignoring EOS."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+    prompts = [TokensPrompt(prompt_token_ids=p) for p in prompts]
+    return [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
+
+
 def timed_vllm_generate(llm, prompts: list[list[int]], tokens: int) -> float:
     """Seconds :func:`vllm_generate` takes."""
     start = time.perf_counter()

@@ -11,7 +11,8 @@ each plugin start's greedy answer (16 tokens, after the clock stops): warm start
 the cold one did.
 
     python benchmarks/startup.py --layers 28 --int4-source w4a16 --engines w4a16-int8-head \\
-        llama.cpp-q4_k_m --rounds 2 --cache /work/bench/cache --json out.json
+        llama.cpp-q4_k_m --rounds 2 --cache /work/bench/cache --json out.json \\
+        [--variant-env VLLM_ERNIE_MOE_FULL_WARMUP=1]
 """
 
 import argparse
@@ -25,6 +26,7 @@ from bench_engines import (
     PeakMemory,
     engine_checkpoint,
     engine_environment,
+    greedy_token_ids,
     random_prompts,
     run_child,
     vllm_engine,
@@ -53,17 +55,8 @@ def first_answer(engine: str, checkpoint: str) -> dict[str, float]:
     startup_s = time.time() - psutil.Process().create_time()
     result = {"startup_s": startup_s, "peak_pss_gib": memory.stop()}
     if not engine.startswith("llama.cpp"):  # after the clock: a warm start must answer the same
-        result["greedy_tokens"] = greedy_tokens(llm, prompt[0])
+        (result["greedy_tokens"],) = greedy_token_ids(llm, prompt, 16)
     return result
-
-
-def greedy_tokens(llm, prompt: list[int]) -> list[int]:
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
-    (out,) = llm.generate([TokensPrompt(prompt_token_ids=prompt)], params, use_tqdm=False)
-    return list(out.outputs[0].token_ids)
 
 
 def main() -> None:
@@ -73,6 +66,11 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=28)
     parser.add_argument("--int4-source", choices=INT4_SOURCES, default="w4a16")
     parser.add_argument("--rounds", type=int, default=2, help="warm plugin / llama.cpp pairs")
+    parser.add_argument(
+        "--variant-env",
+        metavar="NAME=VALUE",
+        help="add a warm plugin start with this environment variable to each round (an A/B)",
+    )
     parser.add_argument("--llama-cpp-path", help="a llama-cpp-python build to import")
     parser.add_argument("--llama-cpp-src")
     parser.add_argument("--json")
@@ -99,7 +97,12 @@ def main() -> None:
     )
     llama_env = engine_environment(llama, None, args.llama_cpp_path)
     runs = [("plugin-cold", plugin, plugin_env)]
-    runs += [("llama.cpp", llama, llama_env), ("plugin-warm", plugin, plugin_env)] * args.rounds
+    round_runs = [("llama.cpp", llama, llama_env), ("plugin-warm", plugin, plugin_env)]
+    if args.variant_env:
+        name, _, value = args.variant_env.partition("=")
+        variant_env = dict(plugin_env, **{name: value})
+        round_runs.append((f"plugin-warm-{name}-{value}", plugin, variant_env))
+    runs += round_runs * args.rounds
     results: list[dict] = []
     for index, (label, engine, env) in enumerate(runs):
         out = cache / f"startup-{index}-{label}.json"

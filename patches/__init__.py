@@ -19,6 +19,7 @@ from vllm_ernie_moe.patches import (
     patch_cpu_multinode_queues,
     patch_cpu_router,
     patch_cpu_sgl_kernels,
+    patch_cpu_warmup_size,
     patch_ernie_mtp_layer_count,
 )
 
@@ -31,4 +32,5 @@ def apply_all() -> None:
     patch_cpu_multinode_queues.apply()
     patch_cpu_router.apply()
     patch_cpu_sgl_kernels.apply()
+    patch_cpu_warmup_size.apply()
     patch_ernie_mtp_layer_count.apply()

@@ -15,25 +15,46 @@
   they are; vLLM's checks (source files changed, guards) still run.
 - Decided by the target's source: the patch applies when ``_try_load_aot_compiled_fn`` calls
   ``finalize_loading`` without asking whether the function has it.
-- Upstream: no issue found; the fix is a ``hasattr`` check before the call.
-- Remove when: vLLM loads a CPU artefact without it ("Directly load AOT compilation" in the log
-  of a second start; the plugin logs "not needed" once the call is guarded).
-- Test: ``tests/test_patch_cpu_aot_compile_cache.py`` (two engine starts on one cache).
+- Second target, needed once artefacts load: ``vllm.compilation.caching.aot_compile_hash_factors``
+  (the artefact's key: vLLM's environment and config, not the plugin's). The plugin's switches
+  change the traced graph (``VLLM_ERNIE_MOE_W4A16_INT8_ACTIVATIONS=0`` swaps the W4A16 linears'
+  kernel and parameters, ``VLLM_ERNIE_MOE_SGL_KERNELS`` the GEMMs, the CPU tier every kernel), so
+  a start with another setting loaded the graph of the first: a ``KeyError: 'weight_zero'`` in the
+  warm-up. The key now also holds those settings as in effect (``envs.build_settings``), the CPU
+  features the kernels are chosen by (as torch's probes answer, so a forced tier counts), and a
+  digest of the plugin's source (kernel choices made in files Dynamo never traces). On CPU even
+  once vLLM loads artefacts itself.
+- Upstream: no issue found; the fix is a ``hasattr`` check before the call, and a way for plugins
+  to add to the artefact's key.
+- Remove when: the loader part, once vLLM loads a CPU artefact without it ("Directly load AOT
+  compilation" in the log of a second start; the plugin logs "not needed" once the call is
+  guarded); the key part, once vLLM's key takes factors from plugins.
+- Test: ``tests/test_patch_cpu_aot_compile_cache.py`` (engine starts on one cache: the same
+  settings load the artefact, another plugin setting compiles anew).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import importlib
 import inspect
+from pathlib import Path
 
 import torch
+from vllm.platforms import current_platform
 
+import vllm_ernie_moe
+from vllm_ernie_moe import envs
 from vllm_ernie_moe.patches.patching import install
 
 DECORATORS_MODULE = "vllm.compilation.decorators"
 TARGET = "_try_load_aot_compiled_fn"
+CACHING_MODULE = "vllm.compilation.caching"
+KEY_TARGET = "aot_compile_hash_factors"
+#: The CPU features torch reports that decide the plugin's and vLLM's kernels.
+CPU_FEATURES = ("avx2", "avx512", "avx512_bf16", "vnni", "amx_tile")
 
 
 def _already_loaded(vllm_config) -> None:
@@ -71,6 +92,33 @@ def loads_torch_artefacts(try_load):
     return wrapped
 
 
+@functools.cache
+def _plugin_source_digest() -> str:
+    """SHA-256 of the plugin's Python source, patches included."""
+    digest = hashlib.sha256()
+    roots = (Path(vllm_ernie_moe.__file__).parent, Path(__file__).parent)
+    for source in sorted({path for root in roots for path in root.rglob("*.py")}):
+        digest.update(source.read_bytes())
+    return digest.hexdigest()
+
+
+def plugin_factors() -> list[str]:
+    """What of the plugin decides the traced graph besides vLLM's factors: its build settings, the
+    CPU features its kernels are chosen by, and its source."""
+    features = [name for name in CPU_FEATURES if getattr(torch.cpu, f"_is_{name}_supported")()]
+    return [*envs.build_settings(), f"cpu {'+'.join(features)}", _plugin_source_digest()]
+
+
+def keyed_by_plugin_settings(hash_factors):
+    """``aot_compile_hash_factors`` that also holds :func:`plugin_factors`."""
+
+    @functools.wraps(hash_factors)
+    def wrapped(vllm_config) -> list[str]:
+        return [*hash_factors(vllm_config), *plugin_factors()]
+
+    return wrapped
+
+
 def _finalizes_unguarded_source(source: str) -> bool:
     return ".finalize_loading(" in source and '"finalize_loading"' not in source
 
@@ -80,10 +128,18 @@ def _finalizes_unguarded(try_load) -> bool:
 
 
 def apply() -> bool:
-    """Patch vLLM's AOT artefact loader if it calls ``finalize_loading`` unguarded; idempotent."""
+    """Patch vLLM's AOT artefact loader if it calls ``finalize_loading`` unguarded, and on CPU the
+    artefacts' key; idempotent. True when the loader is patched."""
     decorators = importlib.import_module(DECORATORS_MODULE)
-    return install(
+    loads = install(
         __name__, decorators, TARGET, loads_torch_artefacts,
         bug_present=_finalizes_unguarded,
         fixed="torch's Inductor artefacts load without vLLM's finalize_loading",
     )  # fmt: skip
+    if current_platform.is_cpu():
+        install(
+            __name__, importlib.import_module(CACHING_MODULE), KEY_TARGET,
+            keyed_by_plugin_settings,
+            fixed="the key holds the plugin's build settings, CPU features and source",
+        )  # fmt: skip
+    return loads

@@ -1,12 +1,19 @@
 """patch_cpu_aot_compile_cache: a second engine start on the same vLLM cache loads the compiled
-model the first start saved, instead of compiling again, and answers the same."""
+model the first start saved, instead of compiling again, and answers the same; a start with
+another plugin setting compiles its own.
+
+The third start also sets ``VLLM_ERNIE_MOE_FULL_WARMUP=1``, so the same starts check
+patch_cpu_warmup_size: the graphs traced on its 16-token warm-up are those traced on vLLM's
+2048-token one (one set of engine starts for both patches; an unquantized model)."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
 from vllm_ernie_moe.patches import patch_cpu_aot_compile_cache as patch
+from vllm_ernie_moe.patches import patch_cpu_warmup_size
 from vllm_ernie_moe.patches.patching import unpatched
 
 #: One engine start: greedy tokens for a fixed prompt of token ids, then the process ends.
@@ -14,17 +21,35 @@ START = """
 import json, sys
 from vllm import LLM, SamplingParams
 from vllm.inputs import TokensPrompt
-llm = LLM(model=sys.argv[1], max_model_len=128, max_num_seqs=1)
+llm = LLM(model=sys.argv[1], max_model_len=128, max_num_seqs=1, max_num_batched_tokens=2048)
 params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
 out = llm.generate([TokensPrompt(prompt_token_ids=[5, 17, 42, 99, 7])], params, use_tqdm=False)
 print("TOKENS", json.dumps(list(out[0].outputs[0].token_ids)))
 """
+BRIEF_WARMUP = f"warming up for the compilation on {patch_cpu_warmup_size.WARMUP_TOKENS} tokens"
+#: Dynamo's log of each graph it traces, one line per line of the graph's code.
+GRAPH_LINE = re.compile(r"\[__graph_code\](.*)")
+#: The traced function's name carries a random id.
+COMPILED_FN = re.compile(r"__compiled_fn_\w+")
 
 
-def start(model, cache_root) -> tuple[list[int], str]:
+def traced_graphs(log: str) -> list[str]:
+    """The code of the graphs torch.compile traced, as Dynamo logged it."""
+    return [COMPILED_FN.sub("__compiled_fn", line) for line in GRAPH_LINE.findall(log)]
+
+
+def start(model, cache_root, **env) -> tuple[list[int], str]:
+    """One engine start in a fresh process (explicit KV cache size, traced graphs logged): its
+    greedy tokens and log."""
     done = subprocess.run(
         [sys.executable, "-c", START, str(model)],
-        env=dict(os.environ, VLLM_CACHE_ROOT=str(cache_root)),
+        env=dict(
+            os.environ,
+            VLLM_CACHE_ROOT=str(cache_root),
+            VLLM_CPU_KVCACHE_SPACE="1",
+            TORCH_LOGS="graph_code",
+            **env,
+        ),
         capture_output=True,
         text=True,
         timeout=900,
@@ -46,7 +71,37 @@ def test_second_start_loads_the_saved_compilation(checkpoint, tmp_path):
     model = checkpoint("tiny-21b")
     first, first_log = start(model, tmp_path)
     assert "saved AOT compiled function" in first_log
+    assert BRIEF_WARMUP in first_log
     second, second_log = start(model, tmp_path)
     assert "Compiling model again" not in second_log, second_log[-3000:]
     assert "Directly load AOT compilation" in second_log
     assert second == first
+    # Another build setting (one that leaves this unquantized model as it is): without the
+    # plugin's settings in the key this start loaded the first one's graph, and with a setting
+    # that changes the graph died (VLLM_ERNIE_MOE_SGL_KERNELS=0 on a Zen 4 host;
+    # VLLM_ERNIE_MOE_W4A16_INT8_ACTIVATIONS=0 on W4A16: KeyError 'weight_zero').
+    full, full_log = start(
+        model, tmp_path, VLLM_ERNIE_MOE_INT8_LM_HEAD="1", VLLM_ERNIE_MOE_FULL_WARMUP="1"
+    )
+    assert "Directly load AOT compilation" not in full_log
+    assert "saved AOT compiled function" in full_log
+    # patch_cpu_warmup_size: vLLM keeps no shape guards, so a branch on the token count taken
+    # while tracing would serve every size. The first start traced on 16 tokens, this one on
+    # vLLM's full size (2048): the same graphs, the same answer.
+    assert BRIEF_WARMUP not in full_log
+    graph = traced_graphs(full_log)
+    assert any("routed_experts" in line for line in graph)  # the whole model was traced
+    assert traced_graphs(first_log) == graph
+    assert full == first
+
+
+def test_the_key_follows_build_settings_not_others(monkeypatch):
+    monkeypatch.delenv("VLLM_ERNIE_MOE_W4A16_INT8_ACTIVATIONS", raising=False)
+    default = patch.plugin_factors()
+    monkeypatch.setenv("VLLM_ERNIE_MOE_W4A16_INT8_ACTIVATIONS", "1")  # the default, set
+    assert patch.plugin_factors() == default
+    monkeypatch.setenv("VLLM_ERNIE_MOE_W4A16_INT8_ACTIVATIONS", "0")
+    assert patch.plugin_factors() != default
+    monkeypatch.delenv("VLLM_ERNIE_MOE_W4A16_INT8_ACTIVATIONS")
+    monkeypatch.setenv("VLLM_ERNIE_MOE_FULL_WARMUP", "1")  # the graph is the same (above)
+    assert patch.plugin_factors() == default

@@ -42,6 +42,13 @@ def w4a16_int8_activations() -> bool:
     return os.environ.get("VLLM_ERNIE_MOE_W4A16_INT8_ACTIVATIONS", "1") != "0"
 
 
+def full_warmup() -> bool:
+    """``VLLM_ERNIE_MOE_FULL_WARMUP=1`` keeps vLLM's full-size CPU warm-up (a
+    ``max_num_batched_tokens`` forward) where the plugin would compile on a brief one
+    (``patches/patch_cpu_warmup_size.py``); default off."""
+    return os.environ.get("VLLM_ERNIE_MOE_FULL_WARMUP", "0") == "1"
+
+
 def sgl_kernels_without_amx() -> bool:
     """``VLLM_ERNIE_MOE_SGL_KERNELS=0`` keeps vLLM's own kernel choice (oneDNN GEMMs, "vec" bf16
     experts) on AVX-512 CPUs without AMX (``patches/patch_cpu_sgl_kernels.py``); default on."""
@@ -53,6 +60,19 @@ def vllm_mtp_drafter() -> bool:
     compare the two on the same weights, ``benchmarks/bench_small_model.py``); default: the
     plugin's."""
     return os.environ.get("VLLM_ERNIE_MOE_VLLM_MTP", "0") == "1"
+
+
+def build_settings() -> list[str]:
+    """The switches above that change how the model is built (its kernels, its parameters), as in
+    effect: what a saved compilation of the model depends on besides code and hardware."""
+    return [
+        f"cpu tier={cpu_tier_name()}",
+        f"int8 lm_head={int8_lm_head()}",
+        f"w8a16 int8 in memory={w8a16_int8_in_memory()}",
+        f"w4a16 int8 activations={w4a16_int8_activations()}",
+        f"sgl kernels without amx={sgl_kernels_without_amx()}",
+        f"vllm mtp drafter={vllm_mtp_drafter()}",
+    ]
 
 
 #: Seconds a rank of a multi-node engine waits for the others (see ``node_timeout_seconds``).
