@@ -4,18 +4,23 @@ another plugin setting compiles its own.
 
 The third start also sets ``VLLM_ERNIE_MOE_FULL_WARMUP=1``, so the same starts check
 patch_cpu_warmup_size: the graphs traced on its 16-token warm-up are those traced on vLLM's
-2048-token one (one set of engine starts for both patches; an unquantized model)."""
+2048-token one (one set of engine starts for both patches). The model is the msModelSlim W4A16
+fixture, the format the brief warm-up was made for: int4 linears and experts on vLLM's kernels
+where exact (VNNI), the portable ones elsewhere."""
 
 import json
 import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 from vllm_ernie_moe.patches import patch_cpu_aot_compile_cache as patch
 from vllm_ernie_moe.patches import patch_cpu_warmup_size
 from vllm_ernie_moe.patches.patching import unpatched
+from vllm_ernie_moe.quant.cpu_experts import vllm_kernel_serves
 
+W4A16 = Path(__file__).parent / "fixtures" / "ernie-tiny-w4a16-msmodelslim"
 #: One engine start: greedy tokens for a fixed prompt of token ids, then the process ends.
 START = """
 import json, sys
@@ -67,8 +72,8 @@ def test_unpatched_vllm_calls_finalize_loading_unguarded():
     assert patch._finalizes_unguarded(unpatched(decorators._try_load_aot_compiled_fn))
 
 
-def test_second_start_loads_the_saved_compilation(checkpoint, tmp_path):
-    model = checkpoint("tiny-21b")
+def test_second_start_loads_the_saved_compilation(tmp_path):
+    model = W4A16
     first, first_log = start(model, tmp_path)
     assert "saved AOT compiled function" in first_log
     assert BRIEF_WARMUP in first_log
@@ -76,12 +81,12 @@ def test_second_start_loads_the_saved_compilation(checkpoint, tmp_path):
     assert "Compiling model again" not in second_log, second_log[-3000:]
     assert "Directly load AOT compilation" in second_log
     assert second == first
-    # Another build setting (one that leaves this unquantized model as it is): without the
-    # plugin's settings in the key this start loaded the first one's graph, and with a setting
-    # that changes the graph died (VLLM_ERNIE_MOE_SGL_KERNELS=0 on a Zen 4 host;
+    # Another build setting, one that leaves this W4A16 model as it is (it is W8A16's): without
+    # the plugin's settings in the key this start loaded the first one's graph, and with a
+    # setting that changes the graph died (VLLM_ERNIE_MOE_SGL_KERNELS=0 on a Zen 4 host;
     # VLLM_ERNIE_MOE_W4A16_INT8_ACTIVATIONS=0 on W4A16: KeyError 'weight_zero').
     full, full_log = start(
-        model, tmp_path, VLLM_ERNIE_MOE_INT8_LM_HEAD="1", VLLM_ERNIE_MOE_FULL_WARMUP="1"
+        model, tmp_path, VLLM_ERNIE_MOE_W8A16_INT8="0", VLLM_ERNIE_MOE_FULL_WARMUP="1"
     )
     assert "Directly load AOT compilation" not in full_log
     assert "saved AOT compiled function" in full_log
@@ -91,6 +96,12 @@ def test_second_start_loads_the_saved_compilation(checkpoint, tmp_path):
     assert BRIEF_WARMUP not in full_log
     graph = traced_graphs(full_log)
     assert any("routed_experts" in line for line in graph)  # the whole model was traced
+    # W4A16's kernels, where their size branches live, are in the traced graph.
+    if vllm_kernel_serves("w4a16"):
+        kernels = ("_C.int4_scaled_mm_cpu", "_C.fused_experts_cpu")
+    else:
+        kernels = ("vllm_ernie_moe.int4_group_linear", "vllm_ernie_moe.portable_experts")
+    assert all(any(kernel in line for line in graph) for kernel in kernels), kernels
     assert traced_graphs(first_log) == graph
     assert full == first
 

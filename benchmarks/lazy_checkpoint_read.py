@@ -1,0 +1,108 @@
+"""What a warm start pays to read a checkpoint tensor it will not use, and to key a repack by it.
+
+The repack cache (``vllm_ernie_moe/quant/repack_cache.py``) keys each entry by the SHA-256 of the
+loaded tensors, so a warm start reads the whole checkpoint (12.3 GiB at 28 layers) and hashes it,
+then reads the entries that replace most of it (docs/notes/startup-breakdown.md). This measures,
+on one tensor of ``--gib`` GiB with the page cache dropped before each case (needs root):
+
+- vLLM's own safetensors iterator yielding the tensor, untouched (is the read lazy?);
+- the same, then copied into a parameter as a weight loader does;
+- SHA-256 of the tensor in memory, on one thread and split over two.
+
+    python benchmarks/lazy_checkpoint_read.py --json docs/results/lazy-checkpoint-read.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+
+def disk_read_bytes() -> int:
+    """Bytes this process caused to be read from storage (page faults on a mapping included)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("read_bytes:"):
+            return int(line.split()[1])
+    raise RuntimeError("/proc/self/io has no read_bytes")
+
+
+def cpu_identity() -> str:
+    """Model name, family and model: the name alone ("AMD EPYC") does not tell Zen 3 from 4."""
+    fields = dict(
+        line.split(":", 1)
+        for line in Path("/proc/cpuinfo").read_text().splitlines()[:30]
+        if ":" in line
+    )
+    return ", ".join(
+        f"{key.strip()} {fields[key].strip()}"
+        for key in fields
+        if key.strip() in ("model name", "cpu family", "model")
+    )
+
+
+def drop_page_cache() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def iterate(path: Path, copy: bool) -> dict[str, float]:
+    """Read the file's one tensor through vLLM's iterator, optionally copying it into a new
+    parameter; seconds and GiB read from storage."""
+    from vllm.model_executor.model_loader.weight_utils import safetensors_weights_iterator
+
+    drop_page_cache()
+    before, start = disk_read_bytes(), time.perf_counter()
+    for _, tensor in safetensors_weights_iterator([str(path)], use_tqdm_on_load=False):
+        if copy:
+            torch.empty_like(tensor).copy_(tensor)
+    return {
+        "seconds": round(time.perf_counter() - start, 3),
+        "gib_read": round((disk_read_bytes() - before) / 2**30, 3),
+    }
+
+
+def sha256_seconds(data: torch.Tensor, threads: int) -> float:
+    """SHA-256 of ``data``'s bytes in ``threads`` equal parts at once (hashlib drops the GIL)."""
+    parts = data.view(-1).view(torch.uint8).numpy().reshape(threads, -1)
+    start = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(lambda part: hashlib.sha256(part).digest(), parts))
+    return round(time.perf_counter() - start, 3)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gib", type=int, default=1)
+    parser.add_argument("--json", type=Path, required=True)
+    args = parser.parse_args()
+    import safetensors
+    import vllm
+
+    data = torch.randint(-128, 127, (args.gib << 30,), dtype=torch.int8)
+    with tempfile.TemporaryDirectory(dir=Path.home()) as directory:
+        path = Path(directory) / "one-tensor.safetensors"
+        save_file({"model.layers.1.mlp.experts.0.up_proj.weight": data}, path)
+        result = {
+            "cpu": cpu_identity(),
+            "versions": {"vllm": vllm.__version__, "safetensors": safetensors.__version__},
+            "tensor_gib": args.gib,
+            "iterator_only": iterate(path, copy=False),
+            "iterator_then_copy": iterate(path, copy=True),
+            "sha256_one_thread_s": sha256_seconds(data, 1),
+            "sha256_two_threads_s": sha256_seconds(data, 2),
+        }
+    args.json.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
