@@ -68,6 +68,20 @@ def test_other_bytes_dtype_shape_or_kind_miss(cache_dir):
         assert repack.calls == calls + 1, (kind, inputs[0].dtype, inputs[0].shape)
 
 
+def test_inputs_of_several_hash_chunks_key_by_every_byte_on_any_core_count(monkeypatch):
+    """Inputs larger than a hash chunk are hashed in chunks on several threads: a byte in the
+    last chunk still changes the key, and one core or two give the same key."""
+    large = torch.zeros(3 * repack_cache._HASH_CHUNK + 5, dtype=torch.int8)
+    changed = large.clone()
+    changed[-1] = 1
+    assert repack_cache._key("test-kind", [large]) != repack_cache._key("test-kind", [changed])
+    keys = set()
+    for cores in ({0}, {0, 1}):
+        monkeypatch.setattr(repack_cache.os, "sched_getaffinity", lambda _, cores=cores: cores)
+        keys.add(repack_cache._key("test-kind", [large]))
+    assert len(keys) == 1
+
+
 def test_damaged_entry_is_repacked_and_replaced(cache_dir, caplog):
     w = weight()
     repack = CountingRepack(w)

@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -39,6 +40,9 @@ _FREE_SPACE_MARGIN = 2 << 30
 #: two vLLM versions on one machine. An older one's entries can never be read again (their key
 #: includes the environment), so the first entry of a new environment deletes them.
 _KEEP_ENVIRONMENTS = 2
+#: Bytes per hashed chunk of a repack's input: large enough that hashlib drops the GIL and the
+#: threads' start-up is noise, small enough to share a layer's experts (~100 MB) over the cores.
+_HASH_CHUNK = 16 << 20
 #: Directory names of environments (16 hex digits): pruning touches nothing else under the root.
 _ENVIRONMENT_NAME = re.compile(r"[0-9a-f]{16}")
 
@@ -75,8 +79,29 @@ def _key(kind: str, inputs: Sequence[torch.Tensor]) -> str:
     digest = hashlib.sha256(_environment_digest() + kind.encode())
     for tensor in inputs:
         digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
-        digest.update(tensor.detach().contiguous().view(-1).view(torch.uint8).numpy())
+        digest.update(_content_digest(tensor))
     return digest.hexdigest()
+
+
+def _usable_cores() -> int:
+    """Cores this process may run on (Linux's affinity; the CPU count where there is none)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _content_digest(tensor: torch.Tensor) -> bytes:
+    """The SHA-256 of each :data:`_HASH_CHUNK` bytes of ``tensor``, hashed on every core this
+    process may use (hashlib releases the GIL): on one thread, hashing a warm start's inputs took
+    about as long as reading them (docs/notes/startup-breakdown.md). Fixed chunks keep the key
+    independent of the core count."""
+    data = tensor.detach().contiguous().view(-1).view(torch.uint8).numpy()
+    chunks = [data[start : start + _HASH_CHUNK] for start in range(0, len(data), _HASH_CHUNK)]
+    workers = min(len(chunks), _usable_cores())
+    if workers <= 1:
+        return b"".join(hashlib.sha256(chunk).digest() for chunk in chunks)
+    with ThreadPoolExecutor(workers) as pool:
+        return b"".join(pool.map(lambda chunk: hashlib.sha256(chunk).digest(), chunks))
 
 
 def cached_repack(
