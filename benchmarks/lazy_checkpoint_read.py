@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_engines import machine
 from safetensors.torch import save_file
 
 
@@ -33,20 +34,6 @@ def disk_read_bytes() -> int:
         if line.startswith("read_bytes:"):
             return int(line.split()[1])
     raise RuntimeError("/proc/self/io has no read_bytes")
-
-
-def cpu_identity() -> str:
-    """Model name, family and model: the name alone ("AMD EPYC") does not tell Zen 3 from 4."""
-    fields = dict(
-        line.split(":", 1)
-        for line in Path("/proc/cpuinfo").read_text().splitlines()[:30]
-        if ":" in line
-    )
-    return ", ".join(
-        f"{key.strip()} {fields[key].strip()}"
-        for key in fields
-        if key.strip() in ("model name", "cpu family", "model")
-    )
 
 
 def drop_page_cache() -> None:
@@ -107,11 +94,11 @@ def main() -> None:
         path = Path(directory) / "one-tensor.safetensors"
         save_file({"model.layers.1.mlp.experts.0.up_proj.weight": data}, path)
         result = {
-            "cpu": cpu_identity(),
+            "machine": machine(None),
             "versions": {"vllm": vllm.__version__, "safetensors": safetensors.__version__},
             "tensor_gib": args.gib,
-            # Hashing first: measured after the page-cache cases, the two-core key took
-            # 0.94-1.03 s in three runs, 0.61-0.63 s otherwise (the cause was not looked into).
+            # Hashing first: measured right after the page-cache cases, the two-core key was
+            # 1.5-1.7x slower in trial runs (the cause was not looked into).
             "sha256_one_call_s": sha256_seconds(data),
             "repack_key_one_core_s": repack_key_seconds(data, {min(cores)}),
             f"repack_key_{len(cores)}_cores_s": repack_key_seconds(data, cores),

@@ -47,14 +47,13 @@ from vllm.platforms import current_platform
 
 import vllm_ernie_moe
 from vllm_ernie_moe import envs
+from vllm_ernie_moe.cpu_tier import TORCH_PROBES
 from vllm_ernie_moe.patches.patching import install
 
 DECORATORS_MODULE = "vllm.compilation.decorators"
 TARGET = "_try_load_aot_compiled_fn"
 CACHING_MODULE = "vllm.compilation.caching"
 KEY_TARGET = "aot_compile_hash_factors"
-#: The CPU features torch reports that decide the plugin's and vLLM's kernels.
-CPU_FEATURES = ("avx2", "avx512", "avx512_bf16", "vnni", "amx_tile")
 
 
 def _already_loaded(vllm_config) -> None:
@@ -105,7 +104,7 @@ def _plugin_source_digest() -> str:
 def plugin_factors() -> list[str]:
     """What of the plugin decides the traced graph besides vLLM's factors: its build settings, the
     CPU features its kernels are chosen by, and its source."""
-    features = [name for name in CPU_FEATURES if getattr(torch.cpu, f"_is_{name}_supported")()]
+    features = [name for name in TORCH_PROBES if getattr(torch.cpu, f"_is_{name}_supported")()]
     return [*envs.build_settings(), f"cpu {'+'.join(features)}", _plugin_source_digest()]
 
 

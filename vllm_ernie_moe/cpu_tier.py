@@ -54,6 +54,8 @@ TIERS = (
 )
 TIERS_BY_NAME = {tier.name: tier for tier in TIERS}
 _FORCED_MARCHES = {tier.march for tier in TIERS if tier.march}
+#: torch's CPU feature probes (``torch.cpu._is_<name>_supported``): a forced tier answers them.
+TORCH_PROBES = ("avx2", "avx512", "avx512_bf16", "vnni", "amx_tile", "amx_fp16")
 
 
 class CPUTierError(RuntimeError):
@@ -181,10 +183,9 @@ def loaded_library() -> str | None:
 
 def _real_probes(torch) -> dict:
     """torch's own probes, kept aside the first time they are replaced."""
-    names = ("avx2", "avx512", "avx512_bf16", "vnni", "amx_tile", "amx_fp16")
     saved = getattr(torch.cpu, "_vllm_ernie_moe_real_probes", None)
     if saved is None:
-        saved = {name: getattr(torch.cpu, f"_is_{name}_supported") for name in names}
+        saved = {name: getattr(torch.cpu, f"_is_{name}_supported") for name in TORCH_PROBES}
         torch.cpu._vllm_ernie_moe_real_probes = saved
     return saved
 

@@ -83,24 +83,16 @@ def _key(kind: str, inputs: Sequence[torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def _usable_cores() -> int:
-    """Cores this process may run on (Linux's affinity; the CPU count where there is none)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
 def _content_digest(tensor: torch.Tensor) -> bytes:
     """The SHA-256 of each :data:`_HASH_CHUNK` bytes of ``tensor``, hashed on every core this
     process may use (hashlib releases the GIL): on one thread, hashing a warm start's inputs took
     about as long as reading them (docs/notes/startup-breakdown.md). Fixed chunks keep the key
     independent of the core count."""
+    from vllm.platforms.cpu import get_max_threads  # the cores this process may run on
+
     data = tensor.detach().contiguous().view(-1).view(torch.uint8).numpy()
     chunks = [data[start : start + _HASH_CHUNK] for start in range(0, len(data), _HASH_CHUNK)]
-    workers = min(len(chunks), _usable_cores())
-    if workers <= 1:
-        return b"".join(hashlib.sha256(chunk).digest() for chunk in chunks)
-    with ThreadPoolExecutor(workers) as pool:
+    with ThreadPoolExecutor(max(1, min(len(chunks), get_max_threads()))) as pool:
         return b"".join(pool.map(lambda chunk: hashlib.sha256(chunk).digest(), chunks))
 
 
