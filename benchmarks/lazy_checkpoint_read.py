@@ -10,7 +10,14 @@ on one tensor of ``--gib`` GiB with the page cache dropped before each case (nee
 - SHA-256 of the tensor in memory as one call (the repack cache's key until it hashed in chunks),
   and the repack cache's key (``repack_cache._key``) with the process on one core, then on all.
 
-    python benchmarks/lazy_checkpoint_read.py --json docs/results/lazy-checkpoint-read.json
+With ``--checkpoint DIR`` (e.g. bench_engines.py's 28-layer W4A16 checkpoint), also the whole
+checkpoint through the same iterator: every tensor untouched; every tensor but the routed experts
+copied (a warm start once the repack cache serves the experts, when the model dropped them after
+the iterator had mapped them); the same with the routed experts skipped before they are mapped
+(``patches/patch_should_skip_weight.py``, as the model's load now asks).
+
+    python benchmarks/lazy_checkpoint_read.py --json docs/results/lazy-checkpoint-read.json \
+        [--checkpoint /work/bench/cache/21b-28layers-w4a16]
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -41,19 +49,45 @@ def drop_page_cache() -> None:
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
-def iterate(path: Path, copy: bool) -> dict[str, float]:
-    """Read the file's one tensor through vLLM's iterator, optionally copying it into a new
-    parameter; seconds and GiB read from storage."""
-    from vllm.model_executor.model_loader.weight_utils import safetensors_weights_iterator
+def iterate(
+    paths: list[Path], copy: Callable[[str], bool], not_read: tuple[str, ...] = ()
+) -> dict[str, float]:
+    """Read the files through vLLM's iterator, copying the tensors ``copy`` names into new
+    parameters, skipping those under ``not_read`` as the model's load asks; seconds, GiB read
+    from storage and GiB copied."""
+    from vllm.model_executor.model_loader import weight_utils
 
+    from vllm_ernie_moe.patches import patch_should_skip_weight
+    from vllm_ernie_moe.quant import repack_cache
+
+    patch_should_skip_weight.apply()
     drop_page_cache()
-    before, start = disk_read_bytes(), time.perf_counter()
-    for _, tensor in safetensors_weights_iterator([str(path)], use_tqdm_on_load=False):
-        if copy:
-            torch.empty_like(tensor).copy_(tensor)
+    before, start, copied = disk_read_bytes(), time.perf_counter(), 0
+    with repack_cache.not_reading(not_read):
+        for name, tensor in weight_utils.safetensors_weights_iterator(list(map(str, paths)), False):
+            if copy(name):
+                copied += torch.empty_like(tensor).copy_(tensor).nbytes
     return {
         "seconds": round(time.perf_counter() - start, 3),
         "gib_read": round((disk_read_bytes() - before) / 2**30, 3),
+        "gib_copied": round(copied / 2**30, 3),
+    }
+
+
+def checkpoint_cases(directory: Path) -> dict[str, dict[str, float]]:
+    """The whole checkpoint in ``directory``: untouched, all but the routed experts copied, and
+    the same with the routed experts never mapped."""
+    from vllm_ernie_moe.layout import is_routed_expert
+
+    paths = sorted(directory.glob("*.safetensors"))
+    with open(directory / "config.json") as config:
+        layers = json.load(config)["num_hidden_layers"]
+    experts = tuple(f"model.layers.{layer}.mlp.experts." for layer in range(layers))
+    return {
+        "checkpoint_gib": round(sum(p.stat().st_size for p in paths) / 2**30, 3),
+        "iterator_only": iterate(paths, lambda name: False),
+        "all_but_routed_experts_copied": iterate(paths, lambda name: not is_routed_expert(name)),
+        "routed_experts_not_mapped": iterate(paths, lambda name: True, not_read=experts),
     }
 
 
@@ -84,6 +118,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gib", type=int, default=1)
     parser.add_argument("--json", type=Path, required=True)
+    parser.add_argument("--checkpoint", type=Path, help="also measure this checkpoint directory")
     args = parser.parse_args()
     import safetensors
     import vllm
@@ -103,9 +138,11 @@ def main() -> None:
             "repack_key_one_core_s": repack_key_seconds(data, {min(cores)}),
             f"repack_key_{len(cores)}_cores_s": repack_key_seconds(data, cores),
             "sha256_one_call_again_s": sha256_seconds(data),
-            "iterator_only": iterate(path, copy=False),
-            "iterator_then_copy": iterate(path, copy=True),
+            "iterator_only": iterate([path], lambda name: False),
+            "iterator_then_copy": iterate([path], lambda name: True),
         }
+    if args.checkpoint:
+        result[f"checkpoint {args.checkpoint.name}"] = checkpoint_cases(args.checkpoint)
     args.json.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
 

@@ -21,6 +21,7 @@ from vllm_ernie_moe.patches import (
     patch_cpu_sgl_kernels,
     patch_cpu_warmup_size,
     patch_ernie_mtp_layer_count,
+    patch_should_skip_weight,
 )
 
 
@@ -34,3 +35,4 @@ def apply_all() -> None:
     patch_cpu_sgl_kernels.apply()
     patch_cpu_warmup_size.apply()
     patch_ernie_mtp_layer_count.apply()
+    patch_should_skip_weight.apply()

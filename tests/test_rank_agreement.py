@@ -32,6 +32,16 @@ def test_digest_reads_only_the_head_of_each_tensor():
     assert digest_of([("w", big)]) == digest_of([("w", tail_changed)])
 
 
+def test_digest_reads_no_routed_expert_bytes():
+    """A warm start does not read the routed experts, nor has them streamed (the repack cache
+    serves them): a rank with the cache must agree with one without."""
+    expert = "model.layers.1.mlp.experts.0.up_proj.weight"
+    w = torch.zeros(4, 4)
+    assert digest_of([(expert, w)]) == digest_of([(expert, w + 1)]) == digest_of([])
+    shared = "model.layers.1.mlp.shared_experts.up_proj.weight"
+    assert digest_of([(shared, w)]) != digest_of([(shared, w + 1)])
+
+
 def loaded(dtype: str = "torch.float32", checkpoint: str = "abc") -> dict[str, str]:
     return {"dtype": dtype, "quantization": "None", "checkpoint": checkpoint}
 

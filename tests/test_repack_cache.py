@@ -1,15 +1,31 @@
 """The repack cache (``vllm_ernie_moe/quant/repack_cache.py``): an entry is served only for the
 same input bytes, dtypes, shapes and kind, holds exactly what the repack returned (checked against
 vLLM's own int4 experts repack, called directly), and a damaged, unwritable or disabled cache
-falls back to repacking."""
+falls back to repacking. Keyed by a local checkpoint's identity, a warm engine start does not read
+the routed experts its entries replace, and a changed checkpoint repacks."""
 
+import json
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
+from reference import (
+    check_logprobs_close,
+    dequantized_checkpoint,
+    fake_quantize_activations,
+    logprob_drift,
+    transformers_greedy,
+    vllm_greedy,
+)
 
 from vllm_ernie_moe import envs
 from vllm_ernie_moe.quant import repack_cache
+from vllm_ernie_moe.quant.cpu_experts import vllm_kernel_serves
+
+W4A16 = Path(__file__).parent / "fixtures" / "ernie-tiny-w4a16-msmodelslim"
+MAX_TOKENS, TOP_K = 16, 5
 
 
 class CountingRepack:
@@ -202,3 +218,118 @@ def test_a_failing_write_never_fails_the_load(cache_dir, monkeypatch, caplog):
     assert torch.equal(result["sums"], w.sum(dim=1, dtype=torch.int64))
     assert "No space left" in caplog.text
     assert not list(cache_dir.rglob("*.tmp")) and not list(cache_dir.rglob("*.safetensors"))
+
+
+def _header(path: Path) -> tuple[int, dict]:
+    """A safetensors file's header: (where its data starts, the parsed JSON)."""
+    with path.open("rb") as file:
+        length = int.from_bytes(file.read(8), "little")
+        return 8 + length, json.loads(file.read(length))
+
+
+def _keeping_time(path: Path, rewrite) -> None:
+    """``rewrite(path)``, then the file's modification time as before."""
+    before = path.stat()
+    rewrite(path)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+
+def test_checkpoint_identity_follows_names_sizes_times_headers_and_json(cache_dir, tmp_path):
+    """The key of a warm start needs no tensor bytes: it changes with a file's size, time or
+    safetensors header and with the JSON files, and not with tensor bytes rewritten in place at
+    the same size and time (the one stale case; VERIFY=1 keys by content)."""
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(W4A16, checkpoint)
+    (weights,) = checkpoint.glob("*.safetensors")
+    identity = repack_cache.checkpoint_identity(checkpoint)
+    assert identity is not None and identity == repack_cache.checkpoint_identity(checkpoint)
+
+    def flip_last_byte(path: Path) -> None:
+        data = bytearray(path.read_bytes())
+        data[-1] ^= 0xFF
+        path.write_bytes(data)
+
+    _keeping_time(weights, flip_last_byte)
+    assert repack_cache.checkpoint_identity(checkpoint) == identity
+
+    def rename_a_tensor(path: Path) -> None:  # same length, so same size and offsets
+        data = path.read_bytes()
+        path.write_bytes(data.replace(b"up_proj.weight_scale", b"up_proj.weight_scalf", 1))
+
+    changes = {
+        "header": lambda: _keeping_time(weights, rename_a_tensor),
+        "time": lambda: os.utime(weights, ns=(0, weights.stat().st_mtime_ns + 1)),
+        "size": lambda: _keeping_time(weights, lambda p: p.write_bytes(p.read_bytes() + b"\0")),
+        "config": lambda: _keeping_time(
+            checkpoint / "config.json",
+            lambda p: p.write_text(p.read_text().replace('"rms_norm_eps"', ' "rms_norm_eps"')),
+        ),
+    }
+    seen = {identity}
+    for change, apply in changes.items():
+        apply()
+        changed = repack_cache.checkpoint_identity(checkpoint)
+        assert changed not in seen, change
+        seen.add(changed)
+
+
+def test_checkpoint_identity_is_none_where_keyed_by_content(cache_dir, tmp_path, monkeypatch):
+    """A hub name (not a local directory), VERIFY=1 and a disabled cache key by content."""
+    assert repack_cache.checkpoint_identity("baidu/ERNIE-4.5-21B-A3B-PT") is None
+    assert repack_cache.checkpoint_identity(None) is None
+    monkeypatch.setenv(envs.REPACK_CACHE_VERIFY_VARIABLE, "1")
+    assert repack_cache.checkpoint_identity(W4A16) is None
+    monkeypatch.setenv(envs.REPACK_CACHE_VERIFY_VARIABLE, "0")
+    assert repack_cache.checkpoint_identity(W4A16) is not None
+    monkeypatch.setenv(envs.REPACK_CACHE_VARIABLE, "off")
+    assert repack_cache.checkpoint_identity(W4A16) is None
+
+
+def _rotate_routed_experts(path: Path) -> None:
+    """Give each routed expert's int4 weight the next expert's bytes (the last the first's), in
+    place: the file keeps its size and header, and the model answers otherwise."""
+    start, header = _header(path)
+    groups: dict[str, list[tuple[int, int, int]]] = {}
+    for name, info in header.items():
+        parts = name.split(".")
+        if ".mlp.experts." in name and name.endswith("proj.weight"):
+            expert = int(parts[parts.index("experts") + 1])
+            key = name.replace(f".experts.{expert}.", ".experts.*.")
+            begin, end = info["data_offsets"]
+            groups.setdefault(key, []).append((expert, start + begin, start + end))
+    data = bytearray(path.read_bytes())
+    for ranges in groups.values():
+        ranges.sort()
+        blocks = [bytes(data[begin:end]) for _, begin, end in ranges]
+        for (_, begin, end), block in zip(ranges, blocks[1:] + blocks[:1], strict=True):
+            data[begin:end] = block
+    path.write_bytes(data)
+
+
+@pytest.mark.skipif(
+    not vllm_kernel_serves("w4a16"),
+    reason="without VNNI the portable experts repack at every start from what they load",
+)
+def test_a_warm_start_reads_no_routed_expert_bytes(tmp_path, monkeypatch):
+    """Reading the weights once. A cold start on a copy of the W4A16 fixture stores its repacks.
+    Then every routed expert's weight bytes are rotated to the next expert's, keeping size,
+    header and modification time: a warm start answers as the cold one did, so it read none of
+    them. A new modification time makes it read and repack them: it answers as the fake-quant
+    reference of the rotated weights, and otherwise than before."""
+    monkeypatch.setenv(envs.REPACK_CACHE_VARIABLE, str(tmp_path / "repack"))
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(W4A16, checkpoint)
+    (weights,) = checkpoint.glob("*.safetensors")
+    cold = vllm_greedy(checkpoint, "bfloat16", 1, MAX_TOKENS, TOP_K)
+    _keeping_time(weights, _rotate_routed_experts)
+    warm = vllm_greedy(checkpoint, "bfloat16", 1, MAX_TOKENS, TOP_K)
+    assert [g.token_ids for g in warm] == [g.token_ids for g in cold]
+    assert logprob_drift(cold, warm).max() == 0
+    os.utime(weights)  # a new modification time: another checkpoint
+    rewritten = vllm_greedy(checkpoint, "bfloat16", 1, MAX_TOKENS, TOP_K)
+    plain = dequantized_checkpoint(checkpoint, tmp_path / "dequantized")
+    reference = transformers_greedy(
+        plain, "float32", MAX_TOKENS, TOP_K, prepare=fake_quantize_activations
+    )
+    check_logprobs_close(reference, rewritten)
+    assert logprob_drift(cold, rewritten).max() > 0.05

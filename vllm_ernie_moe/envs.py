@@ -96,8 +96,8 @@ REPACK_CACHE_VARIABLE = "VLLM_ERNIE_MOE_REPACK_CACHE"
 def repack_cache_dir() -> Path | None:
     """``VLLM_ERNIE_MOE_REPACK_CACHE``: a directory for repacked weights (default
     ``$VLLM_CACHE_ROOT/ernie_moe_repack``, beside vLLM's compile cache), or ``off`` (also ``0``)
-    to repack at every start. Entries are keyed by content, so one directory serves every
-    checkpoint; deleting it is always safe."""
+    to repack at every start. One directory serves every checkpoint; deleting it is always
+    safe."""
     value = os.environ.get(REPACK_CACHE_VARIABLE, "").strip()
     if value.lower() in ("off", "0"):
         return None
@@ -106,3 +106,16 @@ def repack_cache_dir() -> Path | None:
     import vllm.envs
 
     return Path(vllm.envs.VLLM_CACHE_ROOT) / "ernie_moe_repack"
+
+
+#: Key the repack cache by content only (``repack_cache_keys_by_content``).
+REPACK_CACHE_VERIFY_VARIABLE = "VLLM_ERNIE_MOE_REPACK_CACHE_VERIFY"
+
+
+def repack_cache_keys_by_content() -> bool:
+    """``VLLM_ERNIE_MOE_REPACK_CACHE_VERIFY=1``: key every repack by the bytes it repacks, read and
+    hashed at every start. Default: a local checkpoint directory's repacks are keyed by its files'
+    names, sizes, modification times and safetensors headers, and a warm start does not read the
+    routed experts the cache replaces; only a file rewritten with the same size, time and header
+    would be served stale (``quant/repack_cache.py``)."""
+    return os.environ.get(REPACK_CACHE_VERIFY_VARIABLE, "0") == "1"

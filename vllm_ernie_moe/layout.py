@@ -103,6 +103,12 @@ def is_routed_expert(tensor: str) -> bool:
     return f".mlp.{EXPERTS}." in tensor
 
 
+def routed_experts_checkpoint_prefix(module: str) -> str:
+    """vLLM's routed-experts module of a layer (``model.layers.N.mlp.experts``, followed by
+    ``.routed_experts`` on vLLM 0.32+) -> the prefix of its checkpoint tensors."""
+    return f"{module.removesuffix('.routed_experts')}."
+
+
 def is_paddle_tensor_name(name: str) -> bool:
     """``-Paddle`` checkpoints use the ``ernie.`` prefix and fused qkv / up_gate projections."""
     return name.startswith("ernie.") or ".qkv_proj." in name or ".up_gate_proj." in name

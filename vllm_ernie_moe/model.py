@@ -50,6 +50,7 @@ from vllm.transformers_utils.config import set_default_rope_theta
 
 from vllm_ernie_moe import envs, layout
 from vllm_ernie_moe.checkpoint import CheckpointValidator
+from vllm_ernie_moe.quant import repack_cache
 from vllm_ernie_moe.quant.msmodelslim import checkpoint_rules
 from vllm_ernie_moe.rank_agreement import (
     CheckpointDigest,
@@ -379,6 +380,7 @@ class Ernie4_5_MoeForCausalLM(nn.Module, SupportsPP, SupportsLoRA, MixtureOfExpe
         self.config = config
         self.quant_config = vllm_config.quant_config
         self.checkpoint_dir = vllm_config.model_config.model
+        self.weights_loaded = False
         # What every rank must have loaded alike (rank_agreement.py), besides the weights.
         self.rank_place = place_of_this_rank(vllm_config.parallel_config)
         self.loaded_as = {
@@ -479,15 +481,23 @@ class Ernie4_5_MoeForCausalLM(nn.Module, SupportsPP, SupportsLoRA, MixtureOfExpe
         return self.logits_processor(self.lm_head, hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        # The first load only: a later one (a weight update) brings other weights than the files'.
+        served: dict[str, tuple[str, ...]] = {}
+        if not self.weights_loaded:
+            served = repack_cache.assign_places(self, self.checkpoint_dir)
+            self.weights_loaded = True
+        not_loaded = tuple(layout.routed_experts_checkpoint_prefix(module) for module in served)
         rules = checkpoint_rules(self.quant_config, self.checkpoint_dir)
         validator = CheckpointValidator(
-            self.config, self.checkpoint_dir, rules.description, rules.strict
+            self.config, self.checkpoint_dir, rules.description, rules.strict, not_loaded
         )
         digest = CheckpointDigest()
-        tensors = digest.observe(validator.check(weights))
+        tensors = validator.check(digest.observe(weights))
         if self.head_copies_embedding:
             tensors = _with_embedding_copied_to_head(tensors)
-        loaded = AutoWeightsLoader(self).load_weights(tensors)
+        with repack_cache.not_reading(not_loaded):  # patches/patch_should_skip_weight.py
+            loaded = AutoWeightsLoader(self).load_weights(tensors)
+        loaded |= {f"{module}.{name}" for module, names in served.items() for name in names}
         validator.check_complete()
         loaded_as = dict(self.loaded_as, checkpoint=digest.hexdigest())
         require_same_model_on_every_rank(self.rank_place, loaded_as)

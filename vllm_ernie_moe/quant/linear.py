@@ -34,7 +34,7 @@ from vllm_ernie_moe.quant.msmodelslim import (
     quantize_rows,
     unpack_int4_rows,
 )
-from vllm_ernie_moe.quant.repack_cache import cached_repack
+from vllm_ernie_moe.quant.repack_cache import StoredRepackMethod
 
 
 @register_weight_loader_v2_supported_method
@@ -167,7 +167,7 @@ class ErnieW8A16DequantizedLinearMethod(UnquantizedLinearMethod):
 
 
 @register_weight_loader_v2_supported_method
-class ErnieW4A16LinearMethod(LinearMethodBase):
+class ErnieW4A16LinearMethod(StoredRepackMethod, LinearMethodBase):
     """msModelSlim W4A16 linear: int4 weights (two per int8 along the output rows, as stored) and
     per-group scales, rounded to the model dtype (as PyTorch's int4 GEMM takes them; vLLM's int4
     linear gets the same rounded values).
@@ -244,6 +244,10 @@ class ErnieW4A16LinearMethod(LinearMethodBase):
             "weights dequantized per call from there on",
         )
 
+    def repack_kind(self) -> str | None:
+        """Linears still load their tensors (the routed experts hold most bytes); keyed by place."""
+        return f"vllm-int4-linear-gptq-group{self.group_size}" if self.on_vllm_kernel else None
+
     def process_weights_after_loading(self, layer: Module) -> None:
         """vLLM's blocked layout (stored in the repack cache), or two layouts: PyTorch's int4
         GEMM's (few tokens) and, for dequantizing at many tokens, msModelSlim's as loaded (half a
@@ -255,8 +259,7 @@ class ErnieW4A16LinearMethod(LinearMethodBase):
                 blocked = vllm_int4_blocked(rows, scale.T.contiguous())
                 return dict(zip(("weight", "weight_zero", "weight_scale"), blocked, strict=True))
 
-            kind = f"vllm-int4-linear-gptq-group{self.group_size}"
-            for name, tensor in cached_repack(kind, [rows, scale], repack).items():
+            for name, tensor in self.stored_or_repacked([rows, scale], repack).items():
                 set_parameter(layer, name, tensor)
             return
         set_parameter(layer, "weight", portable_kernels.pack_int4(unpack_int4_rows(rows)))

@@ -42,7 +42,7 @@ from vllm_ernie_moe.quant.msmodelslim import (
     QuantizationFormatError,
     quantize_rows,
 )
-from vllm_ernie_moe.quant.repack_cache import cached_repack
+from vllm_ernie_moe.quant.repack_cache import StoredRepackMethod
 
 
 class ErnieW8A8MoEMethod(FusedMoEMethodBase):
@@ -186,22 +186,29 @@ class ErnieW8A8MoEMethod(FusedMoEMethodBase):
         )
 
 
-class ErnieW4A8MoEMethod(ErnieW8A8MoEMethod):
+class ErnieW4A8MoEMethod(StoredRepackMethod, ErnieW8A8MoEMethod):
     """msModelSlim W4A8_DYNAMIC routed experts, int4 in memory, on vLLM's CPU ``INT4_W4A8`` kernel
     (int4 weights times per-token int8 activations, as on the NPU).
 
     Repacked at load: msModelSlim's rows (two int4 per int8 along the output dimension) become
     GPTQ's int32 columns (eight along the input dimension, offset by 8), which vLLM blocks for its
     kernel. The kernel takes group scales only, so each per-channel scale is repeated over groups of
-    :func:`int4_group_size` inputs: the same numbers, 1-3% more bytes.
+    :func:`int4_group_size` inputs: the same numbers, 1-3% more bytes. The repack is stored
+    (:mod:`~vllm_ernie_moe.quant.repack_cache`); a warm start does not load these experts.
     """
 
     int4_packed = True
     weight_format = "w4a8"
     experts_quant_keys = (kInt4Static, None)
+    replaced_by_repack = ("w13_weight", "w2_weight", "w13_weight_scale", "w2_weight_scale")
+
+    def repack_kind(self) -> str | None:
+        if not self.on_vllm_kernel:  # the portable experts repack their own
+            return None
+        return f"vllm-int4-experts-gptq-group{self.kernel_group_size()}"
 
     def process_weights_after_loading(self, layer: Module) -> None:
-        if not self.on_vllm_kernel:  # the portable experts repack their own
+        if not self.on_vllm_kernel:
             self._make_kernel(layer)
             return
         names = ("w13_weight", "w2_weight")
@@ -217,8 +224,7 @@ class ErnieW4A8MoEMethod(ErnieW8A8MoEMethod):
                 blocked |= {name: weight, f"{name}_scale": kernel_scale, zero_name: zero}
             return blocked
 
-        kind = f"vllm-int4-experts-gptq-group{self.kernel_group_size()}"
-        for name, tensor in cached_repack(kind, weights + scales, repack).items():
+        for name, tensor in self.stored_or_repacked(weights + scales, repack).items():
             set_parameter(layer, name, tensor)
         self._make_kernel(layer)
 

@@ -4,10 +4,17 @@ Why: vLLM's int4 experts kernel wants its own blocked layout, and its repack
 (``convert_weight_packed_scale_zp``) took 16.1 of the 19.3 s of weight processing on the 4-layer
 21B geometry (``benchmarks/profile_load.py``, docs/results/load-profile-4layers-w4a16-zen4.txt).
 
-How: a repack's result is stored under the SHA-256 of everything that decides it: the bytes,
-dtypes and shapes of its inputs (this rank's shard, as loaded), its kind, the plugin's quantization
-source, and the vLLM, torch and CPU-tier it ran on. A changed checkpoint, shard, kernel tier or
-version therefore finds no entry and repacks; an entry cannot be stale. Files are written whole
+How: a repack's result is stored under the SHA-256 of everything that decides it: its kind, the
+plugin's quantization source, the vLLM, torch and CPU-tier it ran on, and its inputs, named one of
+two ways. For a local checkpoint directory, by place (:class:`StoredRepackMethod`): the
+checkpoint's identity (each file's name, size and modification time, the safetensors headers, the
+JSON files) and the layer's place in it on this rank. Then a warm start knows its entries before
+reading a tensor, and the model does not load the routed experts an entry replaces
+(docs/notes/startup-breakdown.md): only a file rewritten with the same size, modification time and
+header would be served stale. Otherwise, or with ``VLLM_ERNIE_MOE_REPACK_CACHE_VERIFY=1``, by
+content: the bytes, dtypes and shapes of the inputs (this rank's shard, as loaded), read and hashed
+at every start; such an entry cannot be stale. A changed checkpoint, shard, kernel tier or version
+finds no entry and repacks. Files are written whole
 under a temporary name and renamed, so a crash leaves no partial entry; an unreadable entry is
 repacked and rewritten. Entries of environments no longer used are deleted
 (:data:`_KEEP_ENVIRONMENTS`). ``VLLM_ERNIE_MOE_REPACK_CACHE`` (``envs.repack_cache_dir``) moves or
@@ -22,11 +29,12 @@ import hashlib
 import os
 import re
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from vllm.logger import init_logger
 
@@ -75,8 +83,11 @@ def _environment_dir(root: Path) -> Path:
     return root / _environment_digest().hex()[:16]
 
 
-def _key(kind: str, inputs: Sequence[torch.Tensor]) -> str:
+def _key(kind: str, inputs: Sequence[torch.Tensor], place: bytes | None = None) -> str:
     digest = hashlib.sha256(_environment_digest() + kind.encode())
+    if place is not None:
+        digest.update(b"place" + place)
+        return digest.hexdigest()
     for tensor in inputs:
         digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
         digest.update(_content_digest(tensor))
@@ -96,12 +107,18 @@ def _content_digest(tensor: torch.Tensor) -> bytes:
         return b"".join(pool.map(lambda chunk: hashlib.sha256(chunk).digest(), chunks))
 
 
+def _entry(root: Path, kind: str, inputs: Sequence[torch.Tensor], place: bytes | None) -> Path:
+    return _environment_dir(root) / f"{_key(kind, inputs, place)}.safetensors"
+
+
 def cached_repack(
     kind: str,
     inputs: Sequence[torch.Tensor],
     repack: Callable[[], dict[str, torch.Tensor]],
+    place: bytes | None = None,
 ) -> dict[str, torch.Tensor]:
-    """``repack()``, or its result stored by an earlier start for the same ``inputs``.
+    """``repack()``, or its result stored by an earlier start for the same ``inputs`` (for the
+    same ``place`` in the same checkpoint, when given: :func:`layer_place`).
 
     ``kind`` names the repack and every setting it takes that is not in ``inputs`` (a group
     size, an algorithm); ``repack`` returns named CPU tensors. The cache never fails a load: a
@@ -110,7 +127,7 @@ def cached_repack(
     root = envs.repack_cache_dir()
     if root is None:
         return repack()
-    path = _environment_dir(root) / f"{_key(kind, inputs)}.safetensors"
+    path = _entry(root, kind, inputs, place)
     try:
         if path.is_file():
             tensors = load_file(path)
@@ -122,6 +139,175 @@ def cached_repack(
     result = repack()
     _store(path, result)
     return result
+
+
+def checkpoint_identity(model_dir: str | os.PathLike | None) -> bytes | None:
+    """What identifies a local checkpoint directory without reading a tensor: each file's name,
+    size and modification time (ns), each safetensors file's header (tensor names, dtypes,
+    shapes, offsets), each JSON file's text. None, so keyed by content, when the model is not a
+    local directory, without a cache, or with ``VLLM_ERNIE_MOE_REPACK_CACHE_VERIFY=1``."""
+    if envs.repack_cache_dir() is None or envs.repack_cache_keys_by_content():
+        return None
+    if not model_dir or not os.path.isdir(model_dir):
+        return None
+    digest = hashlib.sha256()
+    for path in sorted(Path(model_dir).iterdir()):
+        if path.name.startswith(".") or not path.is_file():
+            continue
+        stat = path.stat()
+        digest.update(f"{path.name}|{stat.st_size}|{stat.st_mtime_ns}|".encode())
+        if path.suffix == ".json":
+            digest.update(path.read_bytes())
+        elif path.suffix == ".safetensors":
+            digest.update(_safetensors_header(path, stat.st_size))
+    return digest.digest()
+
+
+def _safetensors_header(path: Path, size: int) -> bytes:
+    """The header of a safetensors file: an 8-byte little-endian length, then that much JSON."""
+    with path.open("rb") as file:
+        length = int.from_bytes(file.read(8), "little")
+        return file.read(min(length, size))
+
+
+def layer_place(identity: bytes, name: str, layer: torch.nn.Module) -> bytes:
+    """Where module ``name`` sits in the checkpoint of ``identity`` on this rank: what decides the
+    shard it loads besides the files. Its parameters' names, shapes and dtypes, this rank's
+    tensor- and expert-parallel ranks and sizes, and an expert-parallel layer's expert map."""
+    from vllm.distributed import (
+        get_ep_group,
+        get_tensor_model_parallel_rank,
+        get_tensor_model_parallel_world_size,
+    )
+
+    ep = get_ep_group()
+    digest = hashlib.sha256(identity + name.encode())
+    digest.update(
+        f"tp {get_tensor_model_parallel_rank()}/{get_tensor_model_parallel_world_size()} "
+        f"ep {ep.rank_in_group}/{ep.world_size}".encode()
+    )
+    for parameter_name, parameter in layer.named_parameters(recurse=False):
+        digest.update(f"{parameter_name}{tuple(parameter.shape)}{parameter.dtype}".encode())
+    expert_map = getattr(layer, "expert_map", None)
+    if isinstance(expert_map, torch.Tensor):
+        digest.update(expert_map.cpu().contiguous().numpy().tobytes())
+    return digest.digest()
+
+
+class StoredRepackMethod:
+    """A quant method whose load-time repack is keyed by its layer's place in an identified
+    checkpoint (:func:`assign_places`), and whose stored repack may replace some of the layer's
+    checkpoint tensors, which a warm start then does not load."""
+
+    #: The layer's place (:func:`layer_place`); None: keyed by content.
+    repack_place: bytes | None = None
+    #: The stored repack replaces this layer's :attr:`replaced_by_repack`, which were not loaded.
+    served_from_cache = False
+    #: The layer's parameters that its repack replaces whole; empty: it loads them anyway.
+    replaced_by_repack: tuple[str, ...] = ()
+
+    def repack_kind(self) -> str | None:
+        """``cached_repack``'s kind for this layer; None when it makes no stored repack."""
+        return None
+
+    def stored_or_repacked(
+        self, inputs: Sequence[torch.Tensor], repack: Callable[[], dict[str, torch.Tensor]]
+    ) -> dict[str, torch.Tensor]:
+        """This layer's repack: the stored one it was served (its inputs were not loaded), or
+        :func:`cached_repack`'s."""
+        kind = self.repack_kind()
+        assert kind is not None
+        if self.served_from_cache:
+            assert self.repack_place is not None
+            return _load_served(kind, self.repack_place)
+        return cached_repack(kind, inputs, repack, self.repack_place)
+
+
+def assign_places(model: torch.nn.Module, checkpoint_dir: str | None) -> dict[str, tuple[str, ...]]:
+    """Before loading: key each :class:`StoredRepackMethod` layer of ``model`` by its place in
+    ``checkpoint_dir``, and serve those whose repack is stored from the cache. Returns module
+    name -> the parameters the cache serves it (not to be loaded)."""
+    identity = checkpoint_identity(checkpoint_dir)
+    served: dict[str, tuple[str, ...]] = {}
+    for name, module in model.named_modules():
+        method = getattr(module, "quant_method", None)
+        if not isinstance(method, StoredRepackMethod):
+            continue
+        method.repack_place = None if identity is None else layer_place(identity, name, module)
+        kind = method.repack_kind()
+        method.served_from_cache = bool(
+            method.repack_place is not None
+            and kind is not None
+            and method.replaced_by_repack
+            and _readable_entry(kind, method.repack_place)
+        )
+        if method.served_from_cache:
+            served[name] = method.replaced_by_repack
+    if served:
+        logger.info(
+            "Repack cache: %d layers served from %s; their checkpoint tensors are not read "
+            "(%s=1 keys by content instead).",
+            len(served),
+            envs.repack_cache_dir(),
+            envs.REPACK_CACHE_VERIFY_VARIABLE,
+        )
+    return served
+
+
+#: Checkpoint tensor-name prefixes the load under way does not read (:func:`not_reading`).
+_not_read: tuple[str, ...] = ()
+
+
+@contextlib.contextmanager
+def not_reading(prefixes: tuple[str, ...]) -> Iterator[None]:
+    """While the model loads: vLLM's weights iterator skips the tensors under ``prefixes``
+    (served from the cache) before it maps them (``patches/patch_should_skip_weight.py``):
+    creating a tensor of a memory-mapped file touches its first page, which reads the disk's
+    read-ahead around it."""
+    global _not_read
+    _not_read = prefixes
+    try:
+        yield
+    finally:
+        _not_read = ()
+
+
+def is_not_read(name: str) -> bool:
+    """Whether checkpoint tensor ``name`` is served from the cache in the load under way."""
+    return name.startswith(_not_read) if _not_read else False
+
+
+def _readable_entry(kind: str, place: bytes) -> bool:
+    root = envs.repack_cache_dir()
+    if root is None:
+        return False
+    path = _entry(root, kind, (), place)
+    try:
+        with safe_open(path, "pt") as entry:
+            return bool(entry.keys())
+    except Exception:  # missing or damaged: the layer loads and repacks
+        return False
+
+
+def _load_served(kind: str, place: bytes) -> dict[str, torch.Tensor]:
+    """The entry :func:`assign_places` found before loading. Its layer's inputs were not loaded,
+    so an entry that has become unreadable since cannot be repacked: it is deleted and the load
+    fails with what to do."""
+    root = envs.repack_cache_dir()
+    assert root is not None
+    path = _entry(root, kind, (), place)
+    try:
+        return load_file(path)
+    except Exception as error:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        raise RuntimeError(
+            f"Repack cache entry {path} was readable before the weights were loaded and is not "
+            f"now ({error}); its layer's checkpoint tensors were not loaded. Start again: the "
+            f"entry is deleted and the next start repacks. If another process cleans "
+            f"{root} while engines start, set {envs.REPACK_CACHE_VARIABLE} to a directory of "
+            "this engine's own."
+        ) from error
 
 
 def _prune_environments(root: Path, current: Path) -> None:
