@@ -37,10 +37,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import importlib
 import inspect
-from pathlib import Path
 
 import torch
 from vllm.platforms import current_platform
@@ -91,21 +89,11 @@ def loads_torch_artefacts(try_load):
     return wrapped
 
 
-@functools.cache
-def _plugin_source_digest() -> str:
-    """SHA-256 of the plugin's Python source, patches included."""
-    digest = hashlib.sha256()
-    roots = (Path(vllm_ernie_moe.__file__).parent, Path(__file__).parent)
-    for source in sorted({path for root in roots for path in root.rglob("*.py")}):
-        digest.update(source.read_bytes())
-    return digest.hexdigest()
-
-
 def plugin_factors() -> list[str]:
     """What of the plugin decides the traced graph besides vLLM's factors: its build settings, the
     CPU features its kernels are chosen by, and its source."""
     features = [name for name in TORCH_PROBES if getattr(torch.cpu, f"_is_{name}_supported")()]
-    return [*envs.build_settings(), f"cpu {'+'.join(features)}", _plugin_source_digest()]
+    return [*envs.build_settings(), f"cpu {'+'.join(features)}", vllm_ernie_moe.source_digest()]
 
 
 def keyed_by_plugin_settings(hash_factors):

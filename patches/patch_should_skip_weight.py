@@ -22,22 +22,24 @@ repack cache serves included; mapping one reads the disk's read-ahead around it.
   not need, beside vLLM's expert-parallel filter.
 - Remove when: vLLM lets a model skip checkpoint tensors before they are mapped.
 - Test: ``tests/test_patch_should_skip_weight.py``; end to end
-  ``tests/test_repack_cache.py::test_a_warm_start_reads_no_routed_expert_bytes``.
+  ``tests/test_repack_cache.py::test_a_warm_start_is_served_without_the_experts_and_a_rewrite_repacks``.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib
 import inspect
+from collections.abc import Callable
 
+from vllm_ernie_moe import compat
 from vllm_ernie_moe.patches.patching import install
 from vllm_ernie_moe.quant import repack_cache
 
-WEIGHT_UTILS = "vllm.model_executor.model_loader.weight_utils"
+#: Characters between the name filter and ``get_tensor`` in the iterator's lazy path.
+_FILTER_REACH = 200
 
 
-def skips_served_tensors(should_skip):
+def skips_served_tensors(should_skip: Callable[..., bool]) -> Callable[..., bool]:
     """``should_skip_weight`` that also skips the tensors the repack cache serves."""
 
     @functools.wraps(should_skip)
@@ -47,17 +49,20 @@ def skips_served_tensors(should_skip):
     return should_skip_weight
 
 
-def _asked_before_mapping(should_skip) -> bool:
-    source = inspect.getsource(importlib.import_module(WEIGHT_UTILS).safetensors_weights_iterator)
-    return source.index("should_skip_weight(") < source.rindex("f.get_tensor(")
+def _asked_before_mapping(_should_skip: Callable[..., bool]) -> bool:
+    """The iterator's lazy path (its last ``f.get_tensor``) asks the filter just before."""
+    weight_utils = compat.safetensors_name_filter_module()
+    source = inspect.getsource(weight_utils.safetensors_weights_iterator)
+    mapping = source.rindex("f.get_tensor(")
+    return "should_skip_weight(" in source[max(0, mapping - _FILTER_REACH) : mapping]
 
 
 def apply() -> bool:
     """Let vLLM's safetensors iterator skip what the repack cache serves; idempotent. True when
     active."""
-    weight_utils = importlib.import_module(WEIGHT_UTILS)
-    if not hasattr(weight_utils, "should_skip_weight"):
-        return False  # no hook: the model drops those tensors after they are mapped
+    weight_utils = compat.safetensors_name_filter_module()
+    if weight_utils is None:
+        return False  # the model drops those tensors after they are mapped
     return install(
         __name__, weight_utils, "should_skip_weight", skips_served_tensors,
         bug_present=_asked_before_mapping,

@@ -1,7 +1,7 @@
 """patch_should_skip_weight: vLLM's safetensors iterator skips, before mapping them, the tensors
 the repack cache serves, and only while the model's load asks for it. The end-to-end check (a
-warm engine start answers as the cold one after the routed experts' bytes changed on disk) is
-``tests/test_repack_cache.py::test_a_warm_start_reads_no_routed_expert_bytes``."""
+warm engine start is served the experts and answers as the cold one) is
+``tests/test_repack_cache.py::test_a_warm_start_is_served_without_the_experts_and_a_rewrite_repacks``."""
 
 import safetensors
 import torch

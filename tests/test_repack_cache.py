@@ -1,8 +1,8 @@
 """The repack cache (``vllm_ernie_moe/quant/repack_cache.py``): an entry is served only for the
 same input bytes, dtypes, shapes and kind, holds exactly what the repack returned (checked against
 vLLM's own int4 experts repack, called directly), and a damaged, unwritable or disabled cache
-falls back to repacking. Keyed by a local checkpoint's identity, a warm engine start does not read
-the routed experts its entries replace, and a changed checkpoint repacks."""
+falls back to repacking. Keyed by a local checkpoint's identity, a warm engine start is served
+the routed experts without loading them, and a changed checkpoint repacks."""
 
 import json
 import os
@@ -234,10 +234,10 @@ def _keeping_time(path: Path, rewrite) -> None:
     os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
 
 
-def test_checkpoint_identity_follows_names_sizes_times_headers_and_json(cache_dir, tmp_path):
-    """The key of a warm start needs no tensor bytes: it changes with a file's size, time or
-    safetensors header and with the JSON files, and not with tensor bytes rewritten in place at
-    the same size and time (the one stale case; VERIFY=1 keys by content)."""
+def test_checkpoint_identity_changes_with_any_write_copy_or_json_edit(cache_dir, tmp_path):
+    """The key of a warm start needs no tensor bytes, yet any change of the files shows: bytes
+    rewritten in place with the modification time set back (the change time moves), a renamed
+    tensor, a new time, size or config.json, a copy elsewhere (path, inode)."""
     checkpoint = tmp_path / "checkpoint"
     shutil.copytree(W4A16, checkpoint)
     (weights,) = checkpoint.glob("*.safetensors")
@@ -249,14 +249,12 @@ def test_checkpoint_identity_follows_names_sizes_times_headers_and_json(cache_di
         data[-1] ^= 0xFF
         path.write_bytes(data)
 
-    _keeping_time(weights, flip_last_byte)
-    assert repack_cache.checkpoint_identity(checkpoint) == identity
-
     def rename_a_tensor(path: Path) -> None:  # same length, so same size and offsets
         data = path.read_bytes()
         path.write_bytes(data.replace(b"up_proj.weight_scale", b"up_proj.weight_scalf", 1))
 
     changes = {
+        "bytes, time set back": lambda: _keeping_time(weights, flip_last_byte),
         "header": lambda: _keeping_time(weights, rename_a_tensor),
         "time": lambda: os.utime(weights, ns=(0, weights.stat().st_mtime_ns + 1)),
         "size": lambda: _keeping_time(weights, lambda p: p.write_bytes(p.read_bytes() + b"\0")),
@@ -271,12 +269,18 @@ def test_checkpoint_identity_follows_names_sizes_times_headers_and_json(cache_di
         changed = repack_cache.checkpoint_identity(checkpoint)
         assert changed not in seen, change
         seen.add(changed)
+    copy = tmp_path / "copy"
+    shutil.copytree(checkpoint, copy)  # times kept
+    assert repack_cache.checkpoint_identity(copy) not in seen
 
 
 def test_checkpoint_identity_is_none_where_keyed_by_content(cache_dir, tmp_path, monkeypatch):
-    """A hub name (not a local directory), VERIFY=1 and a disabled cache key by content."""
+    """A hub name (not a local directory), a directory without safetensors files (weights
+    streamed from elsewhere), VERIFY=1 and a disabled cache key by content."""
     assert repack_cache.checkpoint_identity("baidu/ERNIE-4.5-21B-A3B-PT") is None
     assert repack_cache.checkpoint_identity(None) is None
+    shutil.copy(W4A16 / "config.json", tmp_path)
+    assert repack_cache.checkpoint_identity(tmp_path) is None
     monkeypatch.setenv(envs.REPACK_CACHE_VERIFY_VARIABLE, "1")
     assert repack_cache.checkpoint_identity(W4A16) is None
     monkeypatch.setenv(envs.REPACK_CACHE_VERIFY_VARIABLE, "0")
@@ -310,23 +314,28 @@ def _rotate_routed_experts(path: Path) -> None:
     not vllm_kernel_serves("w4a16"),
     reason="without VNNI the portable experts repack at every start from what they load",
 )
-def test_a_warm_start_reads_no_routed_expert_bytes(tmp_path, monkeypatch):
-    """Reading the weights once. A cold start on a copy of the W4A16 fixture stores its repacks.
-    Then every routed expert's weight bytes are rotated to the next expert's, keeping size,
-    header and modification time: a warm start answers as the cold one did, so it read none of
-    them. A new modification time makes it read and repack them: it answers as the fake-quant
-    reference of the rotated weights, and otherwise than before."""
+def test_a_warm_start_is_served_without_the_experts_and_a_rewrite_repacks(
+    tmp_path, monkeypatch, capfd
+):
+    """Reading the weights once. A cold start on a copy of the W4A16 fixture stores its repacks;
+    a warm start is served them without loading the routed experts (its log says so) and answers
+    exactly as the cold one. Then every routed expert's weight bytes are rotated to the next
+    expert's, keeping size and header: the next start repacks, and answers as the fake-quant
+    reference of the rotated weights, not as before."""
     monkeypatch.setenv(envs.REPACK_CACHE_VARIABLE, str(tmp_path / "repack"))
     checkpoint = tmp_path / "checkpoint"
     shutil.copytree(W4A16, checkpoint)
     (weights,) = checkpoint.glob("*.safetensors")
+    served = "layers served from"
     cold = vllm_greedy(checkpoint, "bfloat16", 1, MAX_TOKENS, TOP_K)
-    _keeping_time(weights, _rotate_routed_experts)
+    assert served not in "".join(capfd.readouterr())
     warm = vllm_greedy(checkpoint, "bfloat16", 1, MAX_TOKENS, TOP_K)
+    assert served in "".join(capfd.readouterr())
     assert [g.token_ids for g in warm] == [g.token_ids for g in cold]
     assert logprob_drift(cold, warm).max() == 0
-    os.utime(weights)  # a new modification time: another checkpoint
+    _keeping_time(weights, _rotate_routed_experts)
     rewritten = vllm_greedy(checkpoint, "bfloat16", 1, MAX_TOKENS, TOP_K)
+    assert served not in "".join(capfd.readouterr())
     plain = dequantized_checkpoint(checkpoint, tmp_path / "dequantized")
     reference = transformers_greedy(
         plain, "float32", MAX_TOKENS, TOP_K, prepare=fake_quantize_activations

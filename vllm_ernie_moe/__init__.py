@@ -3,6 +3,11 @@
 vLLM calls :func:`register` (entry point group ``vllm.general_plugins``) in every process it starts.
 """
 
+import functools
+import hashlib
+import importlib.util
+from pathlib import Path
+
 ARCHITECTURE = "Ernie4_5_MoeForCausalLM"
 MODEL_CLASS = "vllm_ernie_moe.model:Ernie4_5_MoeForCausalLM"
 #: vLLM's name for ERNIE's MTP drafter (speculative method ``ernie_mtp`` / ``mtp``).
@@ -10,6 +15,20 @@ MTP_ARCHITECTURE = "ErnieMTPModel"
 MTP_CLASS = "vllm_ernie_moe.mtp:ErnieMTP"
 
 _registered = False
+
+
+@functools.cache
+def source_digest() -> str:
+    """SHA-256 of the plugin's Python source, patches included: what a saved compilation and a
+    stored repack depend on besides their inputs (the loading code decides the shard a repack
+    gets). The patches install from their own folder (``package_dir`` in setup.py)."""
+    patches = importlib.util.find_spec("vllm_ernie_moe.patches")
+    assert patches is not None and patches.origin is not None
+    roots = (Path(__file__).parent, Path(patches.origin).parent)
+    digest = hashlib.sha256()
+    for source in sorted({path for root in roots for path in root.rglob("*.py")}):
+        digest.update(source.read_bytes())
+    return digest.hexdigest()
 
 
 def register() -> None:

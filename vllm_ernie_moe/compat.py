@@ -103,6 +103,17 @@ def sgl_kernel_choice_measured() -> bool:
     return vllm_version() in SGL_KERNELS_MEASURED_ON
 
 
+WEIGHT_UTILS_MODULE = "vllm.model_executor.model_loader.weight_utils"
+
+
+def safetensors_name_filter_module():
+    """vLLM's ``weight_utils`` where its safetensors iterator asks ``should_skip_weight`` (its
+    expert-parallel filter, 0.27.1 to 0.33) before mapping a tensor; None where it has no such
+    filter."""
+    weight_utils = importlib.import_module(WEIGHT_UTILS_MODULE)
+    return weight_utils if hasattr(weight_utils, "should_skip_weight") else None
+
+
 CPU_ATTENTION_MODULE = "vllm.v1.attention.backends.cpu_attn"
 
 

@@ -103,10 +103,11 @@ def is_routed_expert(tensor: str) -> bool:
     return f".mlp.{EXPERTS}." in tensor
 
 
-def routed_experts_checkpoint_prefix(module: str) -> str:
-    """vLLM's routed-experts module of a layer (``model.layers.N.mlp.experts``, followed by
-    ``.routed_experts`` on vLLM 0.32+) -> the prefix of its checkpoint tensors."""
-    return f"{module.removesuffix('.routed_experts')}."
+def checkpoint_module(module: str) -> str:
+    """vLLM's module name -> the checkpoint's: vLLM's ``FusedMoEFactory`` (0.27.1 to 0.33) holds
+    a layer's routed experts in ``<...>.mlp.experts.routed_experts``, the checkpoint under
+    ``<...>.mlp.experts``."""
+    return module.removesuffix(".routed_experts")
 
 
 def is_paddle_tensor_name(name: str) -> bool:

@@ -380,7 +380,9 @@ class Ernie4_5_MoeForCausalLM(nn.Module, SupportsPP, SupportsLoRA, MixtureOfExpe
         self.config = config
         self.quant_config = vllm_config.quant_config
         self.checkpoint_dir = vllm_config.model_config.model
-        self.weights_loaded = False
+        # The repack cache may serve layers of a start that reads this directory's safetensors
+        # files; not a weight update pushed later, nor a start on dummy or streamed weights.
+        self.reads_checkpoint_files = vllm_config.load_config.load_format in ("auto", "safetensors")
         # What every rank must have loaded alike (rank_agreement.py), besides the weights.
         self.rank_place = place_of_this_rank(vllm_config.parallel_config)
         self.loaded_as = {
@@ -481,12 +483,10 @@ class Ernie4_5_MoeForCausalLM(nn.Module, SupportsPP, SupportsLoRA, MixtureOfExpe
         return self.logits_processor(self.lm_head, hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        # The first load only: a later one (a weight update) brings other weights than the files'.
-        served: dict[str, tuple[str, ...]] = {}
-        if not self.weights_loaded:
-            served = repack_cache.assign_places(self, self.checkpoint_dir)
-            self.weights_loaded = True
-        not_loaded = tuple(layout.routed_experts_checkpoint_prefix(module) for module in served)
+        from_files = self.checkpoint_dir if self.reads_checkpoint_files else None
+        self.reads_checkpoint_files = False  # a later load is a weight update: keyed by content
+        served = repack_cache.assign_places(self, from_files)
+        not_loaded = tuple(f"{layout.checkpoint_module(module)}." for module in served)
         rules = checkpoint_rules(self.quant_config, self.checkpoint_dir)
         validator = CheckpointValidator(
             self.config, self.checkpoint_dir, rules.description, rules.strict, not_loaded

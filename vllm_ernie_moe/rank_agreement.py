@@ -31,7 +31,8 @@ class CheckpointDigest:
     """An order-independent digest of the tensors a rank streams but the routed experts: names,
     shapes, dtypes and the first ``SAMPLED_BYTES`` of each. The routed experts are most of the
     bytes, and a warm start does not read them (``quant/repack_cache.py``), nor has them streamed:
-    a rank with the cache and one without must agree. Touching one page of a memory-mapped tensor
+    a rank with the cache and one without must agree. So two ranks whose checkpoints differ in the
+    routed experts only are not told apart. Touching one page of a memory-mapped tensor
     reads the disk's read-ahead around it (8 MiB here): sampling every expert of the 28-layer
     21B-A3B read 11.2 of its 12.3 GiB (docs/notes/startup-breakdown.md)."""
 
@@ -51,6 +52,7 @@ class CheckpointDigest:
 
 
 def _tensor_digest(name: str, tensor: torch.Tensor) -> bytes:
+    """Name, shape, dtype and the first ``SAMPLED_BYTES``: enough to tell fine-tunes apart."""
     flat = tensor.detach().reshape(-1)
     sample = flat[: max(1, SAMPLED_BYTES // flat.element_size())].cpu().contiguous()
     entry = hashlib.sha256(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())

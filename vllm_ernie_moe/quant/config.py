@@ -125,7 +125,7 @@ class ErnieW8A8DynamicConfig(QuantizationConfig):
             return ErnieW8A8LinearMethod(prequantized=False)
         if not isinstance(layer, (LinearBase, RoutedExperts)):
             return None  # embeddings, lm_head, attention: unquantized
-        prefix = prefix.removesuffix(".routed_experts")
+        prefix = layout.checkpoint_module(prefix)
         prequantized = self.description is not None
         label = (
             self._label(layout.first_checkpoint_module(prefix)) if prequantized else W8A8_DYNAMIC

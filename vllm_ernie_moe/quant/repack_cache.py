@@ -57,11 +57,12 @@ _ENVIRONMENT_NAME = re.compile(r"[0-9a-f]{16}")
 
 @functools.cache
 def _environment_digest() -> bytes:
-    """What, besides the inputs, decides a repack: this plugin's quantization code and the
-    libraries and kernel tier that run it."""
+    """What, besides the inputs, decides a repack: this plugin's code (its loading code decides
+    the shard a place-keyed repack gets) and the libraries and kernel tier that run it."""
     import vllm
 
-    from vllm_ernie_moe import cpu_tier, portable_kernels
+    import vllm_ernie_moe
+    from vllm_ernie_moe import cpu_tier
 
     digest = hashlib.sha256()
     tier = cpu_tier.active()
@@ -70,12 +71,10 @@ def _environment_digest() -> bytes:
         torch.__version__,
         tier.name if tier else "other",
         torch.backends.cpu.get_cpu_capability(),  # the ISA torch's packing kernels dispatch to
+        vllm_ernie_moe.source_digest(),
     )
     for part in parts:
         digest.update(part.encode() + b"\0")
-    sources = sorted(Path(__file__).parent.glob("*.py")) + [Path(portable_kernels.__file__)]
-    for source in sources:
-        digest.update(source.read_bytes())
     return digest.digest()
 
 
@@ -131,8 +130,7 @@ def cached_repack(
     try:
         if path.is_file():
             tensors = load_file(path)
-            with contextlib.suppress(OSError):  # a read-only cache still serves
-                os.utime(path.parent)  # this environment was used last
+            _mark_used(path.parent)
             return tensors
     except Exception as error:  # a damaged or unreadable entry: repack and replace it
         logger.warning("Repack cache entry %s is unreadable (%s); repacking.", path, error)
@@ -142,20 +140,27 @@ def cached_repack(
 
 
 def checkpoint_identity(model_dir: str | os.PathLike | None) -> bytes | None:
-    """What identifies a local checkpoint directory without reading a tensor: each file's name,
-    size and modification time (ns), each safetensors file's header (tensor names, dtypes,
-    shapes, offsets), each JSON file's text. None, so keyed by content, when the model is not a
-    local directory, without a cache, or with ``VLLM_ERNIE_MOE_REPACK_CACHE_VERIFY=1``."""
+    """What identifies a local checkpoint directory without reading a tensor: its real path; each
+    file's name, size, device, inode, and modification and change times (ns: a write changes the
+    change time, which no one can set back); each safetensors file's header (tensor names, dtypes,
+    shapes, offsets); each JSON file's text. None, so keyed by content, when the model is not a
+    local directory of safetensors files, without a cache, or with
+    ``VLLM_ERNIE_MOE_REPACK_CACHE_VERIFY=1``."""
     if envs.repack_cache_dir() is None or envs.repack_cache_keys_by_content():
         return None
     if not model_dir or not os.path.isdir(model_dir):
         return None
-    digest = hashlib.sha256()
-    for path in sorted(Path(model_dir).iterdir()):
-        if path.name.startswith(".") or not path.is_file():
-            continue
+    directory = Path(model_dir).resolve()
+    files = sorted(p for p in directory.iterdir() if p.is_file() and not p.name.startswith("."))
+    if not any(path.suffix == ".safetensors" for path in files):
+        return None  # e.g. weights streamed from object storage: not these files
+    digest = hashlib.sha256(str(directory).encode())
+    for path in files:
         stat = path.stat()
-        digest.update(f"{path.name}|{stat.st_size}|{stat.st_mtime_ns}|".encode())
+        digest.update(
+            f"{path.name}|{stat.st_size}|{stat.st_dev}|{stat.st_ino}|{stat.st_mtime_ns}|"
+            f"{stat.st_ctime_ns}|".encode()
+        )
         if path.suffix == ".json":
             digest.update(path.read_bytes())
         elif path.suffix == ".safetensors":
@@ -226,7 +231,8 @@ class StoredRepackMethod:
 def assign_places(model: torch.nn.Module, checkpoint_dir: str | None) -> dict[str, tuple[str, ...]]:
     """Before loading: key each :class:`StoredRepackMethod` layer of ``model`` by its place in
     ``checkpoint_dir``, and serve those whose repack is stored from the cache. Returns module
-    name -> the parameters the cache serves it (not to be loaded)."""
+    name -> the parameters the cache serves it (not to be loaded). ``None`` (a weight update,
+    dummy or streamed weights) keys every layer by content and serves none."""
     identity = checkpoint_identity(checkpoint_dir)
     served: dict[str, tuple[str, ...]] = {}
     for name, module in model.named_modules():
@@ -244,6 +250,7 @@ def assign_places(model: torch.nn.Module, checkpoint_dir: str | None) -> dict[st
         if method.served_from_cache:
             served[name] = method.replaced_by_repack
     if served:
+        _mark_used(_environment_dir(envs.repack_cache_dir()))
         logger.info(
             "Repack cache: %d layers served from %s; their checkpoint tensors are not read "
             "(%s=1 keys by content instead).",
@@ -265,11 +272,11 @@ def not_reading(prefixes: tuple[str, ...]) -> Iterator[None]:
     creating a tensor of a memory-mapped file touches its first page, which reads the disk's
     read-ahead around it."""
     global _not_read
-    _not_read = prefixes
+    outer, _not_read = _not_read, prefixes
     try:
         yield
     finally:
-        _not_read = ()
+        _not_read = outer
 
 
 def is_not_read(name: str) -> bool:
@@ -308,6 +315,12 @@ def _load_served(kind: str, place: bytes) -> dict[str, torch.Tensor]:
             f"{root} while engines start, set {envs.REPACK_CACHE_VARIABLE} to a directory of "
             "this engine's own."
         ) from error
+
+
+def _mark_used(environment: Path) -> None:
+    """This environment was used last (pruning keeps it); a read-only cache still serves."""
+    with contextlib.suppress(OSError):
+        os.utime(environment)
 
 
 def _prune_environments(root: Path, current: Path) -> None:
