@@ -8,8 +8,9 @@ repack cache serves included; mapping one reads the disk's read-ahead around it.
   routed experts, most of a checkpoint's bytes, and the model does not load them. But safetensors'
   ``get_tensor`` touches the first page of the tensor it returns, and the kernel reads its
   read-ahead around that page (8 MiB on this project's disks): iterating the 28-layer 21B-A3B
-  W4A16 checkpoint without using a tensor read 11.34 of its 12.3 GiB in 10.2 s, its 1.62 GiB of
-  other tensors alone 2.94 GiB in 3.0 s (docs/notes/startup-breakdown.md).
+  W4A16 checkpoint without using a tensor read 11.34 of its 12.30 GiB in 9.9 s; with the routed
+  experts skipped, its other 1.62 GiB read 2.92 GiB in 2.5 s
+  (docs/results/lazy-checkpoint-read-zen4.json).
 - How: also skip the names :func:`vllm_ernie_moe.quant.repack_cache.is_not_read` gives, which is
   only while this plugin's model loads a checkpoint whose entries exist
   (``repack_cache.not_reading``); vLLM's own rule is asked as before. Where the iterator reads

@@ -114,8 +114,8 @@ REPACK_CACHE_VERIFY_VARIABLE = "VLLM_ERNIE_MOE_REPACK_CACHE_VERIFY"
 
 def repack_cache_keys_by_content() -> bool:
     """``VLLM_ERNIE_MOE_REPACK_CACHE_VERIFY=1``: key every repack by the bytes it repacks, read and
-    hashed at every start. Default: a local checkpoint directory's repacks are keyed by its files'
-    names, sizes, modification times and safetensors headers, and a warm start does not read the
-    routed experts the cache replaces; only a file rewritten with the same size, time and header
-    would be served stale (``quant/repack_cache.py``)."""
+    hashed at every start. Default: a local checkpoint directory's repacks are keyed by its path
+    and its files' names, sizes, inodes, modification and change times and safetensors headers,
+    and a warm start does not read the routed experts the cache replaces; any write makes a new
+    key (``quant/repack_cache.py``)."""
     return os.environ.get(REPACK_CACHE_VERIFY_VARIABLE, "0") == "1"

@@ -5,18 +5,17 @@ Why: vLLM's int4 experts kernel wants its own blocked layout, and its repack
 21B geometry (``benchmarks/profile_load.py``, docs/results/load-profile-4layers-w4a16-zen4.txt).
 
 How: a repack's result is stored under the SHA-256 of everything that decides it: its kind, the
-plugin's quantization source, the vLLM, torch and CPU-tier it ran on, and its inputs, named one of
-two ways. For a local checkpoint directory, by place (:class:`StoredRepackMethod`): the
-checkpoint's identity (each file's name, size and modification time, the safetensors headers, the
-JSON files) and the layer's place in it on this rank. Then a warm start knows its entries before
-reading a tensor, and the model does not load the routed experts an entry replaces
-(docs/notes/startup-breakdown.md): only a file rewritten with the same size, modification time and
-header would be served stale. Otherwise, or with ``VLLM_ERNIE_MOE_REPACK_CACHE_VERIFY=1``, by
-content: the bytes, dtypes and shapes of the inputs (this rank's shard, as loaded), read and hashed
-at every start; such an entry cannot be stale. A changed checkpoint, shard, kernel tier or version
-finds no entry and repacks. Files are written whole
-under a temporary name and renamed, so a crash leaves no partial entry; an unreadable entry is
-repacked and rewritten. Entries of environments no longer used are deleted
+plugin's source, the vLLM, torch and CPU-tier it ran on, and its inputs, named one of two ways. For
+a local checkpoint directory, by place (:class:`StoredRepackMethod`): the checkpoint's identity
+(:func:`checkpoint_identity`: path, file names, sizes, inodes, modification and change times,
+safetensors headers, JSON files) and the layer's place in it on this rank. Then a warm start knows
+its entries before reading a tensor, and the model does not load the routed experts an entry
+replaces (docs/notes/startup-breakdown.md); any write to the files makes a new identity.
+Otherwise, or with ``VLLM_ERNIE_MOE_REPACK_CACHE_VERIFY=1``, by content: the bytes, dtypes and
+shapes of the inputs (this rank's shard, as loaded), read and hashed at every start; such an entry
+cannot be stale. A changed checkpoint, shard, kernel tier or version finds no entry and repacks.
+Files are written whole under a temporary name and renamed, so a crash leaves no partial entry; an
+unreadable entry is repacked and rewritten. Entries of environments no longer used are deleted
 (:data:`_KEEP_ENVIRONMENTS`). ``VLLM_ERNIE_MOE_REPACK_CACHE`` (``envs.repack_cache_dir``) moves or
 disables it.
 """
