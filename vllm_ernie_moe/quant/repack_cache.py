@@ -205,8 +205,9 @@ class StoredRepackMethod:
 
     #: The layer's place (:func:`layer_place`); None: keyed by content.
     repack_place: bytes | None = None
-    #: The stored repack replaces this layer's :attr:`replaced_by_repack`, which were not loaded.
-    served_from_cache = False
+    #: The stored repack that replaces this layer's :attr:`replaced_by_repack`, which were then
+    #: not loaded; None: the layer loads them.
+    served_entry: Path | None = None
     #: The layer's parameters that its repack replaces whole; empty: it loads them anyway.
     replaced_by_repack: tuple[str, ...] = ()
 
@@ -219,11 +220,10 @@ class StoredRepackMethod:
     ) -> dict[str, torch.Tensor]:
         """This layer's repack: the stored one it was served (its inputs were not loaded), or
         :func:`cached_repack`'s."""
+        if self.served_entry is not None:
+            return _load_served(self.served_entry)
         kind = self.repack_kind()
         assert kind is not None
-        if self.served_from_cache:
-            assert self.repack_place is not None
-            return _load_served(kind, self.repack_place)
         return cached_repack(kind, inputs, repack, self.repack_place)
 
 
@@ -232,29 +232,29 @@ def assign_places(model: torch.nn.Module, checkpoint_dir: str | None) -> dict[st
     ``checkpoint_dir``, and serve those whose repack is stored from the cache. Returns module
     name -> the parameters the cache serves it (not to be loaded). ``None`` (a weight update,
     dummy or streamed weights) keys every layer by content and serves none."""
-    identity = checkpoint_identity(checkpoint_dir)
+    identity = checkpoint_identity(checkpoint_dir)  # None without a cache
     served: dict[str, tuple[str, ...]] = {}
     for name, module in model.named_modules():
         method = getattr(module, "quant_method", None)
         if not isinstance(method, StoredRepackMethod):
             continue
         method.repack_place = None if identity is None else layer_place(identity, name, module)
+        method.served_entry = None
         kind = method.repack_kind()
-        method.served_from_cache = bool(
-            method.repack_place is not None
-            and kind is not None
-            and method.replaced_by_repack
-            and _readable_entry(kind, method.repack_place)
-        )
-        if method.served_from_cache:
+        if method.repack_place is None or kind is None or not method.replaced_by_repack:
+            continue
+        entry = _entry(envs.repack_cache_dir(), kind, (), method.repack_place)
+        if _readable(entry):
+            method.served_entry = entry
             served[name] = method.replaced_by_repack
     if served:
-        _mark_used(_environment_dir(envs.repack_cache_dir()))
+        root = envs.repack_cache_dir()
+        _mark_used(_environment_dir(root))
         logger.info(
             "Repack cache: %d layers served from %s; their checkpoint tensors are not read "
             "(%s=1 keys by content instead).",
             len(served),
-            envs.repack_cache_dir(),
+            root,
             envs.REPACK_CACHE_VERIFY_VARIABLE,
         )
     return served
@@ -280,28 +280,21 @@ def not_reading(prefixes: tuple[str, ...]) -> Iterator[None]:
 
 def is_not_read(name: str) -> bool:
     """Whether checkpoint tensor ``name`` is served from the cache in the load under way."""
-    return name.startswith(_not_read) if _not_read else False
+    return name.startswith(_not_read)
 
 
-def _readable_entry(kind: str, place: bytes) -> bool:
-    root = envs.repack_cache_dir()
-    if root is None:
-        return False
-    path = _entry(root, kind, (), place)
+def _readable(entry: Path) -> bool:
     try:
-        with safe_open(path, "pt") as entry:
-            return bool(entry.keys())
+        with safe_open(entry, "pt") as tensors:
+            return bool(tensors.keys())
     except Exception:  # missing or damaged: the layer loads and repacks
         return False
 
 
-def _load_served(kind: str, place: bytes) -> dict[str, torch.Tensor]:
+def _load_served(path: Path) -> dict[str, torch.Tensor]:
     """The entry :func:`assign_places` found before loading. Its layer's inputs were not loaded,
     so an entry that has become unreadable since cannot be repacked: it is deleted and the load
     fails with what to do."""
-    root = envs.repack_cache_dir()
-    assert root is not None
-    path = _entry(root, kind, (), place)
     try:
         return load_file(path)
     except Exception as error:
@@ -311,8 +304,8 @@ def _load_served(kind: str, place: bytes) -> dict[str, torch.Tensor]:
             f"Repack cache entry {path} was readable before the weights were loaded and is not "
             f"now ({error}); its layer's checkpoint tensors were not loaded. Start again: the "
             f"entry is deleted and the next start repacks. If another process cleans "
-            f"{root} while engines start, set {envs.REPACK_CACHE_VARIABLE} to a directory of "
-            "this engine's own."
+            f"{path.parent.parent} while engines start, set {envs.REPACK_CACHE_VARIABLE} to a "
+            "directory of this engine's own."
         ) from error
 
 
