@@ -56,6 +56,7 @@ ENGINES = {
     "w4a8-int8-head": "vLLM + vllm-ernie-moe, W4A8_DYNAMIC + int8 lm_head",
     "w4a16": "vLLM + vllm-ernie-moe, W4A16 (int4 per group of 128, every linear)",
     "w4a16-int8-head": "vLLM + vllm-ernie-moe, W4A16 + int8 lm_head",
+    "w4a16-int8-head-one-process": "the same, engine core and worker in the caller's process",
     "llama.cpp-q4_0": "llama.cpp Q4_0 of the 4-bit checkpoint (llama-cpp-python 0.3.36)",
     "llama.cpp-q4_k_m": "llama.cpp Q4_K_M of the 4-bit checkpoint (llama-cpp-python 0.3.36)",
 }
@@ -65,6 +66,7 @@ INT4_ENGINES = (
     "w4a8-int8-head",
     "w4a16",
     "w4a16-int8-head",
+    "w4a16-int8-head-one-process",
     "llama.cpp-q4_0",
     "llama.cpp-q4_k_m",
 )
@@ -76,6 +78,10 @@ ENGINE_ENV = {
     "w8a8-int8-head": {"VLLM_ERNIE_MOE_INT8_LM_HEAD": "1"},
     "w4a8-int8-head": {"VLLM_ERNIE_MOE_INT8_LM_HEAD": "1"},
     "w4a16-int8-head": {"VLLM_ERNIE_MOE_INT8_LM_HEAD": "1"},
+    "w4a16-int8-head-one-process": {
+        "VLLM_ERNIE_MOE_INT8_LM_HEAD": "1",
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    },
     "plugin-stock-kernels": {"VLLM_ERNIE_MOE_SGL_KERNELS": "0"},
     "w8a8-stock-kernels": {"VLLM_ERNIE_MOE_SGL_KERNELS": "0"},
 }

@@ -19,6 +19,8 @@ cpu_tier.force()
 # A small KV cache and both cores for the engine; set before vLLM reads its environment.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+# Engines in the process that makes them: a third of the start-up time (settings.ONE_PROCESS).
+os.environ.setdefault(settings.ONE_PROCESS, "0")
 # Repacked weights in a directory of this session: each run starts without entries (no state
 # from an earlier run), and later engines on the same weights load what earlier ones stored.
 _REPACK_CACHE = tempfile.mkdtemp(prefix="ernie-moe-repack-")

@@ -1,6 +1,8 @@
 """Environment variables only the tests read (the package's own: ``vllm_ernie_moe.envs``)."""
 
+import contextlib
 import os
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 
@@ -20,3 +22,28 @@ def vllm_wheel_dir() -> Path:
         os.path.join(os.path.expanduser("~"), ".cache", "vllm-ernie-moe"),
     )
     return Path(os.environ.get("VLLM_ERNIE_MOE_VLLM_WHEELS", os.path.join(cache, "wheels")))
+
+
+#: vLLM's variable that keeps an engine in the process that makes it (``0``: engine core and a
+#: world-size-1 worker; larger worlds still start their workers). The tests set it (conftest.py):
+#: a tiny engine starts in about a third of the time (tests/test_w4a16.py + tests/test_lora.py,
+#: 31 s against 77 s on a Zen 4 host). The user-facing entry points, the dialog example and
+#: ``vllm serve``, are tested in vLLM's default layout (:func:`default_process_layout`).
+ONE_PROCESS = "VLLM_ENABLE_V1_MULTIPROCESSING"
+
+
+def without_one_process(environment: Mapping[str, str]) -> dict[str, str]:
+    """``environment`` for a process that starts vLLM in its default layout (engine core and
+    worker in processes of their own), as users run it."""
+    return {name: value for name, value in environment.items() if name != ONE_PROCESS}
+
+
+@contextlib.contextmanager
+def default_process_layout() -> Iterator[None]:
+    """Processes started inside start vLLM in its default layout (:func:`without_one_process`)."""
+    saved = os.environ.pop(ONE_PROCESS, None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ[ONE_PROCESS] = saved

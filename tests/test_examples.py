@@ -5,11 +5,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from settings import without_one_process
+
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "run_pa.py"
 
 
 def run_example(*args: str, cache: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, VLLM_ERNIE_MOE_CACHE_DIR=str(cache))
+    # As users run it: vLLM's default process layout.
+    env = dict(without_one_process(os.environ), VLLM_ERNIE_MOE_CACHE_DIR=str(cache))
     return subprocess.run(
         [sys.executable, str(EXAMPLE), *args],
         capture_output=True,

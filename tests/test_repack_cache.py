@@ -19,6 +19,7 @@ from reference import (
     transformers_greedy,
     vllm_greedy,
 )
+from settings import ONE_PROCESS
 
 from vllm_ernie_moe import envs
 from vllm_ernie_moe.quant import repack_cache
@@ -323,6 +324,8 @@ def test_a_warm_start_is_served_without_the_experts_and_a_rewrite_repacks(
     expert's, keeping size and header: the next start repacks, and answers as the fake-quant
     reference of the rotated weights, not as before."""
     monkeypatch.setenv(envs.REPACK_CACHE_VARIABLE, str(tmp_path / "repack"))
+    # Each start in processes of its own, as a restart is (and their logs reach capfd).
+    monkeypatch.delenv(ONE_PROCESS, raising=False)
     checkpoint = tmp_path / "checkpoint"
     shutil.copytree(W4A16, checkpoint)
     (weights,) = checkpoint.glob("*.safetensors")

@@ -1,6 +1,7 @@
 """The real ``vllm serve`` CLI on a tiny checkpoint, driven with the openai client over loopback."""
 
 import asyncio
+import contextlib
 import json
 import re
 
@@ -15,6 +16,7 @@ from reference import (
     prompt_token_ids,
     transformers_greedy,
 )
+from settings import default_process_layout
 from transformers import AutoTokenizer
 
 from vllm_ernie_moe.chat import CHAT_TEMPLATE_PATH
@@ -63,7 +65,9 @@ def server(checkpoint, adapter, tmp_path_factory):
             "--tool-call-parser", "ernie45", "--enable-auto-tool-choice",
             "--structured-outputs-config", json.dumps(STRUCTURED_OUTPUTS)]  # fmt: skip
     log = tmp_path_factory.mktemp("serve") / "server.log"
-    with vllm_serve(path, *args, log=log) as served:
+    with contextlib.ExitStack() as stack:
+        with default_process_layout():  # as users run it
+            served = stack.enter_context(vllm_serve(path, *args, log=log))
         client = openai.OpenAI(base_url=f"{served.base_url}/v1", api_key="none", max_retries=0)
         yield path, served.base_url, client, served.pid
 
