@@ -53,7 +53,7 @@ def served_first_answer(checkpoint: str, log: Path) -> dict:
     prompt = random_prompts(1, 32, 100000, 3)[0]
     start = time.time()
     args = ["--dtype", "bfloat16", "--max-model-len", "2048", "--max-num-seqs", str(BATCH)]
-    with vllm_serve(checkpoint, *args, log=log) as served:
+    with vllm_serve(checkpoint, *args, log=log, start_timeout=1800) as served:  # a cold start
 
         def complete(tokens: int) -> str:
             request = dict(model=checkpoint, prompt=prompt, max_tokens=tokens, min_tokens=tokens)
