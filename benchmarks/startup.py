@@ -55,22 +55,22 @@ def served_first_answer(checkpoint: str, log: Path) -> dict:
     args = ["--dtype", "bfloat16", "--max-model-len", "2048", "--max-num-seqs", str(BATCH)]
     with vllm_serve(checkpoint, *args, log=log, start_timeout=1800) as served:  # a cold start
 
-        def complete(tokens: int) -> str:
+        def complete(tokens: int) -> list[int]:
             request = dict(model=checkpoint, prompt=prompt, max_tokens=tokens, min_tokens=tokens)
             reply = requests.post(
                 f"{served.base_url}/v1/completions",
-                json=dict(request, temperature=0, ignore_eos=True),
+                json=dict(request, temperature=0, ignore_eos=True, return_token_ids=True),
                 timeout=600,
             )
             reply.raise_for_status()
-            return reply.json()["choices"][0]["text"]
+            return reply.json()["choices"][0]["token_ids"]
 
         complete(1)
         result = {"startup_s": time.time() - start, "peak_pss_gib": memory.stop()}
         begin = time.perf_counter()
         complete(DECODE_TOKENS)
         result["decode_tok_s"] = DECODE_TOKENS / (time.perf_counter() - begin)
-        result["greedy_text"] = complete(16)
+        result["greedy_tokens"] = complete(16)
     return result
 
 
@@ -167,11 +167,7 @@ def main() -> None:
         results.append(dict(run=label, engine=task[engine], **measured))
         print(results[-1], flush=True)
     cached = sum(f.stat().st_size for f in vllm_cache.rglob("*") if f.is_file()) / 2**30
-    answers = {
-        json.dumps(r.get("greedy_tokens", r.get("greedy_text")))
-        for r in results
-        if not r["engine"].startswith("llama.cpp")
-    }
+    answers = {json.dumps(r["greedy_tokens"]) for r in results if "greedy_tokens" in r}
     report = {
         "runs": results,
         "vllm_cache_gib": cached,
