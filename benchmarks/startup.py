@@ -23,6 +23,7 @@ import argparse
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from bench_engines import (
@@ -40,6 +41,13 @@ from bench_engines import (
 
 DECODE_TOKENS = 64  # the batch-1 rate after the clock: prefill of 32 tokens, then 64 steps
 SERVED = "serve:"  # the plugin's starts are `vllm serve` commands (--serve)
+
+
+def decode_rate(answer: Callable[[int], object]) -> float:
+    """Tokens per second of ``answer(DECODE_TOKENS)``: one prompt answered with that many tokens."""
+    start = time.perf_counter()
+    answer(DECODE_TOKENS)
+    return DECODE_TOKENS / (time.perf_counter() - start)
 
 
 def served_first_answer(checkpoint: str, log: Path) -> dict:
@@ -67,9 +75,7 @@ def served_first_answer(checkpoint: str, log: Path) -> dict:
 
         complete(1)
         result = {"startup_s": time.time() - start, "peak_pss_gib": memory.stop()}
-        begin = time.perf_counter()
-        complete(DECODE_TOKENS)
-        result["decode_tok_s"] = DECODE_TOKENS / (time.perf_counter() - begin)
+        result["decode_tok_s"] = decode_rate(complete)
         result["greedy_tokens"] = complete(16)
     return result
 
@@ -96,9 +102,7 @@ def first_answer(engine: str, checkpoint: str, out: str) -> dict:
     generate(prompt, 1)
     startup_s = time.time() - psutil.Process().create_time()
     result = {"startup_s": startup_s, "peak_pss_gib": memory.stop()}
-    start = time.perf_counter()
-    generate(prompt, DECODE_TOKENS)
-    result["decode_tok_s"] = DECODE_TOKENS / (time.perf_counter() - start)
+    result["decode_tok_s"] = decode_rate(lambda tokens: generate(prompt, tokens))
     if not engine.startswith("llama.cpp"):  # after the clock: a warm start must answer the same
         (result["greedy_tokens"],) = greedy_token_ids(llm, prompt, 16)
     return result

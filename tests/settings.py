@@ -2,7 +2,7 @@
 
 import contextlib
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -32,15 +32,10 @@ def vllm_wheel_dir() -> Path:
 ONE_PROCESS = "VLLM_ENABLE_V1_MULTIPROCESSING"
 
 
-def without_one_process(environment: Mapping[str, str]) -> dict[str, str]:
-    """``environment`` for a process that starts vLLM in its default layout (engine core and
-    worker in processes of their own), as users run it."""
-    return {name: value for name, value in environment.items() if name != ONE_PROCESS}
-
-
 @contextlib.contextmanager
 def default_process_layout() -> Iterator[None]:
-    """Processes started inside start vLLM in its default layout (:func:`without_one_process`)."""
+    """Processes started inside start vLLM in its default layout (engine core and worker in
+    processes of their own), as users run it."""
     saved = os.environ.pop(ONE_PROCESS, None)
     try:
         yield

@@ -5,21 +5,20 @@ import subprocess
 import sys
 from pathlib import Path
 
-from settings import without_one_process
+from settings import default_process_layout
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "run_pa.py"
 
 
 def run_example(*args: str, cache: Path) -> subprocess.CompletedProcess:
-    # As users run it: vLLM's default process layout.
-    env = dict(without_one_process(os.environ), VLLM_ERNIE_MOE_CACHE_DIR=str(cache))
-    return subprocess.run(
-        [sys.executable, str(EXAMPLE), *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=900,
-    )
+    with default_process_layout():  # as users run it
+        return subprocess.run(
+            [sys.executable, str(EXAMPLE), *args],
+            capture_output=True,
+            text=True,
+            env=dict(os.environ, VLLM_ERNIE_MOE_CACHE_DIR=str(cache)),
+            timeout=900,
+        )
 
 
 def test_dialog_on_default_checkpoint(tmp_path):
