@@ -1,6 +1,7 @@
 """The W4A16 linear kernel choice: ERNIE-4.5-21B-A3B's linear shapes (attention, shared experts,
 dense MLP) on vLLM's int4 linear with int8 activations (``int4_scaled_mm_cpu``, the plugin's W4A16
-linear where VNNI makes it exact), PyTorch's int4 weight-only GEMM (the plugin's W4A16 linear at
+linear where VNNI makes it exact, one call and as the plugin calls it: ``quant.int4.int4_linear``,
+5-31 rows in calls of 4), PyTorch's int4 weight-only GEMM (the plugin's W4A16 linear at
 few tokens elsewhere), the dequantize-then-bf16 path (from ``INT4_DEQUANTIZE_FROM_TOKENS`` on
 elsewhere), vLLM's CPU WNA16 GEMM (``cpu_gemm_wna16``, its GPTQ/AWQ linear on CPU), PyTorch's
 int8 weight-only GEMM and bf16, side by side in one process, interleaved per shape.
@@ -25,10 +26,11 @@ SHAPES = (
     ("shared down", 3072, 2560),
     ("dense down", 12288, 2560),
 )
-TOKENS, GROUP, COPIES = (1, 8, 16, 32, 64, 256, 1024), 128, 8
+TOKENS, GROUP, COPIES = (1, 4, 5, 8, 16, 32, 64, 256, 1024), 128, 8
 #: bytes per weight of each kernel's layout
 BYTES = {"bf16": 2.0, "int8 (torch)": 1.0, "int4 (torch)": 0.5, "int4 (vLLM wna16)": 0.5,
-         "int4 dequantized + bf16": 0.5, "int4 (vLLM, int8 activations)": 0.5}  # fmt: skip
+         "int4 dequantized + bf16": 0.5, "int4 (vLLM, int8 activations)": 0.5,
+         "int4 (vLLM, int8 activations, 4-row calls)": 0.5}  # fmt: skip
 
 
 def kernels(inputs: int, outputs: int, generator) -> dict:
@@ -45,7 +47,7 @@ def kernels(inputs: int, outputs: int, generator) -> dict:
         int4_scales_and_zeros,
         pack_int4,
     )
-    from vllm_ernie_moe.quant.int4 import vllm_int4_blocked
+    from vllm_ernie_moe.quant.int4 import int4_linear, vllm_int4_blocked
     from vllm_ernie_moe.quant.msmodelslim import pack_int4_rows
 
     torch4, vllm4, int8, bf16, rows, int8_inputs = [], [], [], [], [], []
@@ -76,6 +78,7 @@ def kernels(inputs: int, outputs: int, generator) -> dict:
         "int4 (vLLM, int8 activations)": lambda x, i: ops.int4_scaled_mm_cpu(
             x, *int8_inputs[i], None
         ),
+        "int4 (vLLM, int8 activations, 4-row calls)": lambda x, i: int4_linear(x, *int8_inputs[i]),
     }
 
 

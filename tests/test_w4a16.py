@@ -154,11 +154,12 @@ def test_tensor_parallel_split_inside_a_group_is_refused():
         method.create_weights(Module(), 48, [64], 96, 64, torch.bfloat16, weight_loader=None)
 
 
-@pytest.mark.parametrize("tokens", [1, 200])
+@pytest.mark.parametrize("tokens", [1, 8, 200])
 def test_linear_on_vllm_int4_kernel_computes_int8_activation_math(tokens, monkeypatch):
     """Where vLLM's int4 linear serves W4A16, the method's repack feeds it msModelSlim's rows and
     group scales: its output is int4 x group scale times the input quantized to int8 per token
-    (float64), measurably closer to that than to W4A16's unquantized-input math."""
+    (float64), measurably closer to that than to W4A16's unquantized-input math. 8 tokens run as
+    calls of 4 rows (``quant.int4.int4_linear``)."""
     from reference import quantize_activations
     from torch.nn import Module
     from vllm.model_executor import parameter

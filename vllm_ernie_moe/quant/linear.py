@@ -4,7 +4,6 @@ W4A16 (int4 in memory: vLLM's int4 linear where exact, else PyTorch's int4 weigh
 
 import torch
 from torch.nn import Module
-from vllm._custom_ops import int4_scaled_mm_cpu
 from vllm.distributed import get_tensor_model_parallel_world_size, get_tp_group
 from vllm.model_executor.kernels.linear import init_int8_linear_kernel
 from vllm.model_executor.layers.linear import (
@@ -28,7 +27,7 @@ from vllm_ernie_moe.quant.common import (
     set_parameter,
 )
 from vllm_ernie_moe.quant.cpu_experts import vllm_kernel_serves
-from vllm_ernie_moe.quant.int4 import VLLM_INT4_OUTPUT_BLOCK, vllm_int4_blocked
+from vllm_ernie_moe.quant.int4 import VLLM_INT4_OUTPUT_BLOCK, int4_linear, vllm_int4_blocked
 from vllm_ernie_moe.quant.msmodelslim import (
     QuantizationFormatError,
     quantize_rows,
@@ -271,7 +270,7 @@ class ErnieW4A16LinearMethod(StoredRepackMethod, LinearMethodBase):
 
     def apply(self, layer: Module, x: torch.Tensor, bias: torch.Tensor | None = None):
         if self.on_vllm_kernel:
-            out = int4_scaled_mm_cpu(x, layer.weight, layer.weight_zero, layer.weight_scale, None)
+            out = int4_linear(x, layer.weight, layer.weight_zero, layer.weight_scale)
         else:
             out = portable_kernels.int4_group_linear(
                 x, layer.weight, layer.weight_scale, layer.weight_rows, layer.weight_group_scale
