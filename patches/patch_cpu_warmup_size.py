@@ -14,11 +14,12 @@
   same dummy forward on :data:`WARMUP_TOKENS` tokens instead, then the same dummy sampler run
   (vLLM 0.27 compiles its CPU sampler there). vLLM keeps no shape guards, so a branch on the token
   count taken while tracing would serve every size: the model's size branches are inside custom
-  ops (``portable_kernels``) or vLLM's C++ kernels, and the test requires the graphs traced on 16
-  tokens to be those traced on the full size. With Inductor's ``max_autotune`` (GEMM templates
-  tuned to the warm-up's size), another model, an automatic KV cache size, or
-  ``VLLM_ERNIE_MOE_FULL_WARMUP=1``, vLLM's warm-up runs. What the brief warm-up no longer shows
-  at start: whether a full-size prefill's activations fit in memory (the first long prompt does).
+  ops (``portable_kernels``, ``quant.int4.int4_linear``) or vLLM's C++ kernels, and the test
+  requires the graphs traced on 16 tokens to be those traced on the full size. With Inductor's
+  ``max_autotune`` (GEMM templates tuned to the warm-up's size), another model, an automatic KV
+  cache size, or ``VLLM_ERNIE_MOE_FULL_WARMUP=1``, vLLM's warm-up runs. What the brief warm-up
+  no longer shows at start: whether a full-size prefill's activations fit in memory (the first
+  long prompt does).
   The nodes of a multi-node engine must decide alike (their collectives' sizes): the ranks
   compare the decision's inputs at load (``rank_agreement``).
 - Decided by the target's source: the patch applies while ``warming_up_model`` warms up through
