@@ -210,3 +210,21 @@ def test_switch_keeps_w4a16_activations_in_the_model_dtype(monkeypatch):
     monkeypatch.delenv("VLLM_ERNIE_MOE_W4A16_INT8_ACTIVATIONS")
     method.create_weights(Module(), 256, [96], 256, 96, torch.float32, weight_loader=lambda *a: 0)
     assert not method.on_vllm_kernel  # vLLM's int4 linear takes bf16 / fp16 activations only
+
+
+@pytest.mark.parametrize("shape", [(5, 256), (13, 256), (2, 4, 256)], ids=str)
+def test_int4_linear_in_calls_of_four_rows_equals_one_call(shape):
+    """The W4A16 linear's op runs 5-31 rows as calls of 4 of vLLM's int4 linear: bit for bit one
+    call of vLLM's kernel on all the rows, with uneven remainders (5 = 4 + 1) and 3-D input."""
+    if not (vllm_kernel_serves("w4a16") and hasattr(torch.ops._C, "int4_scaled_mm_cpu")):
+        pytest.skip("vLLM's int4 linear does not serve W4A16 here (no VNNI, or switched off)")
+    from vllm_ernie_moe.quant.int4 import int4_linear, vllm_int4_blocked
+    from vllm_ernie_moe.quant.msmodelslim import pack_int4_rows
+
+    generator = torch.Generator().manual_seed(5)
+    values = torch.randint(-8, 8, (96, 256), generator=generator, dtype=torch.int8)
+    scale = (torch.rand(256 // 32, 96, generator=generator) * 0.01 + 1e-3).bfloat16()
+    weight = vllm_int4_blocked(pack_int4_rows(values), scale)
+    x = torch.randn(*shape, generator=generator).bfloat16()
+    one_call = torch.ops._C.int4_scaled_mm_cpu(x.reshape(-1, 256), *weight, None)
+    assert torch.equal(int4_linear(x, *weight), one_call.view(*shape[:-1], 96))

@@ -56,10 +56,11 @@ def vllm_int4_blocked(
     return convert_weight_packed_scale_zp(columns, zeros, scales, CPUQuantAlgo.GPTQ)
 
 
-#: Most rows per call of vLLM's int4 linear below :data:`_INT4_LINEAR_SPLIT_BELOW`: from 5 rows on
-#: its per-row cost doubles, so 5-31 rows run faster as calls of 4 (docs/w8a8.md).
+#: Most rows per call of vLLM's int4 linear below :data:`_INT4_LINEAR_SPLIT_BELOW`: a call of 5
+#: rows takes 1.85-3.0x one of 4, so 5-31 rows run faster as calls of 4 (docs/w8a8.md).
 _INT4_LINEAR_ROWS_PER_CALL = 4
-#: From this many rows on one call is faster again: each call re-reads the whole weight.
+#: From here on one call: each call reads the whole weight again, and by 64 rows calls of 4 were
+#: slower than one (docs/results/kernel-experiments-zen4.txt).
 _INT4_LINEAR_SPLIT_BELOW = 32
 
 _library = torch.library.Library("vllm_ernie_moe", "FRAGMENT")
@@ -73,9 +74,12 @@ def _int4_linear(
     x: torch.Tensor, weight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor
 ) -> torch.Tensor:
     """vLLM's int4 linear ``int4_scaled_mm_cpu`` on ``x [M, K]``, 5-31 rows as calls of 4: the
-    same numbers (each row is quantized and summed on its own), a third less time at 8 rows (a
-    batch-8 decode step). One op, registered without ``custom_op``'s wrapper (~10 us a call, 112
-    calls a 28-layer step): torch.compile cannot branch on the batch size itself."""
+    same numbers (each row is quantized and summed on its own), a MoE layer's linears 1.34x faster
+    at 8 rows (a batch-8 decode step).
+
+    An op, so that the branch on the row count is taken at run time, not once while torch.compile
+    traces. Registered through ``torch.library.Library``: ``custom_op``'s wrapper added 8-9 us a
+    call here, and a 28-layer step makes 112 calls."""
     rows = x.shape[0]
     if _INT4_LINEAR_ROWS_PER_CALL < rows < _INT4_LINEAR_SPLIT_BELOW:
         return torch.cat(
@@ -91,13 +95,16 @@ _library.impl("int4_linear", _int4_linear, "CPU")
 
 
 @torch.library.register_fake("vllm_ernie_moe::int4_linear")
-def _int4_linear_shape(x: torch.Tensor, weight, zeros, scales: torch.Tensor) -> torch.Tensor:
+def _int4_linear_shape(
+    x: torch.Tensor, weight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor
+) -> torch.Tensor:
     return x.new_empty(x.shape[0], scales.shape[0] * scales.shape[-1])
 
 
 def int4_linear(
     x: torch.Tensor, weight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor
 ) -> torch.Tensor:
-    """``x [..., K]`` times a weight in :func:`vllm_int4_blocked`'s layout (``_int4_linear``)."""
+    """``x [..., K]`` times a weight in :func:`vllm_int4_blocked`'s layout, through the op
+    ``vllm_ernie_moe::int4_linear``."""
     out = torch.ops.vllm_ernie_moe.int4_linear(x.reshape(-1, x.shape[-1]), weight, zeros, scales)
     return out.view(*x.shape[:-1], out.shape[-1])
