@@ -154,6 +154,11 @@ def test_tensor_parallel_split_inside_a_group_is_refused():
         method.create_weights(Module(), 48, [64], 96, 64, torch.bfloat16, weight_loader=None)
 
 
+def skip_without_vllm_int4_linear() -> None:
+    if not (vllm_kernel_serves("w4a16") and hasattr(torch.ops._C, "int4_scaled_mm_cpu")):
+        pytest.skip("vLLM's int4 linear does not serve W4A16 here (no VNNI, or switched off)")
+
+
 @pytest.mark.parametrize("tokens", [1, 8, 200])
 def test_linear_on_vllm_int4_kernel_computes_int8_activation_math(tokens, monkeypatch):
     """Where vLLM's int4 linear serves W4A16, the method's repack feeds it msModelSlim's rows and
@@ -170,8 +175,7 @@ def test_linear_on_vllm_int4_kernel_computes_int8_activation_math(tokens, monkey
     monkeypatch.setattr(parameter, "get_tensor_model_parallel_world_size", lambda: 1)
     method = ErnieW4A16LinearMethod(32, "model.layers.0.self_attn.o_proj")
     layer = Module()
-    if not (vllm_kernel_serves("w4a16") and hasattr(torch.ops._C, "int4_scaled_mm_cpu")):
-        pytest.skip("vLLM's int4 linear does not serve W4A16 here (no VNNI, or switched off)")
+    skip_without_vllm_int4_linear()
     method.create_weights(layer, 256, [96], 256, 96, torch.bfloat16, weight_loader=lambda *a: 0)
     assert method.on_vllm_kernel
     generator = torch.Generator().manual_seed(3)
@@ -216,8 +220,7 @@ def test_switch_keeps_w4a16_activations_in_the_model_dtype(monkeypatch):
 def test_int4_linear_in_calls_of_four_rows_equals_one_call(shape):
     """The W4A16 linear's op runs 5-31 rows as calls of 4 of vLLM's int4 linear: bit for bit one
     call of vLLM's kernel on all the rows, with uneven remainders (5 = 4 + 1) and 3-D input."""
-    if not (vllm_kernel_serves("w4a16") and hasattr(torch.ops._C, "int4_scaled_mm_cpu")):
-        pytest.skip("vLLM's int4 linear does not serve W4A16 here (no VNNI, or switched off)")
+    skip_without_vllm_int4_linear()
     from vllm_ernie_moe.quant.int4 import int4_linear, vllm_int4_blocked
     from vllm_ernie_moe.quant.msmodelslim import pack_int4_rows
 
