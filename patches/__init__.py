@@ -15,6 +15,7 @@ vLLM versions its tests ran on) and when to remove it, and has its own
 from vllm_ernie_moe.patches import (
     patch_ascend_grouped_topk_router,
     patch_cpu_aot_compile_cache,
+    patch_cpu_engine_core_worker,
     patch_cpu_lora_base_tokens,
     patch_cpu_multinode_queues,
     patch_cpu_router,
@@ -29,6 +30,7 @@ def apply_all() -> None:
     """Apply every patch that the running platform and vLLM version need. Idempotent."""
     patch_ascend_grouped_topk_router.apply()
     patch_cpu_aot_compile_cache.apply()
+    patch_cpu_engine_core_worker.apply()
     patch_cpu_lora_base_tokens.apply()
     patch_cpu_multinode_queues.apply()
     patch_cpu_router.apply()

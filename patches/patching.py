@@ -10,6 +10,7 @@ vLLM's log handler shows it.
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable, Iterable
 from types import ModuleType
 
@@ -62,11 +63,24 @@ def install(
     patched = replacement(original)
     setattr(patched, MARK, True)
     patched.__wrapped__ = original  # type: ignore[attr-defined]
+    # A classmethod's original is bound to ``owner`` already: the replacement calls it so, and the
+    # class gets the replacement back as a classmethod that drops the class argument.
+    if isinstance(inspect.getattr_static(owner, attribute), classmethod):
+        setattr(owner, attribute, classmethod(_dropping_class(patched)))
     for module in (owner, *map(importlib.import_module, importers)):
         if getattr(module, attribute, None) is original:
             setattr(module, attribute, patched)
     logger.info("%s: patched %s.%s%s.", name, _label(owner), attribute, f" ({fixed})" * bool(fixed))
     return True
+
+
+def _dropping_class(patched: Callable) -> Callable:
+    def call(cls, *args, **kwargs):
+        return patched(*args, **kwargs)
+
+    for name in (MARK, "__wrapped__", "__doc__", "__name__", "__qualname__"):
+        setattr(call, name, getattr(patched, name))
+    return call
 
 
 def _label(owner: type | ModuleType) -> str:

@@ -121,3 +121,13 @@ def test_aot_compile_cache_patch_has_a_target_with_the_bug(source):
     loader = source.source_of(patch.DECORATORS_MODULE, patch.TARGET)
     assert loader is not None and "torch.compiler.load_compiled_function" in loader
     assert patch._finalizes_unguarded_source(loader)
+
+
+def test_engine_core_worker_patch_has_targets_with_the_bug(source):
+    """The platform rule it undoes (its probe), the process manager it wraps, vLLM's binding."""
+    from vllm_ernie_moe.patches import patch_cpu_engine_core_worker as patch
+
+    rule = source.source_of(patch.PLATFORM_MODULE, "CpuPlatform.check_and_update_config")
+    assert rule is not None and patch._forces_mp_for_one_worker_source(rule)
+    assert source.method(patch.ENGINE_UTILS_MODULE, "CoreEngineProcManager.__init__")
+    assert source.method("vllm.utils.ompmultiprocessing", "OMPProcessManager.configure_omp_envs")

@@ -62,6 +62,13 @@ def vllm_mtp_drafter() -> bool:
     return os.environ.get("VLLM_ERNIE_MOE_VLLM_MTP", "0") == "1"
 
 
+def worker_in_engine_core() -> bool:
+    """``VLLM_ERNIE_MOE_WORKER_IN_ENGINE_CORE=0`` keeps vLLM's CPU process layout for one worker (a
+    worker process beside the engine-core process) where the plugin runs the worker inside the
+    engine-core process (``patches/patch_cpu_engine_core_worker.py``); default on."""
+    return os.environ.get("VLLM_ERNIE_MOE_WORKER_IN_ENGINE_CORE", "1") != "0"
+
+
 def build_settings() -> list[str]:
     """The switches above that change how the model is built (its kernels, its parameters), as in
     effect: what a saved compilation of the model depends on besides code and hardware."""

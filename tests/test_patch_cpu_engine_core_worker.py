@@ -1,0 +1,77 @@
+"""patches/patch_cpu_engine_core_worker.py: with vLLM's default ``VLLM_ENABLE_V1_MULTIPROCESSING=1``
+an engine of this plugin's model with one worker starts one process (the engine core, which runs
+the worker), that process starts with the OpenMP binding vLLM's own layout gives its worker
+process, and the answers are transformers'. ``VLLM_ERNIE_MOE_WORKER_IN_ENGINE_CORE=0`` is vLLM's
+layout, the reference: two processes.
+"""
+
+import pytest
+from child_engine import answers, engine_report, vllm_processes
+from reference import check_logprobs_close, transformers_greedy
+from settings import ONE_PROCESS
+
+from vllm_ernie_moe.patches import patch_cpu_engine_core_worker
+
+MAX_TOKENS, TOP_K = 8, 5
+pytestmark = pytest.mark.skipif(
+    not patch_cpu_engine_core_worker.apply(), reason="vLLM's CPU platform keeps one worker in place"
+)
+
+
+@pytest.fixture(scope="module")
+def reports(checkpoint):
+    """(checkpoint, the plugin's layout, vLLM's layout): fresh processes' engines."""
+    path = checkpoint("tiny-21b", "bfloat16")
+    layouts = [
+        engine_report(
+            path, {ONE_PROCESS: "1", "VLLM_ERNIE_MOE_WORKER_IN_ENGINE_CORE": on}, MAX_TOKENS, TOP_K
+        )
+        for on in ("1", "0")
+    ]
+    return path, *layouts
+
+
+def test_one_worker_runs_in_the_engine_core_process(reports):
+    _, patched, vllms = reports
+    assert len(vllm_processes(vllms)) == 2  # engine core and worker: what the patch changes
+    assert len(vllm_processes(patched)) == 1
+
+
+def test_the_engine_core_starts_with_the_binding_vllm_gives_its_worker(reports):
+    _, patched, vllms = reports
+    (engine_core,) = vllm_processes(patched)
+    vllm_worker = max(vllm_processes(vllms), key=lambda process: process["pid"])  # started last
+    assert vllm_worker["binding"], "vLLM's worker process started without an OpenMP binding"
+    assert engine_core["binding"] == vllm_worker["binding"]
+
+
+def test_both_layouts_answer_as_transformers_does(reports):
+    path, patched, vllms = reports
+    reference = transformers_greedy(path, "bfloat16", MAX_TOKENS, TOP_K)
+    check_logprobs_close(reference, answers(patched))
+    check_logprobs_close(reference, answers(vllms))
+
+
+def test_an_explicit_backend_another_model_or_more_workers_keep_vllms_choice(checkpoint):
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.platforms import current_platform
+
+    path = str(checkpoint("tiny-21b", "bfloat16"))
+
+    def backend(**settings) -> str:
+        return (
+            EngineArgs(model=path, max_model_len=512, **settings)
+            .create_engine_config()
+            .parallel_config.distributed_executor_backend
+        )
+
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(ONE_PROCESS, "1")
+        assert backend() == "uni"
+        assert backend(distributed_executor_backend="mp") == "mp"
+        assert backend(tensor_parallel_size=2) == "mp"
+        config = EngineArgs(model=path, max_model_len=512).create_engine_config()
+        config.model_config.hf_config.architectures = ["LlamaForCausalLM"]
+        config.parallel_config.distributed_executor_backend = "uni"
+        current_platform.check_and_update_config(config)
+        assert config.parallel_config.distributed_executor_backend == "mp"
