@@ -13,10 +13,12 @@ touched are read then): a start-up variant must not cost decode speed.
 
     python benchmarks/startup.py --layers 28 --int4-source w4a16 --engines w4a16-int8-head \\
         llama.cpp-q4_k_m --rounds 2 --cache /work/bench/cache --json out.json \\
-        [--variant-env VLLM_ENABLE_V1_MULTIPROCESSING=0] [--serve]
+        [--variant-env VLLM_ENABLE_V1_MULTIPROCESSING=0] [--serve] [--drop-page-cache]
 
 ``--serve`` starts the plugin as ``vllm serve`` (its clock from the command's start to the first
-completion answered over loopback) instead of an in-process ``LLM``.
+completion answered over loopback) instead of an in-process ``LLM``. ``--drop-page-cache``
+starts every engine with nothing of its files in memory: otherwise a start right after another
+start of the same engine finds its weights cached and one after the other engine reads them.
 """
 
 import argparse
@@ -38,6 +40,7 @@ from bench_engines import (
     vllm_engine,
     vllm_generate,
 )
+from lazy_checkpoint_read import drop_page_cache
 
 DECODE_TOKENS = 64  # the batch-1 rate after the clock: prefill of 32 tokens, then 64 steps
 SERVED = "serve:"  # the plugin's starts are `vllm serve` commands (--serve)
@@ -127,6 +130,12 @@ def main() -> None:
         action="store_true",
         help="start the plugin as `vllm serve` and ask it over HTTP (llama.cpp stays in-process)",
     )
+    parser.add_argument(
+        "--drop-page-cache",
+        action="store_true",
+        help="empty the page cache before every start (root): each engine reads its files from "
+        "storage, whichever engine ran before it",
+    )
     parser.add_argument("--llama-cpp-path", help="a llama-cpp-python build to import")
     parser.add_argument("--llama-cpp-src")
     parser.add_argument("--json")
@@ -167,6 +176,8 @@ def main() -> None:
     results: list[dict] = []
     for index, (label, engine, env) in enumerate(runs):
         out = cache / f"startup-{index}-{label}.json"
+        if args.drop_page_cache:
+            drop_page_cache()
         measured = run_child(__file__, task[engine], checkpoints[engine], out, env)
         results.append(dict(run=label, engine=task[engine], **measured))
         print(results[-1], flush=True)
@@ -176,6 +187,7 @@ def main() -> None:
         "runs": results,
         "vllm_cache_gib": cached,
         "layers": args.layers,
+        "page_cache_dropped_before_each_start": args.drop_page_cache,
         "plugin_starts_answer_the_same": len(answers) == 1,
     }
     print(json.dumps(report, indent=2))

@@ -42,7 +42,8 @@ def install(
     fixed: str = "",
 ) -> bool:
     """Replace ``owner.attribute`` by ``replacement(original)`` unless already replaced, or unless
-    ``bug_present(original)`` (the probe) says the bug is gone. ``importers`` are modules holding
+    ``bug_present(original)`` (the probe) says the bug is gone; a classmethod by
+    ``classmethod(replacement(its function))``. ``importers`` are modules holding
     their own reference to the target, replaced too. ``name`` is the patch module's name for the
     log; ``fixed`` says what the replacement does. True when the patch is active."""
     original = getattr(owner, attribute)
@@ -60,27 +61,20 @@ def install(
         if not present:
             logger.info("%s not needed: %s.%s has no bug.", name, _label(owner), attribute)
             return False
-    patched = replacement(original)
+    # A classmethod is replaced as one: the replacement wraps its function, which takes the class
+    # the call came through (a subclass keeps its own ``cls``).
+    is_classmethod = isinstance(inspect.getattr_static(owner, attribute), classmethod)
+    target = original.__func__ if is_classmethod else original
+    patched = replacement(target)
     setattr(patched, MARK, True)
-    patched.__wrapped__ = original  # type: ignore[attr-defined]
-    # A classmethod's original is bound to ``owner`` already: the replacement calls it so, and the
-    # class gets the replacement back as a classmethod that drops the class argument.
-    if isinstance(inspect.getattr_static(owner, attribute), classmethod):
-        setattr(owner, attribute, classmethod(_dropping_class(patched)))
+    patched.__wrapped__ = target  # type: ignore[attr-defined]
+    if is_classmethod:
+        setattr(owner, attribute, classmethod(patched))
     for module in (owner, *map(importlib.import_module, importers)):
         if getattr(module, attribute, None) is original:
             setattr(module, attribute, patched)
     logger.info("%s: patched %s.%s%s.", name, _label(owner), attribute, f" ({fixed})" * bool(fixed))
     return True
-
-
-def _dropping_class(patched: Callable) -> Callable:
-    def call(cls, *args, **kwargs):
-        return patched(*args, **kwargs)
-
-    for name in (MARK, "__wrapped__", "__doc__", "__name__", "__qualname__"):
-        setattr(call, name, getattr(patched, name))
-    return call
 
 
 def _label(owner: type | ModuleType) -> str:

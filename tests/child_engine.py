@@ -38,10 +38,14 @@ if __name__ == "__main__":
     prompts = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_token_ids(path)]
     params = SamplingParams(max_tokens=max_tokens, temperature=0, logprobs=top_k, ignore_eos=True)
     answers = vllm_generations(llm.generate(prompts, params, use_tqdm=False))
-    children = [
-        dict(pid=p.pid, cmdline=" ".join(p.cmdline()), binding=started_with(p.pid))
-        for p in psutil.Process().children(recursive=True)
-    ]
+    children = []
+    for process in psutil.Process().children(recursive=True):
+        try:
+            children.append(dict(pid=process.pid, parent=process.ppid(),
+                                 cmdline=" ".join(process.cmdline()),
+                                 binding=started_with(process.pid)))
+        except (psutil.Error, OSError):  # gone already
+            pass
     report = dict(
         children=children,
         threads_before=threads_before,

@@ -1,15 +1,18 @@
-"""patches/patch_cpu_engine_core_worker.py: with vLLM's default ``VLLM_ENABLE_V1_MULTIPROCESSING=1``
-an engine of this plugin's model with one worker starts one process (the engine core, which runs
-the worker), that process starts with the OpenMP binding vLLM's own layout gives its worker
-process, and the answers are transformers'. ``VLLM_ERNIE_MOE_WORKER_IN_ENGINE_CORE=0`` is vLLM's
-layout, the reference: two processes.
+"""patches/patch_cpu_engine_core_worker.py (opt-in): with vLLM's default
+``VLLM_ENABLE_V1_MULTIPROCESSING=1`` and ``VLLM_ERNIE_MOE_WORKER_IN_ENGINE_CORE=1``, an engine of
+this plugin's model with one worker starts one process (the engine core, which runs the worker),
+that process starts with the OpenMP binding vLLM's own layout gives its worker process, and the
+answers are transformers'. The switch at 0 is vLLM's layout, the reference: two processes.
 """
+
+import os
 
 import pytest
 from child_engine import answers, engine_report, vllm_processes
 from reference import check_logprobs_close, transformers_greedy
 from settings import ONE_PROCESS
 
+from vllm_ernie_moe.envs import WORKER_IN_ENGINE_CORE_VARIABLE
 from vllm_ernie_moe.patches import patch_cpu_engine_core_worker
 
 MAX_TOKENS, TOP_K = 8, 5
@@ -24,7 +27,7 @@ def reports(checkpoint):
     path = checkpoint("tiny-21b", "bfloat16")
     layouts = [
         engine_report(
-            path, {ONE_PROCESS: "1", "VLLM_ERNIE_MOE_WORKER_IN_ENGINE_CORE": on}, MAX_TOKENS, TOP_K
+            path, {ONE_PROCESS: "1", WORKER_IN_ENGINE_CORE_VARIABLE: on}, MAX_TOKENS, TOP_K
         )
         for on in ("1", "0")
     ]
@@ -38,9 +41,14 @@ def test_one_worker_runs_in_the_engine_core_process(reports):
 
 
 def test_the_engine_core_starts_with_the_binding_vllm_gives_its_worker(reports):
+    if os.environ.get("VLLM_CPU_OMP_THREADS_BIND") == "nobind":
+        pytest.skip("VLLM_CPU_OMP_THREADS_BIND=nobind: vLLM binds no process")
     _, patched, vllms = reports
     (engine_core,) = vllm_processes(patched)
-    vllm_worker = max(vllm_processes(vllms), key=lambda process: process["pid"])  # started last
+    first, second = vllm_processes(vllms)
+    # vLLM's worker is the engine core's child.
+    vllm_worker = second if second["parent"] == first["pid"] else first
+    assert {vllm_worker["parent"], vllm_worker["pid"]} == {first["pid"], second["pid"]}
     assert vllm_worker["binding"], "vLLM's worker process started without an OpenMP binding"
     assert engine_core["binding"] == vllm_worker["binding"]
 
@@ -52,26 +60,29 @@ def test_both_layouts_answer_as_transformers_does(reports):
     check_logprobs_close(reference, answers(vllms))
 
 
-def test_an_explicit_backend_another_model_or_more_workers_keep_vllms_choice(checkpoint):
+def test_only_one_worker_of_this_model_moves_when_asked(checkpoint, monkeypatch):
     from vllm.engine.arg_utils import EngineArgs
     from vllm.platforms import current_platform
 
     path = str(checkpoint("tiny-21b", "bfloat16"))
 
-    def backend(**settings) -> str:
-        return (
-            EngineArgs(model=path, max_model_len=512, **settings)
-            .create_engine_config()
-            .parallel_config.distributed_executor_backend
-        )
+    def config(**settings):
+        return EngineArgs(model=path, max_model_len=512, **settings).create_engine_config()
 
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv(ONE_PROCESS, "1")
-        assert backend() == "uni"
-        assert backend(distributed_executor_backend="mp") == "mp"
-        assert backend(tensor_parallel_size=2) == "mp"
-        config = EngineArgs(model=path, max_model_len=512).create_engine_config()
-        config.model_config.hf_config.architectures = ["LlamaForCausalLM"]
-        config.parallel_config.distributed_executor_backend = "uni"
-        current_platform.check_and_update_config(config)
-        assert config.parallel_config.distributed_executor_backend == "mp"
+    def backend(**settings) -> str:
+        return config(**settings).parallel_config.distributed_executor_backend
+
+    monkeypatch.setenv(ONE_PROCESS, "1")
+    monkeypatch.delenv(WORKER_IN_ENGINE_CORE_VARIABLE, raising=False)
+    assert backend() == "mp"  # opt-in
+    monkeypatch.setenv(WORKER_IN_ENGINE_CORE_VARIABLE, "1")
+    assert backend() == "uni"  # the patch; vLLM's platform says "mp"
+    assert backend(distributed_executor_backend="mp") == "mp"
+    assert backend(tensor_parallel_size=2) == "mp"
+    another_model = config()
+    another_model.model_config.hf_config.architectures = ["LlamaForCausalLM"]
+    another_model.parallel_config.distributed_executor_backend = "uni"
+    current_platform.check_and_update_config(another_model)
+    assert another_model.parallel_config.distributed_executor_backend == "mp"
+    monkeypatch.setenv(WORKER_IN_ENGINE_CORE_VARIABLE, "0")
+    assert backend() == "mp"

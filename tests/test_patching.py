@@ -42,3 +42,25 @@ def test_leaves_the_target_when_the_probe_sees_no_bug_or_fails(target, probe):
     owner, _, f = target
     assert not patching.install("p", owner, "f", plus_one, bug_present=probe)
     assert owner.f is f and not patching.is_patched(owner.f)
+
+
+def test_a_classmethod_stays_one_and_keeps_the_class_of_the_call():
+    class Base:
+        @classmethod
+        def name(cls) -> str:
+            return cls.__name__
+
+    class Sub(Base):
+        pass
+
+    original = Base.__dict__["name"].__func__
+
+    def shouted(function):
+        return lambda cls: function(cls).upper()
+
+    assert patching.install("p", Base, "name", shouted, bug_present=lambda g: g() == "Base")
+    assert Base.name() == "BASE" and Sub.name() == "SUB" and Sub().name() == "SUB"
+    assert isinstance(Base.__dict__["name"], classmethod)
+    assert patching.is_patched(Base.name) and patching.unpatched(Base.name) is original
+    assert patching.install("p", Base, "name", shouted)  # already patched: unchanged
+    assert Sub.name() == "SUB"

@@ -128,6 +128,6 @@ def test_engine_core_worker_patch_has_targets_with_the_bug(source):
     from vllm_ernie_moe.patches import patch_cpu_engine_core_worker as patch
 
     rule = source.source_of(patch.PLATFORM_MODULE, "CpuPlatform.check_and_update_config")
-    assert rule is not None and patch._forces_mp_for_one_worker_source(rule)
+    assert rule is not None and patch.forces_mp_for_one_worker_source(rule)
     assert source.method(patch.ENGINE_UTILS_MODULE, "CoreEngineProcManager.__init__")
     assert source.method("vllm.utils.ompmultiprocessing", "OMPProcessManager.configure_omp_envs")
