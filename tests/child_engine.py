@@ -7,12 +7,10 @@ the threads or started processes.
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
+from child_process import tagged_json
 from reference import Generation
 
 #: Variables that carry an OpenMP binding (vLLM's ``OMPProcessManager`` sets one of these sets).
@@ -61,17 +59,12 @@ def engine_report(path: Path, env: dict[str, str], max_tokens: int, top_k: int) 
     tests = os.pathsep.join(
         filter(None, (str(Path(__file__).parent), os.environ.get("PYTHONPATH")))
     )
-    done = subprocess.run(
-        [sys.executable, "-c", CHILD, str(path), str(max_tokens), str(top_k)]
-        + [",".join(BINDING_PREFIXES)],
-        env=dict(os.environ, **env, PYTHONPATH=tests),
-        capture_output=True,
-        text=True,
+    return tagged_json(
+        ["-c", CHILD, str(path), str(max_tokens), str(top_k), ",".join(BINDING_PREFIXES)],
+        "REPORT",
         timeout=600,
+        env=dict(os.environ, **env, PYTHONPATH=tests),
     )
-    line = next((x for x in done.stdout.splitlines() if x.startswith("REPORT ")), None)
-    assert line is not None, done.stdout[-2000:] + done.stderr[-4000:]
-    return json.loads(line.removeprefix("REPORT "))
 
 
 def answers(report: dict) -> list[Generation]:

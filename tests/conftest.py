@@ -1,15 +1,13 @@
 """Shared fixtures: small ERNIE-4.5-MoE checkpoints built with transformers, engine settings."""
 
 import atexit
-import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 import tempfile
 
 import settings
+from child_process import tagged_json
 
 from vllm_ernie_moe import compat, cpu_tier, envs
 
@@ -72,13 +70,5 @@ def contract(request):
     paired = _pairing(source)
     if compat.vllm_version().base_version != paired:
         pytest.skip(f"vllm-ascend at {source} pairs with vLLM {paired}")
-    done = subprocess.run(
-        [sys.executable, str(Path(__file__).with_name("ascend_contract_probe.py")), str(source)]
-        + [request.param],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    line = next((x for x in done.stdout.splitlines() if x.startswith("CONTRACT ")), None)
-    assert line is not None, done.stdout[-3000:] + done.stderr[-5000:]
-    return json.loads(line.removeprefix("CONTRACT "))
+    probe = Path(__file__).with_name("ascend_contract_probe.py")
+    return tagged_json([str(probe), str(source), request.param], "CONTRACT", timeout=900)
