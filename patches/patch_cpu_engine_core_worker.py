@@ -1,10 +1,11 @@
-"""Patch (opt-in: ``VLLM_ERNIE_MOE_WORKER_IN_ENGINE_CORE=1``): on CPU, one worker runs inside
-vLLM's engine-core process, which starts with the worker's OpenMP binding, instead of in a
-process of its own.
+"""Patch (default; ``VLLM_ERNIE_MOE_WORKER_IN_ENGINE_CORE=0`` turns it off): on CPU, one worker
+runs inside vLLM's engine-core process, which starts with the worker's OpenMP binding, instead of
+in a process of its own; the engine core's socket threads stay unbound.
 
-- Targets: ``vllm.platforms.cpu.CpuPlatform.check_and_update_config`` and
-  ``vllm.v1.engine.utils.CoreEngineProcManager.__init__`` (vLLM 0.27.1, 0.32.0; 0.33.0 has the
-  same code).
+- Targets: ``vllm.platforms.cpu.CpuPlatform.check_and_update_config``,
+  ``vllm.v1.engine.utils.CoreEngineProcManager.__init__`` and
+  ``vllm.v1.engine.core.EngineCoreProc.process_input_sockets`` / ``process_output_sockets``
+  (vLLM 0.27.1, 0.32.0; 0.33.0 has the same code).
 - Why: vLLM's CPU platform turns the one-worker ``uni`` executor into ``mp`` while
   ``VLLM_ENABLE_V1_MULTIPROCESSING=1`` (the default), because OpenMP reads its binding
   (``OMP_NUM_THREADS`` with ``OMP_PLACES``/``OMP_PROC_BIND``, ``GOMP_CPU_AFFINITY`` or
@@ -14,9 +15,14 @@ process of its own.
   environment and run the worker. The worker's process costs a second import of torch, vLLM and
   the plugin at every start: 7-9 s of a warm 28-layer ``vllm serve`` start
   (docs/results/startup-lines-28layers-w4a16-serve-engine-core-worker-zen4.txt).
-- Why opt-in: in the same run's three decode rounds the engine decoded 0.74-0.89x as fast at
-  batch 1 as in vLLM's layout (docs/benchmarks.md); the cause is not known (a suspect: the
-  engine core's other threads, ZMQ input and output, start on the first OpenMP thread's core).
+- The socket threads: OpenMP binds the process's first thread when it loads, and every thread
+  started after that inherits its one core. The engine core starts its ZMQ input and output
+  threads (and through them ZMQ's own) after the worker is built, so they would all share the
+  first OpenMP thread's core; in vLLM's layout they run on every CPU of the caller. They take
+  the caller's CPUs back as they start. Bound, the layout decoded 0.74-0.89x as fast at batch 1
+  as vLLM's in three rounds; unbound, 0.71-1.14x (geometric mean 0.95; batch 8: 1.02) in eight
+  interleaved rounds, where ``LLM(...)`` took 16.7-18.3 s against 22.9-24.1 s
+  (docs/results/engine-core-socket-threads-28layers-zen4.txt).
 - How: for this plugin's model, where the platform replaced ``uni`` by ``mp`` (one worker, one
   data-parallel rank, no backend asked for), ``uni`` is kept; the engine-core process starts
   inside vLLM's own ``OMPProcessManager.configure_omp_envs`` for rank 0, so it has the
@@ -35,6 +41,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import os
 import re
 from collections.abc import Callable
 
@@ -46,6 +53,8 @@ from vllm_ernie_moe.patches.patching import install
 
 PLATFORM_MODULE = "vllm.platforms.cpu"
 ENGINE_UTILS_MODULE = "vllm.v1.engine.utils"
+ENGINE_CORE_MODULE = "vllm.v1.engine.core"
+SOCKET_THREADS = ("process_input_sockets", "process_output_sockets")
 # The platform's rule, as source and as ``ast.unparse`` writes it (tests/test_vllm_api.py).
 _IS_UNI = r"distributed_executor_backend == [\"']uni[\"']"
 _SET_MP = r"distributed_executor_backend = [\"']mp[\"']"
@@ -53,7 +62,7 @@ _SET_MP = r"distributed_executor_backend = [\"']mp[\"']"
 
 def runs_the_worker_in_the_engine_core(vllm_config: VllmConfig) -> bool:
     """Whether the one worker of this engine belongs in its engine-core process: this plugin's
-    model, one worker, one data-parallel rank, ``VLLM_ERNIE_MOE_WORKER_IN_ENGINE_CORE=1``."""
+    model, one worker, one data-parallel rank, ``VLLM_ERNIE_MOE_WORKER_IN_ENGINE_CORE`` not 0."""
     parallel, model = vllm_config.parallel_config, vllm_config.model_config
     return (
         envs.worker_in_engine_core()
@@ -102,6 +111,19 @@ def starts_the_engine_core_bound(init: Callable) -> Callable:
     return patched
 
 
+def runs_unbound(process_sockets: Callable) -> Callable:
+    """An engine-core socket thread's body that first takes back the CPUs of the process that
+    started the engine core, where the engine core holds its worker (and so its binding)."""
+
+    @functools.wraps(process_sockets)
+    def patched(self, *args, **kwargs) -> None:
+        if runs_the_worker_in_the_engine_core(self.vllm_config):
+            os.sched_setaffinity(0, os.sched_getaffinity(os.getppid()))
+        return process_sockets(self, *args, **kwargs)
+
+    return patched
+
+
 def forces_mp_for_one_worker_source(source: str) -> bool:
     """Whether ``check_and_update_config``'s source turns ``uni`` into ``mp`` (the probe)."""
     uni = re.search(_IS_UNI, source)
@@ -123,6 +145,12 @@ def apply() -> bool:
         fixed="one worker stays in the engine-core process",
     ):  # fmt: skip
         return False
+    engine_core = importlib.import_module(ENGINE_CORE_MODULE).EngineCoreProc
+    for thread in SOCKET_THREADS:
+        install(
+            __name__, engine_core, thread, runs_unbound,
+            fixed="the engine core's socket threads run on the caller's CPUs, not the worker's",
+        )  # fmt: skip
     engine_utils = importlib.import_module(ENGINE_UTILS_MODULE)
     return install(
         __name__, engine_utils.CoreEngineProcManager, "__init__", starts_the_engine_core_bound,

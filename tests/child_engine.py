@@ -1,5 +1,6 @@
 """An engine made in a fresh interpreter, and what it saw: the processes it started (with the
-OpenMP binding each started with), the torch threads of its caller, its greedy answers.
+OpenMP binding each started with, and the CPUs each of their threads may run on), the torch threads
+of its caller, its greedy answers.
 
 A fresh interpreter because an engine made earlier in the test process may already have pinned
 the threads or started processes.
@@ -17,7 +18,7 @@ from reference import Generation
 BINDING_PREFIXES = ("OMP_", "GOMP_", "KMP_")
 
 CHILD = """
-import json, sys
+import json, os, sys
 import psutil, torch
 from reference import prompt_token_ids, vllm_generations
 from vllm import LLM, SamplingParams
@@ -27,6 +28,19 @@ from vllm.inputs import TokensPrompt
 def started_with(pid):
     entries = open(f"/proc/{pid}/environ", "rb").read().decode().split("\\0")
     return dict(e.split("=", 1) for e in entries if e.startswith(tuple(sys.argv[4].split(","))))
+
+
+def threads(pid):  # (name, CPUs it may run on) of each thread still running
+    found = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        task = f"/proc/{pid}/task/{tid}"
+        try:
+            status = dict(line.split(":", 1) for line in open(f"{task}/status"))
+            name = open(f"{task}/comm").read().strip()
+        except OSError:  # ended meanwhile
+            continue
+        found.append((name, status["Cpus_allowed_list"].strip()))
+    return found
 
 
 if __name__ == "__main__":
@@ -41,7 +55,8 @@ if __name__ == "__main__":
         try:
             children.append(dict(pid=process.pid, parent=process.ppid(),
                                  cmdline=" ".join(process.cmdline()),
-                                 binding=started_with(process.pid)))
+                                 binding=started_with(process.pid),
+                                 threads=threads(process.pid)))
         except (psutil.Error, OSError):  # gone already
             pass
     report = dict(

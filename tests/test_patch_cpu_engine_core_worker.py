@@ -1,8 +1,9 @@
-"""patches/patch_cpu_engine_core_worker.py (opt-in): with vLLM's default
-``VLLM_ENABLE_V1_MULTIPROCESSING=1`` and ``VLLM_ERNIE_MOE_WORKER_IN_ENGINE_CORE=1``, an engine of
-this plugin's model with one worker starts one process (the engine core, which runs the worker),
-that process starts with the OpenMP binding vLLM's own layout gives its worker process, and the
-answers are transformers'. The switch at 0 is vLLM's layout, the reference: two processes.
+"""patches/patch_cpu_engine_core_worker.py: with vLLM's default
+``VLLM_ENABLE_V1_MULTIPROCESSING=1``, an engine of this plugin's model with one worker starts one
+process (the engine core, which runs the worker), that process starts with the OpenMP binding
+vLLM's own layout gives its worker process, its ZMQ threads run on the CPUs they have in vLLM's
+layout, and the answers are transformers'. ``VLLM_ERNIE_MOE_WORKER_IN_ENGINE_CORE=0`` is vLLM's
+layout, the reference: two processes.
 """
 
 import os
@@ -40,17 +41,37 @@ def test_one_worker_runs_in_the_engine_core_process(reports):
     assert len(vllm_processes(patched)) == 1
 
 
-def test_the_engine_core_starts_with_the_binding_vllm_gives_its_worker(reports):
+@pytest.fixture
+def bound_layouts(reports) -> tuple[dict, dict, dict]:
+    """(the plugin's engine core, vLLM's engine core, vLLM's worker) where vLLM binds threads."""
     if os.environ.get("VLLM_CPU_OMP_THREADS_BIND") == "nobind":
         pytest.skip("VLLM_CPU_OMP_THREADS_BIND=nobind: vLLM binds no process")
     _, patched, vllms = reports
     (engine_core,) = vllm_processes(patched)
     first, second = vllm_processes(vllms)
-    # vLLM's worker is the engine core's child.
-    vllm_worker = second if second["parent"] == first["pid"] else first
-    assert {vllm_worker["parent"], vllm_worker["pid"]} == {first["pid"], second["pid"]}
+    # vLLM's worker is its engine core's child.
+    vllm_engine_core, vllm_worker = (
+        (first, second) if second["parent"] == first["pid"] else (second, first)
+    )
+    assert vllm_worker["parent"] == vllm_engine_core["pid"]
+    return engine_core, vllm_engine_core, vllm_worker
+
+
+def test_the_engine_core_starts_with_the_binding_vllm_gives_its_worker(bound_layouts):
+    engine_core, _, vllm_worker = bound_layouts
     assert vllm_worker["binding"], "vLLM's worker process started without an OpenMP binding"
     assert engine_core["binding"] == vllm_worker["binding"]
+
+
+def test_the_engine_cores_zmq_threads_run_where_they_do_in_vllms_layout(bound_layouts):
+    engine_core, vllm_engine_core, _ = bound_layouts
+
+    def zmq_cpus(process: dict) -> set[str]:
+        return {cpus for name, cpus in process["threads"] if name.startswith("ZMQbg")}
+
+    assert zmq_cpus(engine_core), "the engine core runs no ZMQ thread"
+    # Bound, they would share the first OpenMP thread's core with it.
+    assert zmq_cpus(engine_core) == zmq_cpus(vllm_engine_core)
 
 
 def test_both_layouts_answer_as_transformers_does(reports):
@@ -60,7 +81,7 @@ def test_both_layouts_answer_as_transformers_does(reports):
     check_logprobs_close(reference, answers(vllms))
 
 
-def test_only_one_worker_of_this_model_moves_when_asked(checkpoint, monkeypatch):
+def test_only_one_worker_of_this_model_moves_unless_turned_off(checkpoint, monkeypatch):
     from vllm.engine.arg_utils import EngineArgs
     from vllm.platforms import current_platform
 
@@ -74,9 +95,7 @@ def test_only_one_worker_of_this_model_moves_when_asked(checkpoint, monkeypatch)
 
     monkeypatch.setenv(ONE_PROCESS, "1")
     monkeypatch.delenv(WORKER_IN_ENGINE_CORE_VARIABLE, raising=False)
-    assert backend() == "mp"  # opt-in
-    monkeypatch.setenv(WORKER_IN_ENGINE_CORE_VARIABLE, "1")
-    assert backend() == "uni"  # the patch; vLLM's platform says "mp"
+    assert backend() == "uni"  # the patch, by default; vLLM's platform says "mp"
     assert backend(distributed_executor_backend="mp") == "mp"
     assert backend(tensor_parallel_size=2) == "mp"
     another_model = config()

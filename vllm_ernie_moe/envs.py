@@ -62,17 +62,15 @@ def vllm_mtp_drafter() -> bool:
     return os.environ.get("VLLM_ERNIE_MOE_VLLM_MTP", "0") == "1"
 
 
-#: ``1``: an engine's one CPU worker inside vLLM's engine-core process (``worker_in_engine_core``).
+#: ``0``: an engine's one CPU worker in a process of its own, as in vLLM.
 WORKER_IN_ENGINE_CORE_VARIABLE = "VLLM_ERNIE_MOE_WORKER_IN_ENGINE_CORE"
 
 
 def worker_in_engine_core() -> bool:
-    """``VLLM_ERNIE_MOE_WORKER_IN_ENGINE_CORE=1``: on CPU the one worker of an engine runs inside
-    vLLM's engine-core process, which starts with the worker's OpenMP binding
-    (``patches/patch_cpu_engine_core_worker.py``): one process start fewer. Default off: on the
-    28-layer model it decoded 0.74-0.89x as fast as vLLM's layout at batch 1
-    (docs/benchmarks.md)."""
-    return os.environ.get(WORKER_IN_ENGINE_CORE_VARIABLE, "0") == "1"
+    """On CPU the one worker of an engine runs inside vLLM's engine-core process, which starts
+    with the worker's OpenMP binding (``patches/patch_cpu_engine_core_worker.py``): one process
+    start fewer. ``VLLM_ERNIE_MOE_WORKER_IN_ENGINE_CORE=0``: vLLM's layout, a worker process."""
+    return os.environ.get(WORKER_IN_ENGINE_CORE_VARIABLE, "1") != "0"
 
 
 def build_settings() -> list[str]:
