@@ -124,10 +124,13 @@ def test_aot_compile_cache_patch_has_a_target_with_the_bug(source):
 
 
 def test_engine_core_worker_patch_has_targets_with_the_bug(source):
-    """The platform rule it undoes (its probe), the process manager it wraps, vLLM's binding."""
+    """The platform rule it undoes (its probe), the process manager and socket threads it wraps,
+    vLLM's binding."""
     from vllm_ernie_moe.patches import patch_cpu_engine_core_worker as patch
 
     rule = source.source_of(patch.PLATFORM_MODULE, "CpuPlatform.check_and_update_config")
     assert rule is not None and patch.forces_mp_for_one_worker_source(rule)
     assert source.method(patch.ENGINE_UTILS_MODULE, "CoreEngineProcManager.__init__")
     assert source.method("vllm.utils.ompmultiprocessing", "OMPProcessManager.configure_omp_envs")
+    for thread in patch.SOCKET_THREADS:
+        assert source.method(patch.ENGINE_CORE_MODULE, f"EngineCoreProc.{thread}")
