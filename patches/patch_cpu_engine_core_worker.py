@@ -73,6 +73,15 @@ def runs_the_worker_in_the_engine_core(vllm_config: VllmConfig) -> bool:
     )
 
 
+def holds_its_worker(executor_class: type, vllm_config: VllmConfig) -> bool:
+    """Whether an engine core with this executor runs its one worker itself (``uni``)."""
+    from vllm.v1.executor.uniproc_executor import UniProcExecutor
+
+    return issubclass(executor_class, UniProcExecutor) and runs_the_worker_in_the_engine_core(
+        vllm_config
+    )
+
+
 def keeps_one_worker_in_the_engine_core(check_and_update_config: Callable) -> Callable:
     """``check_and_update_config`` that undoes the platform's ``uni`` -> ``mp`` for one worker."""
 
@@ -95,14 +104,12 @@ def starts_the_engine_core_bound(init: Callable) -> Callable:
     @functools.wraps(init)
     def patched(self, *args, **kwargs) -> None:
         from vllm.utils.ompmultiprocessing import OMPProcessManager
-        from vllm.v1.executor.uniproc_executor import UniProcExecutor
 
         arguments = inspect.signature(init).bind(self, *args, **kwargs).arguments
         vllm_config = arguments["vllm_config"]
         if not (
-            issubclass(arguments["executor_class"], UniProcExecutor)
-            and arguments["local_engine_count"] == 1
-            and runs_the_worker_in_the_engine_core(vllm_config)
+            arguments["local_engine_count"] == 1
+            and holds_its_worker(arguments["executor_class"], vllm_config)
         ):
             return init(self, *args, **kwargs)
         with OMPProcessManager(vllm_config).configure_omp_envs(rank=0, local_rank=0):
@@ -117,7 +124,7 @@ def runs_unbound(process_sockets: Callable) -> Callable:
 
     @functools.wraps(process_sockets)
     def patched(self, *args, **kwargs) -> None:
-        if runs_the_worker_in_the_engine_core(self.vllm_config):
+        if holds_its_worker(type(self.model_executor), self.vllm_config):
             os.sched_setaffinity(0, os.sched_getaffinity(os.getppid()))
         return process_sockets(self, *args, **kwargs)
 
