@@ -4,9 +4,12 @@ vLLM's own int4 experts repack, called directly), and a damaged, unwritable or d
 falls back to repacking. Keyed by a local checkpoint's identity, a warm engine start is served
 the routed experts without loading them, and a changed checkpoint repacks."""
 
+import ctypes
 import json
+import mmap
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -221,6 +224,56 @@ def test_a_failing_write_never_fails_the_load(cache_dir, monkeypatch, caplog):
     assert not list(cache_dir.rglob("*.tmp")) and not list(cache_dir.rglob("*.safetensors"))
 
 
+def _resident_fraction(path: Path) -> float:
+    """The share of ``path``'s pages in the page cache, as the kernel's mincore(2) reports it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long)  # fmt: skip
+    size = path.stat().st_size
+    pages = -(-size // mmap.PAGESIZE)
+    vector = (ctypes.c_ubyte * pages)()
+    with path.open("rb") as file:
+        address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, file.fileno(), 0)
+        assert address not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
+        try:
+            assert libc.mincore(ctypes.c_void_p(address), ctypes.c_size_t(size), vector) == 0
+        finally:
+            libc.munmap(ctypes.c_void_p(address), ctypes.c_size_t(size))
+    return sum(byte & 1 for byte in vector) / pages
+
+
+def test_read_ahead_brings_every_page_of_the_entries_into_memory(tmp_path):
+    """A served entry is read ahead whole, not only the first read-ahead window that one
+    POSIX_FADV_WILLNEED of the whole file reads (8 MiB on this machine's disk, 128 KiB by
+    default): residency as mincore(2) reports it, after the file's pages were dropped."""
+    entries = [tmp_path / f"entry{index}.safetensors" for index in range(2)]
+    for entry in entries:
+        entry.write_bytes(os.urandom(48 << 20))
+    for entry in entries:
+        with entry.open("rb") as file:
+            os.fsync(file.fileno())
+            os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    if max(_resident_fraction(entry) for entry in entries) > 0.1:
+        pytest.skip(f"{tmp_path}'s file system keeps its pages (tmpfs): nothing to read ahead")
+    repack_cache.read_ahead([(entry, 0, 0) for entry in entries])
+    deadline = time.monotonic() + 30
+    while min(map(_resident_fraction, entries)) < 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert [_resident_fraction(entry) for entry in entries] == [1.0, 1.0]
+
+
+def _read_ahead_notes(cache: Path) -> list[tuple[str, int, int]]:
+    """The one rank's read-ahead notes under ``cache``: (path, first byte, bytes) lines."""
+    (notes,) = cache.glob("*/read-ahead/*/tp0-pp0")
+    lines = [line.split(" ", 2) for line in notes.read_text().splitlines()]
+    return [(path, int(offset), int(length)) for offset, length, path in lines]
+
+
+def _bytes_of(notes: list[tuple[str, int, int]], path: Path) -> int:
+    return sum(length for noted, _, length in notes if noted == str(path.resolve()))
+
+
 def _header(path: Path) -> tuple[int, dict]:
     """A safetensors file's header: (where its data starts, the parsed JSON)."""
     with path.open("rb") as file:
@@ -332,8 +385,16 @@ def test_a_warm_start_is_served_without_the_experts_and_a_rewrite_repacks(
     served = "layers served from"
     cold = vllm_greedy(checkpoint, "bfloat16", 1, MAX_TOKENS, TOP_K)
     assert served not in "".join(capfd.readouterr())
+    cold_notes = _read_ahead_notes(tmp_path / "repack")
     warm = vllm_greedy(checkpoint, "bfloat16", 1, MAX_TOKENS, TOP_K)
-    assert served in "".join(capfd.readouterr())
+    log = "".join(capfd.readouterr())
+    assert served in log and "reading ahead what the last start" in log
+    warm_notes = _read_ahead_notes(tmp_path / "repack")
+    # The notes name every entry the cold start stored, and the warm start's skip the experts.
+    stored = {str(path) for path in (tmp_path / "repack").glob("*/*.safetensors")}
+    assert stored and {path for path, _, length in cold_notes if length == 0} == stored
+    assert {path for path, _, length in warm_notes if length == 0} == stored
+    assert _bytes_of(warm_notes, weights) < _bytes_of(cold_notes, weights)
     assert [g.token_ids for g in warm] == [g.token_ids for g in cold]
     assert logprob_drift(cold, warm).max() == 0
     _keeping_time(weights, _rotate_routed_experts)

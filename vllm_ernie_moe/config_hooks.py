@@ -21,6 +21,9 @@ models use (vLLM 0.27 to 0.33: ``ModelConfig.__post_init__`` calls
 - Multi-node (``--nnodes`` above 1): the ranks wait for each other with a bound
   (``envs.node_timeout_seconds``) unless ``--distributed-timeout-seconds`` is given, and node 0 says
   where it waits and what a timeout means.
+- Start-up on CPU: what the last start of the checkpoint read (its repack cache entries, the
+  tensors they do not replace) is read ahead from here, while the engine processes start
+  (``repack_cache.read_ahead_noted``).
 - LoRA on CPU: vLLM's CPU LoRA kernels have no MoE path, so adapters apply to attention, dense
   MLPs and shared experts (the default target list); a target list naming the routed experts or
   the router is refused.
@@ -127,6 +130,13 @@ class ErnieMoeConfigHooks(VerifyAndUpdateConfig):
                 "(sync_and_gather_intermediate_tensors), for vLLM's built-in ERNIE class too. "
                 "Use --tensor-parallel-size on CPU; pipeline parallelism is for GPU/NPU."
             )
+        from vllm_ernie_moe.quant import repack_cache
+
+        repack_cache.read_ahead_noted(
+            vllm_config.model_config.model,
+            parallel.tensor_parallel_size,
+            parallel.pipeline_parallel_size,
+        )
 
 
 def bound_waits_between_nodes(parallel) -> None:

@@ -130,3 +130,16 @@ def repack_cache_keys_by_content() -> bool:
     and a warm start does not read the routed experts the cache replaces; any write makes a new
     key (``quant/repack_cache.py``)."""
     return os.environ.get(REPACK_CACHE_VERIFY_VARIABLE, "0") == "1"
+
+
+#: Read the served repack cache entries ahead (``repack_cache_read_ahead``).
+REPACK_CACHE_READ_AHEAD_VARIABLE = "VLLM_ERNIE_MOE_REPACK_CACHE_READ_AHEAD"
+
+
+def repack_cache_read_ahead() -> bool:
+    """``VLLM_ERNIE_MOE_REPACK_CACHE_READ_AHEAD`` (default 1): with a repack cache, each start
+    notes what it read, and the next one asks the kernel to read that (the entries, the tensors
+    they do not replace) while the engine processes start and load, rather than at first use.
+    ``0``: read on first use (e.g. a cache on a network file system whose bandwidth others
+    need)."""
+    return os.environ.get(REPACK_CACHE_READ_AHEAD_VARIABLE, "1") != "0"

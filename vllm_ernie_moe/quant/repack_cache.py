@@ -25,9 +25,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import json
 import os
 import re
 import shutil
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -52,6 +54,9 @@ _KEEP_ENVIRONMENTS = 2
 _HASH_CHUNK = 16 << 20
 #: Directory names of environments (16 hex digits): pruning touches nothing else under the root.
 _ENVIRONMENT_NAME = re.compile(r"[0-9a-f]{16}")
+#: Bytes per read-ahead request (:func:`read_ahead`). Linux caps one POSIX_FADV_WILLNEED at the
+#: device's read-ahead window (8 MiB here, 128 KiB by default), and ignores the rest of the range.
+_READ_AHEAD_CHUNK = 128 << 10
 
 
 @functools.cache
@@ -258,6 +263,113 @@ def assign_places(model: torch.nn.Module, checkpoint_dir: str | None) -> dict[st
             envs.REPACK_CACHE_VERIFY_VARIABLE,
         )
     return served
+
+
+#: A stretch of a file to read ahead: path, first byte, bytes (0: to the end).
+Stretch = tuple[Path, int, int]
+
+
+def note_reads(
+    model: torch.nn.Module, checkpoint_dir: str | None, not_read: tuple[str, ...]
+) -> None:
+    """At a load keyed by place (after :func:`assign_places`): write down what this rank reads,
+    the checkpoint's tensors but those under ``not_read`` and the layers' entries, for the next
+    start's :func:`read_ahead_noted`, and read them ahead now."""
+    identity = checkpoint_identity(checkpoint_dir)
+    if identity is None or not envs.repack_cache_read_ahead():
+        return
+    from vllm.distributed import get_pp_group, get_tp_group
+
+    tp, pp = get_tp_group(), get_pp_group()
+    rank = f"tp{tp.rank_in_group}-pp{pp.rank_in_group}"
+    stretches = _checkpoint_stretches(Path(checkpoint_dir).resolve(), not_read)
+    for module in model.modules():
+        method = getattr(module, "quant_method", None)
+        if isinstance(method, StoredRepackMethod) and method.repack_place is not None:
+            kind = method.repack_kind()
+            if kind is not None:
+                entry = _entry(envs.repack_cache_dir(), kind, (), method.repack_place)
+                stretches.append((entry, 0, 0))
+    plan = _plan(identity, tp.world_size, pp.world_size) / rank
+    text = "".join(f"{offset} {length} {path}\n" for path, offset, length in stretches)
+    with contextlib.suppress(OSError):  # optional, as the cache is
+        if not plan.is_file() or plan.read_text() != text:
+            plan.parent.mkdir(parents=True, exist_ok=True)
+            temporary = plan.with_name(f".{plan.name}.{os.getpid()}.tmp")
+            temporary.write_text(text)
+            os.replace(temporary, plan)
+    _start_reading_ahead(stretches)
+
+
+def read_ahead_noted(model_dir: str, tensor_parallel: int, pipeline_parallel: int) -> None:
+    """In the process that builds the engine's config, before any engine process starts: read
+    ahead what the last start of this checkpoint on this layout read (:func:`note_reads`, every
+    rank's notes), while vLLM starts its engine processes and they import."""
+    identity = checkpoint_identity(model_dir)
+    if identity is None or not envs.repack_cache_read_ahead():
+        return
+    stretches: list[Stretch] = []
+    with contextlib.suppress(OSError, ValueError):  # no notes yet, or damaged: read on first use
+        for notes in sorted(_plan(identity, tensor_parallel, pipeline_parallel).glob("tp*-pp*")):
+            for line in notes.read_text().splitlines():
+                offset, length, path = line.split(" ", 2)
+                stretches.append((Path(path), int(offset), int(length)))
+    if stretches:
+        logger.info("Repack cache: reading ahead what the last start of %s read.", model_dir)
+        _start_reading_ahead(stretches)
+
+
+def _plan(identity: bytes, tensor_parallel: int, pipeline_parallel: int) -> Path:
+    layout = f"tp {tensor_parallel} pp {pipeline_parallel}".encode()
+    name = hashlib.sha256(identity + layout).hexdigest()[:32]
+    return _environment_dir(envs.repack_cache_dir()) / "read-ahead" / name
+
+
+def _checkpoint_stretches(directory: Path, not_read: tuple[str, ...]) -> list[Stretch]:
+    """The byte stretches of the checkpoint's tensors but those under ``not_read``, in file
+    order, neighbours merged."""
+    stretches: list[Stretch] = []
+    for path in sorted(directory.glob("*.safetensors")):
+        header_text = _safetensors_header(path, path.stat().st_size)
+        header, start = json.loads(header_text), 8 + len(header_text)
+        spans = sorted(
+            tuple(info["data_offsets"])
+            for name, info in header.items()
+            if name != "__metadata__" and not name.startswith(not_read)
+        )
+        for begin, end in spans:
+            if stretches and stretches[-1][0] == path and sum(stretches[-1][1:]) == start + begin:
+                stretches[-1] = (path, stretches[-1][1], stretches[-1][2] + end - begin)
+            else:
+                stretches.append((path, start + begin, end - begin))
+    return stretches
+
+
+def _start_reading_ahead(stretches: Sequence[Stretch]) -> None:
+    threading.Thread(target=read_ahead, args=(stretches,), daemon=True).start()
+
+
+def read_ahead(stretches: Sequence[Stretch]) -> None:
+    """Ask the kernel to read ``stretches`` into the page cache, in order, without waiting for it.
+
+    Why: with the page cache cold, a start waited on storage in turns: the checkpoint's tensors
+    while loading, the entries (memory mapped) a fault at a time in the warm-up and the first
+    request, with storage idle in between (imports, the KV cache, the compilation's load). The
+    requests return at once. Only a hint: errors are ignored, and a system without
+    ``posix_fadvise`` (macOS) reads on first use.
+    """
+    if not hasattr(os, "posix_fadvise"):
+        return
+    for path, offset, length in stretches:
+        with contextlib.suppress(OSError):
+            descriptor = os.open(path, os.O_RDONLY)
+            try:
+                end = offset + length if length else os.fstat(descriptor).st_size
+                for start in range(offset, end, _READ_AHEAD_CHUNK):
+                    size = min(_READ_AHEAD_CHUNK, end - start)
+                    os.posix_fadvise(descriptor, start, size, os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(descriptor)
 
 
 #: Checkpoint tensor-name prefixes the load under way does not read (:func:`not_reading`).
