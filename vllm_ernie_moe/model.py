@@ -487,7 +487,7 @@ class Ernie4_5_MoeForCausalLM(nn.Module, SupportsPP, SupportsLoRA, MixtureOfExpe
         self.reads_checkpoint_files = False  # a later load is a weight update: keyed by content
         served = repack_cache.assign_places(self, from_files)
         not_loaded = tuple(f"{layout.checkpoint_module(module)}." for module in served)
-        repack_cache.note_reads(self, from_files, not_loaded)
+        repack_cache.note_reads(self, from_files, not_loaded, layout.checkpoint_module)
         rules = checkpoint_rules(self.quant_config, self.checkpoint_dir)
         validator = CheckpointValidator(
             self.config, self.checkpoint_dir, rules.description, rules.strict, not_loaded

@@ -270,35 +270,48 @@ Stretch = tuple[Path, int, int]
 
 
 def note_reads(
-    model: torch.nn.Module, checkpoint_dir: str | None, not_read: tuple[str, ...]
+    model: torch.nn.Module,
+    checkpoint_dir: str | None,
+    not_read: tuple[str, ...],
+    checkpoint_module: Callable[[str], str],
 ) -> None:
-    """At a load keyed by place (after :func:`assign_places`): write down what this rank reads,
-    the checkpoint's tensors but those under ``not_read`` and the layers' entries, for the next
-    start's :func:`read_ahead_noted`, and read them ahead now."""
+    """At a load keyed by place (after :func:`assign_places`), read ahead what this rank reads:
+    the checkpoint's tensors but those under ``not_read`` (served), then the stored entries. And
+    note, for the next start's :func:`read_ahead_noted`, what that start will read: the tensors
+    of the layers that have no entry to replace them (a cold start stores them), the entries.
+    ``checkpoint_module`` names a module as the checkpoint's tensor names do."""
     identity = checkpoint_identity(checkpoint_dir)
     if identity is None or not envs.repack_cache_read_ahead():
         return
     from vllm.distributed import get_pp_group, get_tp_group
 
-    tp, pp = get_tp_group(), get_pp_group()
-    rank = f"tp{tp.rank_in_group}-pp{pp.rank_in_group}"
-    stretches = _checkpoint_stretches(Path(checkpoint_dir).resolve(), not_read)
-    for module in model.modules():
+    entries: list[Stretch] = []
+    replaced: list[str] = []  # what a warm start does not read
+    for name, module in model.named_modules():
         method = getattr(module, "quant_method", None)
         if isinstance(method, StoredRepackMethod) and method.repack_place is not None:
             kind = method.repack_kind()
             if kind is not None:
-                entry = _entry(envs.repack_cache_dir(), kind, (), method.repack_place)
-                stretches.append((entry, 0, 0))
-    plan = _plan(identity, tp.world_size, pp.world_size) / rank
-    text = "".join(f"{offset} {length} {path}\n" for path, offset, length in stretches)
+                entries.append(
+                    (_entry(envs.repack_cache_dir(), kind, (), method.repack_place), 0, 0)
+                )
+                if method.replaced_by_repack:
+                    replaced.append(f"{checkpoint_module(name)}.")
+    directory = Path(checkpoint_dir).resolve()
+    _start_reading_ahead(_checkpoint_stretches(directory, not_read) + entries)
+    tp, pp = get_tp_group(), get_pp_group()
+    notes = (
+        _notes(identity, tp.world_size, pp.world_size)
+        / f"tp{tp.rank_in_group}-pp{pp.rank_in_group}"
+    )
+    next_reads = _checkpoint_stretches(directory, tuple(replaced)) + entries
+    text = "".join(f"{offset} {length} {path}\n" for path, offset, length in next_reads)
     with contextlib.suppress(OSError):  # optional, as the cache is
-        if not plan.is_file() or plan.read_text() != text:
-            plan.parent.mkdir(parents=True, exist_ok=True)
-            temporary = plan.with_name(f".{plan.name}.{os.getpid()}.tmp")
+        if not notes.is_file() or notes.read_text() != text:
+            notes.parent.mkdir(parents=True, exist_ok=True)
+            temporary = notes.with_name(f".{notes.name}.{os.getpid()}.tmp")
             temporary.write_text(text)
-            os.replace(temporary, plan)
-    _start_reading_ahead(stretches)
+            os.replace(temporary, notes)
 
 
 def read_ahead_noted(model_dir: str, tensor_parallel: int, pipeline_parallel: int) -> None:
@@ -310,7 +323,7 @@ def read_ahead_noted(model_dir: str, tensor_parallel: int, pipeline_parallel: in
         return
     stretches: list[Stretch] = []
     with contextlib.suppress(OSError, ValueError):  # no notes yet, or damaged: read on first use
-        for notes in sorted(_plan(identity, tensor_parallel, pipeline_parallel).glob("tp*-pp*")):
+        for notes in sorted(_notes(identity, tensor_parallel, pipeline_parallel).glob("tp*-pp*")):
             for line in notes.read_text().splitlines():
                 offset, length, path = line.split(" ", 2)
                 stretches.append((Path(path), int(offset), int(length)))
@@ -319,7 +332,7 @@ def read_ahead_noted(model_dir: str, tensor_parallel: int, pipeline_parallel: in
         _start_reading_ahead(stretches)
 
 
-def _plan(identity: bytes, tensor_parallel: int, pipeline_parallel: int) -> Path:
+def _notes(identity: bytes, tensor_parallel: int, pipeline_parallel: int) -> Path:
     layout = f"tp {tensor_parallel} pp {pipeline_parallel}".encode()
     name = hashlib.sha256(identity + layout).hexdigest()[:32]
     return _environment_dir(envs.repack_cache_dir()) / "read-ahead" / name
