@@ -187,6 +187,17 @@ def test_a_new_environment_keeps_only_the_last_used_other(cache_dir, monkeypatch
     assert {d.name for d in cache_dir.iterdir()} == {a.hex(), c.hex()}
 
 
+def test_read_ahead_notes_in_a_new_environment_prune_as_an_entry_does(cache_dir, monkeypatch):
+    """A cold start writes its read-ahead notes before it stores an entry."""
+    for index, environment in enumerate((b"a" * 8, b"b" * 8, b"c" * 8)):
+        monkeypatch.setattr(repack_cache, "_environment_digest", lambda e=environment: e)
+        notes = repack_cache._notes(b"checkpoint", 1, 1)
+        repack_cache._write_note(notes / "tp0-pp0", "0 0 /nowhere\n")
+        assert (notes / "tp0-pp0").read_text() == "0 0 /nowhere\n"
+        os.utime(repack_cache._environment_dir(cache_dir), (index, index))
+    assert {d.name for d in cache_dir.iterdir()} == {(b"b" * 8).hex(), (b"c" * 8).hex()}
+
+
 def test_pruning_leaves_other_directories_under_the_root_alone(cache_dir, monkeypatch):
     """``VLLM_ERNIE_MOE_REPACK_CACHE`` may name a directory that holds other things."""
     for name in ("models", "0123456789abcdeg", "notes.txt"):
@@ -244,11 +255,12 @@ def _resident_fraction(path: Path) -> float:
     return sum(byte & 1 for byte in vector) / pages
 
 
-def test_read_ahead_brings_every_page_of_the_entries_into_memory(tmp_path):
-    """A served entry is read ahead whole, not only the first read-ahead window that one
+def test_read_ahead_brings_every_page_into_memory(tmp_path):
+    """A stretch is read ahead whole, not only the first read-ahead window that one
     POSIX_FADV_WILLNEED of the whole file reads (8 MiB on this machine's disk, 128 KiB by
-    default): residency as mincore(2) reports it, after the file's pages were dropped."""
-    entries = [tmp_path / f"entry{index}.safetensors" for index in range(2)]
+    default), and so is a file to read first: residency as mincore(2) reports it, after the
+    files' pages were dropped."""
+    entries = [tmp_path / f"entry{index}.safetensors" for index in range(3)]
     for entry in entries:
         entry.write_bytes(os.urandom(48 << 20))
     for entry in entries:
@@ -257,11 +269,12 @@ def test_read_ahead_brings_every_page_of_the_entries_into_memory(tmp_path):
             os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     if max(_resident_fraction(entry) for entry in entries) > 0.1:
         pytest.skip(f"{tmp_path}'s file system keeps its pages (tmpfs): nothing to read ahead")
-    repack_cache.read_ahead([(entry, 0, 0) for entry in entries])
+    repack_cache.read_ahead(entries[:1], [(entries[1], 0, 0), (entries[2], 4096, 40 << 20)])
     deadline = time.monotonic() + 30
-    while min(map(_resident_fraction, entries)) < 1 and time.monotonic() < deadline:
+    while min(map(_resident_fraction, entries[:2])) < 1 and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert [_resident_fraction(entry) for entry in entries] == [1.0, 1.0]
+    assert [_resident_fraction(entry) for entry in entries[:2]] == [1.0, 1.0]
+    assert 40 / 48 <= _resident_fraction(entries[2]) < 1
 
 
 def _read_ahead_notes(cache: Path) -> list[tuple[str, int, int]]:
@@ -401,6 +414,10 @@ def test_a_warm_start_is_served_without_the_experts_and_a_rewrite_repacks(
                and not routed.search(name) for begin, end in [info["data_offsets"]])  # fmt: skip
     assert _bytes_of(cold_notes, weights) == kept
     assert warm_notes == cold_notes
+    # And the files the engine process imported, this plugin's model among them.
+    (imports,) = (tmp_path / "repack").glob("*/read-ahead/*/imports")
+    model_source = Path(repack_cache.__file__).resolve().parents[1] / "model.py"
+    assert str(model_source) in imports.read_text().split("\n")
     assert [g.token_ids for g in warm] == [g.token_ids for g in cold]
     assert logprob_drift(cold, warm).max() == 0
     _keeping_time(weights, _rotate_routed_experts)

@@ -29,6 +29,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -57,6 +58,8 @@ _ENVIRONMENT_NAME = re.compile(r"[0-9a-f]{16}")
 #: Bytes per read-ahead request (:func:`read_ahead`). Linux caps one POSIX_FADV_WILLNEED at the
 #: device's read-ahead window (8 MiB here, 128 KiB by default), and ignores the rest of the range.
 _READ_AHEAD_CHUNK = 128 << 10
+#: The note of the files the loading process imported (:func:`read_ahead_noted`).
+_IMPORTS_NOTE = "imports"
 
 
 @functools.cache
@@ -298,38 +301,39 @@ def note_reads(
                 if method.replaced_by_repack:
                     replaced.append(f"{checkpoint_module(name)}.")
     directory = Path(checkpoint_dir).resolve()
-    _start_reading_ahead(_checkpoint_stretches(directory, not_read) + entries)
+    _start_reading_ahead([], _checkpoint_stretches(directory, not_read) + entries)
     tp, pp = get_tp_group(), get_pp_group()
-    notes = (
-        _notes(identity, tp.world_size, pp.world_size)
-        / f"tp{tp.rank_in_group}-pp{pp.rank_in_group}"
-    )
+    notes = _notes(identity, tp.world_size, pp.world_size)
     next_reads = _checkpoint_stretches(directory, tuple(replaced)) + entries
     text = "".join(f"{offset} {length} {path}\n" for path, offset, length in next_reads)
-    with contextlib.suppress(OSError):  # optional, as the cache is
-        if not notes.is_file() or notes.read_text() != text:
-            notes.parent.mkdir(parents=True, exist_ok=True)
-            temporary = notes.with_name(f".{notes.name}.{os.getpid()}.tmp")
-            temporary.write_text(text)
-            os.replace(temporary, notes)
+    _write_note(notes / f"tp{tp.rank_in_group}-pp{pp.rank_in_group}", text)
+    _write_note(notes / _IMPORTS_NOTE, "".join(f"{path}\n" for path in _imported_files()))
 
 
 def read_ahead_noted(model_dir: str, tensor_parallel: int, pipeline_parallel: int) -> None:
     """In the process that builds the engine's config, before any engine process starts: read
     ahead what the last start of this checkpoint on this layout read (:func:`note_reads`, every
-    rank's notes), while vLLM starts its engine processes and they import."""
+    rank's notes), while vLLM starts its engine processes and they import. First, whole, the
+    files the loading process imported that this one has not: an engine process's imports read
+    them a page at a time, each read waiting behind the weights' (imports 10.7-11.6 s instead of
+    12.5-13.4 s; 7.2 s with storage idle, docs/notes/startup-breakdown.md)."""
     identity = checkpoint_identity(model_dir)
     if identity is None or not envs.repack_cache_read_ahead():
         return
+    notes = _notes(identity, tensor_parallel, pipeline_parallel)
     stretches: list[Stretch] = []
+    imports: list[Path] = []
     with contextlib.suppress(OSError, ValueError):  # no notes yet, or damaged: read on first use
-        for notes in sorted(_notes(identity, tensor_parallel, pipeline_parallel).glob("tp*-pp*")):
-            for line in notes.read_text().splitlines():
+        for rank in sorted(notes.glob("tp*-pp*")):
+            for line in rank.read_text().splitlines():
                 offset, length, path = line.split(" ", 2)
                 stretches.append((Path(path), int(offset), int(length)))
+        loaded = set(_imported_files())
+        imports = [Path(f) for f in (notes / _IMPORTS_NOTE).read_text().split("\n") if f]
+        imports = [path for path in imports if str(path) not in loaded]
     if stretches:
         logger.info("Repack cache: reading ahead what the last start of %s read.", model_dir)
-        _start_reading_ahead(stretches)
+        _start_reading_ahead(imports, stretches)
 
 
 def _notes(identity: bytes, tensor_parallel: int, pipeline_parallel: int) -> Path:
@@ -358,19 +362,54 @@ def _checkpoint_stretches(directory: Path, not_read: tuple[str, ...]) -> list[St
     return stretches
 
 
-def _start_reading_ahead(stretches: Sequence[Stretch]) -> None:
-    threading.Thread(target=read_ahead, args=(stretches,), daemon=True).start()
+def _imported_files() -> list[str]:
+    """The files this process has imported: its modules' sources and bytecode, and every file
+    it maps (extension modules, shared libraries); Linux only for the latter."""
+    files: dict[str, None] = {}
+    for module in list(sys.modules.values()):
+        attributes = getattr(module, "__dict__", {})  # not getattr: lazy modules would import
+        for attribute in ("__file__", "__cached__"):
+            path = attributes.get(attribute)
+            if isinstance(path, str) and os.path.isfile(path):
+                files[os.path.realpath(path)] = None
+    with contextlib.suppress(OSError), open("/proc/self/maps") as maps:
+        for line in maps:
+            path = line.split(maxsplit=5)[5:]
+            if path and path[0].startswith("/") and os.path.isfile(path[0].strip()):
+                files[os.path.realpath(path[0].strip())] = None
+    return list(files)
 
 
-def read_ahead(stretches: Sequence[Stretch]) -> None:
+def _write_note(path: Path, text: str) -> None:
+    """Write a read-ahead note whole (optional, as the cache is: errors are ignored)."""
+    with contextlib.suppress(OSError):
+        if path.is_file() and path.read_text() == text:
+            return
+        _environment_made(path.parents[2])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        temporary.write_text(text)
+        os.replace(temporary, path)
+
+
+def _start_reading_ahead(files: Sequence[Path], stretches: Sequence[Stretch]) -> None:
+    threading.Thread(target=read_ahead, args=(files, stretches), daemon=True).start()
+
+
+def read_ahead(files: Sequence[Path], stretches: Sequence[Stretch]) -> None:
     """Ask the kernel to read ``stretches`` into the page cache, in order, without waiting for it.
 
     Why: with the page cache cold, a start waited on storage in turns: the checkpoint's tensors
     while loading, the entries (memory mapped) a fault at a time in the warm-up and the first
     request, with storage idle in between (imports, the KV cache, the compilation's load). The
-    requests return at once. Only a hint: errors are ignored, and a system without
+    requests return at once. ``files`` are read whole first, before any request (see
+    :func:`read_ahead_noted`). Only a hint: errors are ignored, and a system without
     ``posix_fadvise`` (macOS) reads on first use.
     """
+    for path in files:
+        with contextlib.suppress(OSError), path.open("rb", buffering=0) as file:
+            while file.read(_READ_AHEAD_CHUNK):
+                pass
     if not hasattr(os, "posix_fadvise"):
         return
     for path, offset, length in stretches:
@@ -457,14 +496,18 @@ def _modified(directory: Path) -> float:
         return 0.0
 
 
+def _environment_made(environment: Path) -> None:
+    """Create an environment's directory; the first time, delete older environments' entries."""
+    if not environment.is_dir():
+        environment.mkdir(parents=True, exist_ok=True)  # tensor-parallel ranks race here
+        _prune_environments(environment.parent, environment)
+
+
 def _store(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     size = sum(tensor.numel() * tensor.element_size() for tensor in tensors.values())
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        created = not path.parent.is_dir()
-        path.parent.mkdir(parents=True, exist_ok=True)  # tensor-parallel ranks race here
-        if created:
-            _prune_environments(path.parent.parent, path.parent)
+        _environment_made(path.parent)
         if shutil.disk_usage(path.parent).free < size + _FREE_SPACE_MARGIN:
             _warn_once(f"less than {(size + _FREE_SPACE_MARGIN) >> 20} MiB free")
             return
