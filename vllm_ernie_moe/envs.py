@@ -132,7 +132,7 @@ def repack_cache_keys_by_content() -> bool:
     return os.environ.get(REPACK_CACHE_VERIFY_VARIABLE, "0") == "1"
 
 
-#: Read the served repack cache entries ahead (``repack_cache_read_ahead``).
+#: Read ahead what the last start read (``repack_cache_read_ahead``).
 REPACK_CACHE_READ_AHEAD_VARIABLE = "VLLM_ERNIE_MOE_REPACK_CACHE_READ_AHEAD"
 
 

@@ -315,8 +315,8 @@ def read_ahead_noted(model_dir: str, tensor_parallel: int, pipeline_parallel: in
     ahead what the last start of this checkpoint on this layout read (:func:`note_reads`, every
     rank's notes), while vLLM starts its engine processes and they import. First, whole, the
     files the loading process imported that this one has not: an engine process's imports read
-    them a page at a time, each read waiting behind the weights' (imports 10.7-11.6 s instead of
-    12.5-13.4 s; 7.2 s with storage idle, docs/notes/startup-breakdown.md)."""
+    them a page at a time, each read waiting behind the weights' (imports 10.7 and 11.6 s instead of
+    12.3-13.4 s; 7.1-7.2 s with storage idle, docs/results/read-ahead-imports-zen4.txt)."""
     identity = checkpoint_identity(model_dir)
     if identity is None or not envs.repack_cache_read_ahead():
         return
