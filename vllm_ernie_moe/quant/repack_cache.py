@@ -307,7 +307,8 @@ def note_reads(
     next_reads = _checkpoint_stretches(directory, tuple(replaced)) + entries
     text = "".join(f"{offset} {length} {path}\n" for path, offset, length in next_reads)
     _write_note(notes / f"tp{tp.rank_in_group}-pp{pp.rank_in_group}", text)
-    _write_note(notes / _IMPORTS_NOTE, "".join(f"{path}\n" for path in _imported_files()))
+    # Listing ~10,000 imported files takes a few tenths of a second: beside the load, not in it.
+    threading.Thread(target=_note_imports, args=(notes / _IMPORTS_NOTE,), daemon=True).start()
 
 
 def read_ahead_noted(model_dir: str, tensor_parallel: int, pipeline_parallel: int) -> None:
@@ -328,9 +329,7 @@ def read_ahead_noted(model_dir: str, tensor_parallel: int, pipeline_parallel: in
             for line in rank.read_text().splitlines():
                 offset, length, path = line.split(" ", 2)
                 stretches.append((Path(path), int(offset), int(length)))
-        loaded = set(_imported_files())
         imports = [Path(f) for f in (notes / _IMPORTS_NOTE).read_text().split("\n") if f]
-        imports = [path for path in imports if str(path) not in loaded]
     if stretches:
         logger.info("Repack cache: reading ahead what the last start of %s read.", model_dir)
         _start_reading_ahead(imports, stretches)
@@ -380,6 +379,10 @@ def _imported_files() -> list[str]:
     return list(files)
 
 
+def _note_imports(path: Path) -> None:
+    _write_note(path, "".join(f"{file}\n" for file in _imported_files()))
+
+
 def _write_note(path: Path, text: str) -> None:
     """Write a read-ahead note whole (optional, as the cache is: errors are ignored)."""
     with contextlib.suppress(OSError):
@@ -402,11 +405,12 @@ def read_ahead(files: Sequence[Path], stretches: Sequence[Stretch]) -> None:
     Why: with the page cache cold, a start waited on storage in turns: the checkpoint's tensors
     while loading, the entries (memory mapped) a fault at a time in the warm-up and the first
     request, with storage idle in between (imports, the KV cache, the compilation's load). The
-    requests return at once. ``files`` are read whole first, before any request (see
-    :func:`read_ahead_noted`). Only a hint: errors are ignored, and a system without
-    ``posix_fadvise`` (macOS) reads on first use.
+    requests return at once. ``files`` are read whole first, before any request, but for those
+    this process has imported itself (see :func:`read_ahead_noted`). Only a hint: errors are
+    ignored, and a system without ``posix_fadvise`` (macOS) reads on first use.
     """
-    for path in files:
+    loaded = set(_imported_files()) if files else set()  # here, not on the caller's path
+    for path in (file for file in files if str(file) not in loaded):
         with contextlib.suppress(OSError), path.open("rb", buffering=0) as file:
             while file.read(_READ_AHEAD_CHUNK):
                 pass
