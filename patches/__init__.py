@@ -2,7 +2,8 @@
 ``vllm_ernie_moe.patches`` (``package_dir`` in setup.py). ``vllm_ernie_moe.register`` runs
 :func:`apply_all` in every process vLLM loads plugins in (the API server / engine-start process
 and each worker), before any model is built: every patch applies before the engine starts and in
-each worker.
+each worker; one whose target module the API server never imports applies when a process imports
+it (``patching.when_imported``).
 
 One module per upstream target, named ``patch_<target>.py``; each documents its target, why, the
 upstream status, what decides that it applies (a probe of the bug where one is possible, else the

@@ -4,6 +4,8 @@ The engine check (the graph traced on the 16-token warm-up is the one traced on 
 warm-up, and the engine answers the same) shares its engine starts with patch_cpu_aot_compile_cache:
 ``tests/test_patch_cpu_aot_compile_cache.py::test_second_start_loads_the_saved_compilation``."""
 
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -60,3 +62,21 @@ def test_apply_is_idempotent():
     assert is_patched(patched)
     assert patch.apply() is True
     assert CPUModelRunner.warming_up_model is patched
+
+
+def test_a_process_that_never_imports_the_runner_does_not_import_it_and_one_that_does_is_patched():
+    """The API server never imports vLLM's CPU model runner (0.31 s); a worker, when it imports
+    it, gets the patch."""
+    code = (
+        "import sys\n"
+        "from vllm.plugins import load_general_plugins\n"
+        "load_general_plugins()\n"
+        f"print('imported', {patch.RUNNER_MODULE!r} in sys.modules)\n"
+        "from vllm.v1.worker.cpu_model_runner import CPUModelRunner\n"
+        "from vllm_ernie_moe.patches.patching import is_patched\n"
+        "print('patched', is_patched(CPUModelRunner.warming_up_model))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    printed = [out for out in done.stdout.splitlines() if out.startswith(("imported", "patched"))]
+    assert printed == ["imported False", "patched True"]  # vLLM 0.27 logs to stdout too

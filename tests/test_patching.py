@@ -64,3 +64,38 @@ def test_a_classmethod_stays_one_and_keeps_the_class_of_the_call():
     assert patching.is_patched(Base.name) and patching.unpatched(Base.name) is original
     assert patching.install("p", Base, "name", shouted)  # already patched: unchanged
     assert Sub.name() == "SUB"
+
+
+def test_when_imported_applies_right_after_the_import_or_at_once(tmp_path, monkeypatch):
+    (tmp_path / "later_target.py").write_text("def f():\n    return 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "later_target", raising=False)
+    applied = []
+
+    def apply(module) -> bool:
+        applied.append(module.f())  # the module's code has run
+        return patching.install("p", module, "f", plus_one)
+
+    assert patching.when_imported("later_target", apply) is None
+    assert applied == []  # nothing imported it
+    import later_target
+
+    assert applied == [1] and later_target.f() == 2
+    assert later_target.__loader__.get_source("later_target").startswith("def f")
+    assert not any(getattr(f, "module_name", "") == "later_target" for f in sys.meta_path)
+    assert patching.when_imported("later_target", apply) is True  # imported: at once
+    assert applied == [1, 2]
+
+
+def test_a_patch_that_fails_after_the_import_leaves_the_import(tmp_path, monkeypatch):
+    (tmp_path / "failing_target.py").write_text("VALUE = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "failing_target", raising=False)
+
+    def apply(module) -> bool:
+        raise RuntimeError("the target changed")
+
+    patching.when_imported("failing_target", apply)
+    import failing_target
+
+    assert failing_target.VALUE == 1
