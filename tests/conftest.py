@@ -57,8 +57,11 @@ def dispatch_keys_kept():
     """Clear torch's Python dispatch keys if they are left excluded on this thread before or after
     a test (fixtures included), with a warning that names it. Left excluded, they fail every later
     torch.compile in this process ("you set no_dispatch()"): one CI run of the 0.27.1 suite failed
-    so from test_portable_kernels on (8 failures, 6 errors: every later compilation here), on code
-    whose suites passed here; a state some earlier test left in the shared process."""
+    so from test_portable_kernels on (8 failures, 6 errors). The cause, seen once here after
+    test_parity's compiled engine: vLLM's oneDNN GEMM handlers release themselves in ``__del__``
+    with a tensor op (``CPUDNNLGEMMHandler``, vLLM 0.27.1 and 0.32); collected by the garbage
+    collector of this many-engine process while a torch mode was active, that op recursed until a
+    RecursionError (docs/results/dispatch-key-leak-0.27.1-zen4.txt)."""
     _clear_excluded_no_dispatch_keys("before this test")
     yield
     _clear_excluded_no_dispatch_keys("after this test")
