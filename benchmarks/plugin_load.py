@@ -17,7 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-RUNNER_MODULE = "vllm.v1.worker.cpu_model_runner"
+from vllm_ernie_moe.patches.patch_cpu_warmup_size import RUNNER_MODULE
+
 CHILD = """
 import importlib, sys, time
 import vllm.entrypoints.openai.api_server

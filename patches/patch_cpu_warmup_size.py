@@ -23,7 +23,8 @@
   The nodes of a multi-node engine must decide alike (their collectives' sizes): the ranks
   compare the decision's inputs at load (``rank_agreement``).
 - Applied when a process imports ``cpu_model_runner`` (``patching.when_imported``): the API
-  server never does, and importing it there cost 0.31 s of its start.
+  server never does; importing it there cost 0.06-0.13 s of the plugin's load
+  (docs/results/plugin-load-zen4.txt).
 - Decided by the target's source: the patch applies while ``warming_up_model`` warms up through
   ``profile_run()``.
 - Upstream: no issue found. The upstream form would be a size argument to the CPU warm-up.

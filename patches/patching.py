@@ -83,13 +83,18 @@ def install(
 
 def when_imported(module_name: str, apply: Callable[[ModuleType], bool]) -> bool | None:
     """Call ``apply(module)`` once ``module_name`` is imported: now if it is (its result), else
-    right after the import that loads it (None). Why: a patch that imported its target's module
-    itself made every process pay for it, the API server too, which never uses some of them (vLLM's
-    CPU model runner: 0.31 s after the API server's own imports)."""
+    right after the import that loads it (None); once per ``apply``. Why: a patch that imported its
+    target's module itself made every process pay for it, the API server too, which never uses some
+    of them (vLLM's CPU model runner: 0.06-0.13 s of the plugin's load there,
+    docs/results/plugin-load-zen4.txt)."""
     module = sys.modules.get(module_name)
     if module is not None:
         return apply(module)
-    if not any(getattr(finder, "module_name", None) == module_name for finder in sys.meta_path):
+    if not any(
+        isinstance(finder, _ApplyAfterImport)
+        and (finder.module_name, finder.apply) == (module_name, apply)
+        for finder in sys.meta_path
+    ):
         sys.meta_path.insert(0, _ApplyAfterImport(module_name, apply))
     return None
 

@@ -65,8 +65,8 @@ def test_apply_is_idempotent():
 
 
 def test_a_process_that_never_imports_the_runner_does_not_import_it_and_one_that_does_is_patched():
-    """The API server never imports vLLM's CPU model runner (0.31 s); a worker, when it imports
-    it, gets the patch."""
+    """The API server never imports vLLM's CPU model runner (docs/results/plugin-load-zen4.txt); a
+    worker, when it imports it, gets the patch."""
     code = (
         "import sys\n"
         "from vllm.plugins import load_general_plugins\n"

@@ -77,14 +77,16 @@ def test_when_imported_applies_right_after_the_import_or_at_once(tmp_path, monke
         return patching.install("p", module, "f", plus_one)
 
     assert patching.when_imported("later_target", apply) is None
+    assert patching.when_imported("later_target", apply) is None  # apply_all runs again
+    patching.when_imported("later_target", lambda module: applied.append("another patch"))
     assert applied == []  # nothing imported it
     import later_target
 
-    assert applied == [1] and later_target.f() == 2
+    assert applied == [1, "another patch"] and later_target.f() == 2
     assert later_target.__loader__.get_source("later_target").startswith("def f")
     assert not any(getattr(f, "module_name", "") == "later_target" for f in sys.meta_path)
     assert patching.when_imported("later_target", apply) is True  # imported: at once
-    assert applied == [1, 2]
+    assert applied == [1, "another patch", 2]
 
 
 def test_a_patch_that_fails_after_the_import_leaves_the_import(tmp_path, monkeypatch):
