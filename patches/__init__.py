@@ -19,6 +19,7 @@ from vllm_ernie_moe.patches import (
     patch_cpu_engine_core_worker,
     patch_cpu_lora_base_tokens,
     patch_cpu_multinode_queues,
+    patch_cpu_onednn_handler_release,
     patch_cpu_router,
     patch_cpu_sgl_kernels,
     patch_cpu_warmup_size,
@@ -34,6 +35,7 @@ def apply_all() -> None:
     patch_cpu_engine_core_worker.apply()
     patch_cpu_lora_base_tokens.apply()
     patch_cpu_multinode_queues.apply()
+    patch_cpu_onednn_handler_release.apply()
     patch_cpu_router.apply()
     patch_cpu_sgl_kernels.apply()
     patch_cpu_warmup_size.apply()

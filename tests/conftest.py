@@ -31,12 +31,10 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from vllm_ernie_moe.patches.patch_cpu_onednn_handler_release import (  # noqa: E402
+    MODE_DISPATCH_KEYS as _NO_DISPATCH_KEYS,
+)
 from vllm_ernie_moe.tools.random_checkpoint import build_checkpoint  # noqa: E402
-
-#: The keys a no_dispatch() guard excludes from torch's dispatch on this thread while it is active.
-_NO_DISPATCH_KEYS = [
-    getattr(torch._C.DispatchKey, key) for key in ("Python", "PythonTLSSnapshot", "PreDispatch")
-]
 
 
 def _excluded_no_dispatch_keys() -> list[str]:
@@ -61,7 +59,9 @@ def dispatch_keys_kept():
     test_parity's compiled engine: vLLM's oneDNN GEMM handlers release themselves in ``__del__``
     with a tensor op (``CPUDNNLGEMMHandler``, vLLM 0.27.1 and 0.32); collected by the garbage
     collector of this many-engine process while a torch mode was active, that op recursed until a
-    RecursionError (docs/results/dispatch-key-leak-0.27.1-zen4.txt)."""
+    RecursionError (docs/results/dispatch-key-leak-0.27.1-zen4.txt). The plugin now releases them
+    outside torch's modes (patches/patch_cpu_onednn_handler_release.py); this guard stays for
+    whatever else might leave the keys excluded."""
     _clear_excluded_no_dispatch_keys("before this test")
     yield
     _clear_excluded_no_dispatch_keys("after this test")

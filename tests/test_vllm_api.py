@@ -134,3 +134,11 @@ def test_engine_core_worker_patch_has_targets_with_the_bug(source):
     assert source.method("vllm.utils.ompmultiprocessing", "OMPProcessManager.configure_omp_envs")
     for thread in patch.SOCKET_THREADS:
         assert source.method(patch.ENGINE_CORE_MODULE, f"EngineCoreProc.{thread}")
+
+
+def test_onednn_handler_release_patch_has_a_target_with_the_bug(source):
+    """The handler's ``__del__``, still reading its pointer with a tensor op (the patch's probe)."""
+    from vllm_ernie_moe.patches import patch_cpu_onednn_handler_release as patch
+
+    release = source.source_of(patch.CUSTOM_OPS_MODULE, patch.TARGET)
+    assert release is not None and patch._releases_with_a_tensor_op_source(release)
