@@ -10,10 +10,14 @@
   leaks; once, in the 0.27.1 test suite, it recursed until a RecursionError that left torch's
   Python dispatch key excluded on the thread, and every later torch.compile in the process failed
   ("you set no_dispatch()"; docs/results/dispatch-key-leak-0.27.1-zen4.txt).
-- How: ``__del__`` runs with torch's function modes off and the dispatch keys through which
-  dispatch modes run (Python, PythonTLSSnapshot, PreDispatch) excluded, so that ``.item()`` and
-  the release reach the CPU kernels whatever mode the collector interrupted; the guards restore
-  the thread's state after.
+  What the collector interrupted, seen in that suite (0.27.1): a trace whose thread included the
+  Meta, Functionalize and PythonDispatcher dispatch keys; by hand, ``.item()`` with Meta included
+  raises "cannot be called on meta tensors", and with the Python dispatcher on as well it recurses
+  until a RecursionError (docs/results/dispatch-key-leak-0.27.1-zen4.txt).
+- How: ``__del__`` runs with torch's function modes off and the dispatch keys a new thread has
+  (``torch._C._ForceDispatchKeyGuard``: no dispatch mode, no meta, no functionalization, no Python
+  dispatcher), so that ``.item()`` and the release reach the CPU kernels; the guards restore the
+  thread's state after.
 - Applied when a process imports ``vllm._custom_ops`` (``patching.when_imported``), on CPU.
 - Decided by the target's source: the patch applies while ``__del__`` reads the pointer with
   ``.item()``.
@@ -27,7 +31,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-import operator
+import threading
 from types import ModuleType
 
 import torch
@@ -37,19 +41,29 @@ from vllm_ernie_moe.patches.patching import install, when_imported
 
 CUSTOM_OPS_MODULE = "vllm._custom_ops"
 TARGET = "CPUDNNLGEMMHandler.__del__"
-#: The dispatch keys torch's dispatch modes run through; excluded, an op reaches its kernel.
-MODE_DISPATCH_KEYS = [
-    getattr(torch._C.DispatchKey, key) for key in ("Python", "PythonTLSSnapshot", "PreDispatch")
-]
-_EXCLUDED = functools.reduce(operator.or_, map(torch._C.DispatchKeySet, MODE_DISPATCH_KEYS))
+
+
+def _fresh_thread_dispatch_keys() -> tuple[torch._C.DispatchKeySet, torch._C.DispatchKeySet]:
+    """The dispatch keys a new thread includes and excludes: no mode, no tracing, no meta."""
+    keys = []
+    reader = threading.Thread(
+        target=lambda: keys.extend(
+            (torch._C._dispatch_tls_local_include_set(), torch._C._dispatch_tls_local_exclude_set())
+        )
+    )
+    reader.start()
+    reader.join()
+    return keys[0], keys[1]
 
 
 def releases_outside_torch_modes(release):
-    """``__del__`` that runs ``release`` with torch's function and dispatch modes off."""
+    """``__del__`` that runs ``release`` with torch's function modes off and the dispatch keys
+    of a new thread, whatever the collector interrupted."""
+    fresh_keys = _fresh_thread_dispatch_keys()
 
     @functools.wraps(release)
     def __del__(self) -> None:
-        with torch._C.DisableTorchFunction(), torch._C._ExcludeDispatchKeyGuard(_EXCLUDED):
+        with torch._C.DisableTorchFunction(), torch._C._ForceDispatchKeyGuard(*fresh_keys):
             release(self)
 
     return __del__

@@ -31,10 +31,12 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from vllm_ernie_moe.patches.patch_cpu_onednn_handler_release import (  # noqa: E402
-    MODE_DISPATCH_KEYS as _NO_DISPATCH_KEYS,
-)
 from vllm_ernie_moe.tools.random_checkpoint import build_checkpoint  # noqa: E402
+
+#: The keys a no_dispatch() guard excludes from torch's dispatch on this thread while it is active.
+_NO_DISPATCH_KEYS = [
+    getattr(torch._C.DispatchKey, key) for key in ("Python", "PythonTLSSnapshot", "PreDispatch")
+]
 
 
 def _excluded_no_dispatch_keys() -> list[str]:
