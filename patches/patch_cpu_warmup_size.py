@@ -20,8 +20,8 @@
   cache size, or ``VLLM_ERNIE_MOE_FULL_WARMUP=1``, vLLM's warm-up runs. What the brief warm-up
   no longer shows at start: whether a full-size prefill's activations fit in memory (the first
   long prompt does).
-  The nodes of a multi-node engine must decide alike (their collectives' sizes): before the
-  warm-up, the ranks compare its size (``rank_agreement``) and refuse to start when they differ.
+  The nodes of a multi-node engine must decide alike (their collectives' sizes): the ranks
+  compare the decision's inputs at load (``rank_agreement``).
 - Applied when a process imports ``cpu_model_runner`` (``patching.when_imported``): the API
   server never does; importing it there cost 0.06-0.13 s of the plugin's load
   (docs/results/plugin-load-zen4.txt).
@@ -49,7 +49,6 @@ from vllm.platforms import current_platform
 
 from vllm_ernie_moe import envs
 from vllm_ernie_moe.patches.patching import install, when_imported
-from vllm_ernie_moe.rank_agreement import place_of_this_rank, require_same_model_on_every_rank
 
 logger = init_logger(f"vllm.{__name__}")
 
@@ -59,21 +58,20 @@ RUNNER_MODULE = "vllm.v1.worker.cpu_model_runner"
 WARMUP_TOKENS = 16
 
 
-def brief_warmup_tokens(vllm_config, model_module: str) -> int | None:
-    """Tokens for the brief warm-up of a model defined in ``model_module``, or None where vLLM's
-    own warm-up must run."""
+def brief_warmup_tokens(runner) -> int | None:
+    """Tokens for the brief warm-up of ``runner``, or None where vLLM's own warm-up must run."""
     if envs.full_warmup():
         return None
-    compilation = vllm_config.compilation_config
+    compilation = runner.vllm_config.compilation_config
     if compilation.mode == CompilationMode.NONE:
         return None  # vLLM's warm-up returns at once
     if compilation.inductor_compile_config.get("max_autotune", False):
         return None  # autotuning would tune Inductor's GEMMs to the warm-up's size
-    if vllm_config.cache_config.kv_cache_memory_bytes is None:
+    if runner.cache_config.kv_cache_memory_bytes is None:
         return None  # vLLM sizes the KV cache from the RSS the full-size forward leaves
-    if not model_module.startswith("vllm_ernie_moe."):
+    if not type(runner.get_model()).__module__.startswith("vllm_ernie_moe."):
         return None  # another model: its warm-up is not ours to change
-    return min(WARMUP_TOKENS, vllm_config.scheduler_config.max_num_batched_tokens)
+    return min(WARMUP_TOKENS, runner.max_num_tokens)
 
 
 def warms_up_briefly(warm_up):
@@ -82,14 +80,7 @@ def warms_up_briefly(warm_up):
 
     @functools.wraps(warm_up)
     def warming_up_model(self) -> None:
-        model_module = type(self.get_model()).__module__
-        tokens = brief_warmup_tokens(self.vllm_config, model_module)
-        if model_module.startswith("vllm_ernie_moe."):
-            # Each rank's warm-up forward runs collectives of its size: one size on every rank.
-            require_same_model_on_every_rank(
-                place_of_this_rank(self.vllm_config.parallel_config),
-                {"warm-up tokens": str(tokens or self.max_num_tokens)},
-            )
+        tokens = brief_warmup_tokens(self)
         if tokens is None:
             return warm_up(self)
         logger.info(

@@ -22,87 +22,36 @@ def test_unpatched_vllm_warms_up_through_profile_run():
     assert patch._warms_up_through_profile_run(unpatched(CPUModelRunner.warming_up_model))
 
 
-def config(kv_cache_bytes, mode=CompilationMode.VLLM_COMPILE, inductor=None, batched_tokens=4096):
-    """The parts of a vLLM config that the decision reads."""
+def runner(
+    kv_cache_bytes, module="vllm_ernie_moe.model", mode=CompilationMode.VLLM_COMPILE, inductor=None
+):
+    """The attributes of a CPU model runner that the decision reads."""
+    model = type("Model", (), {"__module__": module})()
+    compilation = SimpleNamespace(mode=mode, inductor_compile_config=inductor or {})
     return SimpleNamespace(
-        compilation_config=SimpleNamespace(mode=mode, inductor_compile_config=inductor or {}),
+        vllm_config=SimpleNamespace(compilation_config=compilation),
         cache_config=SimpleNamespace(kv_cache_memory_bytes=kv_cache_bytes),
-        scheduler_config=SimpleNamespace(max_num_batched_tokens=batched_tokens),
-        parallel_config=SimpleNamespace(node_rank=1, data_parallel_size=1),
+        get_model=lambda: model,
+        max_num_tokens=4096,
     )
 
 
-OURS, OTHER = "vllm_ernie_moe.model", "vllm.model_executor.models.llama"
-
-
 @pytest.mark.parametrize(
-    "case, module, expected",
+    "case, expected",
     [
-        (config(2**30), OURS, patch.WARMUP_TOKENS),
-        (config(2**30, batched_tokens=8), OURS, 8),
-        (config(None), OURS, None),  # vLLM sizes the KV cache from the RSS of the full-size forward
-        (config(2**30), OTHER, None),
-        (config(2**30, mode=CompilationMode.NONE), OURS, None),
-        (config(2**30, inductor={"max_autotune": True}), OURS, None),  # tunes GEMMs to the size
+        (runner(2**30), patch.WARMUP_TOKENS),
+        (runner(None), None),  # vLLM sizes the KV cache from the RSS of the full-size forward
+        (runner(2**30, module="vllm.model_executor.models.llama"), None),
+        (runner(2**30, mode=CompilationMode.NONE), None),
+        (runner(2**30, inductor={"max_autotune": True}), None),  # tunes GEMMs to the size
     ],
-    ids=[
-        "ernie-explicit-kv",
-        "fewer-batched-tokens",
-        "auto-kv",
-        "other-model",
-        "eager",
-        "max-autotune",
-    ],
+    ids=["ernie-explicit-kv", "auto-kv", "other-model", "eager", "max-autotune"],
 )
-def test_brief_warmup_only_where_nothing_reads_the_full_one(case, module, expected, monkeypatch):
+def test_brief_warmup_only_where_nothing_reads_the_full_one(case, expected, monkeypatch):
     monkeypatch.delenv("VLLM_ERNIE_MOE_FULL_WARMUP", raising=False)
-    assert patch.brief_warmup_tokens(case, module) == expected
+    assert patch.brief_warmup_tokens(case) == expected
     monkeypatch.setenv("VLLM_ERNIE_MOE_FULL_WARMUP", "1")
-    assert patch.brief_warmup_tokens(case, module) is None
-
-
-class Disagreeing(RuntimeError):
-    pass
-
-
-@pytest.mark.parametrize(
-    "vllm_config, module, compared",
-    [
-        (config(2**30), OURS, "16"),
-        (config(None), OURS, "4096"),  # vLLM's warm-up: its runner's max_num_tokens
-        (config(2**30), OTHER, None),  # another model's warm-up is not compared
-    ],
-    ids=["brief", "vllm-full", "other-model"],
-)
-def test_the_ranks_compare_the_warmup_size_before_the_forward(
-    vllm_config, module, compared, monkeypatch
-):
-    """A rank whose warm-up size differs from rank 0's refuses before its forward, whose
-    collectives would otherwise not match (the all-gather itself: tests/test_rank_agreement.py
-    and the multi-node tests)."""
-    monkeypatch.delenv("VLLM_ERNIE_MOE_FULL_WARMUP", raising=False)
-    seen: list[tuple[str, dict]] = []
-
-    def disagree(where, loaded):
-        seen.append((where, loaded))
-        raise Disagreeing
-
-    monkeypatch.setattr(patch, "require_same_model_on_every_rank", disagree)
-    forwards: list[str] = []
-    model = type("Model", (), {"__module__": module})()
-    runner = SimpleNamespace(
-        vllm_config=vllm_config, get_model=lambda: model, max_num_tokens=4096
-    )  # fmt: skip
-    warming_up = patch.warms_up_briefly(lambda runner: forwards.append("vLLM's"))
-    if compared is None:
-        warming_up(runner)
-        assert seen == [] and forwards == ["vLLM's"]
-        return
-    with pytest.raises(Disagreeing):
-        warming_up(runner)
-    [(where, loaded)] = seen
-    assert where.startswith("node 1 (") and loaded == {"warm-up tokens": compared}
-    assert forwards == []
+    assert patch.brief_warmup_tokens(case) is None
 
 
 def test_apply_is_idempotent():

@@ -48,7 +48,7 @@ from vllm.model_executor.models.utils import (
 from vllm.sequence import IntermediateTensors
 from vllm.transformers_utils.config import set_default_rope_theta
 
-from vllm_ernie_moe import layout
+from vllm_ernie_moe import envs, layout
 from vllm_ernie_moe.checkpoint import CheckpointValidator
 from vllm_ernie_moe.quant import repack_cache
 from vllm_ernie_moe.quant.msmodelslim import checkpoint_rules
@@ -388,6 +388,10 @@ class Ernie4_5_MoeForCausalLM(nn.Module, SupportsPP, SupportsLoRA, MixtureOfExpe
         self.loaded_as = {
             "dtype": str(vllm_config.model_config.dtype),
             "quantization": str(vllm_config.model_config.quantization),
+            # The CPU warm-up's size follows these (patch_cpu_warmup_size); its forward's
+            # collectives must have one size on every rank.
+            "warm-up": f"VLLM_ERNIE_MOE_FULL_WARMUP={int(envs.full_warmup())}, explicit KV cache "
+            f"size: {vllm_config.cache_config.kv_cache_memory_bytes is not None}",
         }
         self.model = ErnieModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
         pp = get_pp_group()
