@@ -60,10 +60,12 @@ def releases_outside_torch_modes(release):
     """``__del__`` that runs ``release`` with torch's function modes off and the dispatch keys
     of a new thread, whatever the collector interrupted."""
     fresh_keys = _fresh_thread_dispatch_keys()
+    # Bound here: at interpreter exit module globals (``torch``) may already be None.
+    functions_off, force_keys = torch._C.DisableTorchFunction, torch._C._ForceDispatchKeyGuard
 
     @functools.wraps(release)
     def __del__(self) -> None:
-        with torch._C.DisableTorchFunction(), torch._C._ForceDispatchKeyGuard(*fresh_keys):
+        with functions_off(), force_keys(*fresh_keys):
             release(self)
 
     return __del__

@@ -37,7 +37,7 @@ def test_unpatched_release_fails_under_a_fake_tensor_mode():
     with FakeTensorMode(), pytest.raises(AssertionError, match="FakeTensor"):
         unpatched(ops.CPUDNNLGEMMHandler.__del__)(handler)
     assert released == []
-    del handler  # released now, by the patched __del__
+    del handler  # its last reference: released now
     assert released == [pointer]
 
 
@@ -65,18 +65,23 @@ def test_handler_collected_inside_torch_modes_is_released(modes, monkeypatch):
     unraisable: list[BaseException] = []
     monkeypatch.setattr(sys, "unraisablehook", lambda hook: unraisable.append(hook.exc_value))
     released: list[int] = []
-    handler, pointer = handler_with_a_release_spy(released)
-    cycle: list = [handler]
-    cycle.append(cycle)  # only the collector frees it, inside the modes
-    del handler, cycle
     keys_before = (
         torch._C._dispatch_tls_local_include_set(),
         torch._C._dispatch_tls_local_exclude_set(),
     )
-    with contextlib.ExitStack() as active:
-        for mode in modes:
-            active.enter_context(mode())
-        gc.collect()
+    gc.disable()  # no automatic collection frees the handler before the modes are entered
+    try:
+        handler, pointer = handler_with_a_release_spy(released)
+        cycle: list = [handler]
+        cycle.append(cycle)  # only the collector frees it, inside the modes
+        del handler, cycle
+        assert released == []
+        with contextlib.ExitStack() as active:
+            for mode in modes:
+                active.enter_context(mode())
+            gc.collect()
+    finally:
+        gc.enable()
     assert unraisable == []
     assert released == [pointer]
     assert (
