@@ -20,8 +20,10 @@
   cache size, or ``VLLM_ERNIE_MOE_FULL_WARMUP=1``, vLLM's warm-up runs. What the brief warm-up
   no longer shows at start: whether a full-size prefill's activations fit in memory (the first
   long prompt does).
-  The nodes of a multi-node engine must decide alike (their collectives' sizes): the ranks
-  compare the decision's inputs at load (``rank_agreement``).
+  The nodes of a multi-node engine must warm up alike (the forward's collectives): the ranks
+  compare the size of this forward at load (``warmup_forward_tokens``, ``rank_agreement``), which
+  every rank reaches; vLLM 0.32's worker may skip ``warming_up_model`` on a node (eager with an
+  explicit KV cache size), so a comparison inside it could hang instead of refusing.
 - Applied when a process imports ``cpu_model_runner`` (``patching.when_imported``): the API
   server never does; importing it there cost 0.06-0.13 s of the plugin's load
   (docs/results/plugin-load-zen4.txt).
@@ -42,7 +44,7 @@ import importlib
 import inspect
 from types import ModuleType
 
-from vllm.config import CompilationMode
+from vllm.config import CompilationMode, VllmConfig
 from vllm.distributed import get_pp_group
 from vllm.logger import init_logger
 from vllm.platforms import current_platform
@@ -58,20 +60,31 @@ RUNNER_MODULE = "vllm.v1.worker.cpu_model_runner"
 WARMUP_TOKENS = 16
 
 
-def brief_warmup_tokens(runner) -> int | None:
-    """Tokens for the brief warm-up of ``runner``, or None where vLLM's own warm-up must run."""
+def brief_warmup_tokens(vllm_config: VllmConfig, model_module: str) -> int | None:
+    """Tokens for the brief warm-up of a model defined in ``model_module``, or None where vLLM's
+    own warm-up must run."""
     if envs.full_warmup():
         return None
-    compilation = runner.vllm_config.compilation_config
+    compilation = vllm_config.compilation_config
     if compilation.mode == CompilationMode.NONE:
         return None  # vLLM's warm-up returns at once
     if compilation.inductor_compile_config.get("max_autotune", False):
         return None  # autotuning would tune Inductor's GEMMs to the warm-up's size
-    if runner.cache_config.kv_cache_memory_bytes is None:
+    if vllm_config.cache_config.kv_cache_memory_bytes is None:
         return None  # vLLM sizes the KV cache from the RSS the full-size forward leaves
-    if not type(runner.get_model()).__module__.startswith("vllm_ernie_moe."):
+    if not model_module.startswith("vllm_ernie_moe."):
         return None  # another model: its warm-up is not ours to change
-    return min(WARMUP_TOKENS, runner.max_num_tokens)
+    return min(WARMUP_TOKENS, vllm_config.scheduler_config.max_num_batched_tokens)
+
+
+def warmup_forward_tokens(vllm_config: VllmConfig, model_module: str) -> int:
+    """Tokens of the dummy forward the CPU warm-up runs (0: none), brief or vLLM's
+    (``max_num_batched_tokens``, the runner's ``max_num_tokens``): a node's own arguments and
+    environment decide it, and its collectives must have one size on every rank."""
+    if vllm_config.compilation_config.mode == CompilationMode.NONE:
+        return 0
+    brief = brief_warmup_tokens(vllm_config, model_module)
+    return brief or vllm_config.scheduler_config.max_num_batched_tokens
 
 
 def warms_up_briefly(warm_up):
@@ -80,7 +93,7 @@ def warms_up_briefly(warm_up):
 
     @functools.wraps(warm_up)
     def warming_up_model(self) -> None:
-        tokens = brief_warmup_tokens(self)
+        tokens = brief_warmup_tokens(self.vllm_config, type(self.get_model()).__module__)
         if tokens is None:
             return warm_up(self)
         logger.info(

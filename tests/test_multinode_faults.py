@@ -16,16 +16,20 @@ NODE_TIMEOUT = 120
 BOUND = NODE_TIMEOUT + 240
 
 
-def test_a_node_started_with_another_dtype_is_refused_naming_it(checkpoint, tmp_path):
+def test_a_node_started_with_another_dtype_and_compilation_is_refused_naming_both(
+    checkpoint, tmp_path
+):
+    """Node 1 also compiles where node 0 runs eager: its CPU warm-up would run a 16-token forward
+    whose collectives node 0 never joins (patches/patch_cpu_warmup_size.py)."""
     path = checkpoint("tiny-21b")
-    dtypes = ("float32", "bfloat16")
+    compiled = [arg for arg in SMALL_ENGINE if arg != "--enforce-eager"]
+    arguments = (["--dtype", "float32", *SMALL_ENGINE], ["--dtype", "bfloat16", *compiled])
     with two_hosts() as hosts:
         ports = (free_port(), free_port())
         nodes = [
-            start_node(rank, hosts, path, ports, tmp_path / f"node{rank}.log",
-                       ["--dtype", dtype, *SMALL_ENGINE], tp=4,
+            start_node(rank, hosts, path, ports, tmp_path / f"node{rank}.log", args, tp=4,
                        VLLM_ERNIE_MOE_NODE_TIMEOUT=str(NODE_TIMEOUT))
-            for rank, dtype in enumerate(dtypes)
+            for rank, args in enumerate(arguments)
         ]  # fmt: skip
         try:
             code = nodes[0].wait(timeout=BOUND)
@@ -38,5 +42,5 @@ def test_a_node_started_with_another_dtype_is_refused_naming_it(checkpoint, tmp_
     said = (tmp_path / "node0.log").read_text()
     assert "the nodes of this engine did not load the same model" in said
     assert f"node 1 ({hosts[1].address}), from rank 2: dtype 'torch.bfloat16' where rank 0 has " \
-        "'torch.float32'" in said  # fmt: skip
+        "'torch.float32', CPU warm-up forward tokens '16' where rank 0 has '0'" in said  # fmt: skip
     assert "Start every node with the same model files" in said

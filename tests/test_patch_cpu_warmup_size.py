@@ -6,6 +6,7 @@ warm-up, and the engine answers the same) shares its engine starts with patch_cp
 
 import subprocess
 import sys
+from contextlib import nullcontext
 from types import SimpleNamespace
 
 import pytest
@@ -22,36 +23,64 @@ def test_unpatched_vllm_warms_up_through_profile_run():
     assert patch._warms_up_through_profile_run(unpatched(CPUModelRunner.warming_up_model))
 
 
-def runner(
-    kv_cache_bytes, module="vllm_ernie_moe.model", mode=CompilationMode.VLLM_COMPILE, inductor=None
-):
-    """The attributes of a CPU model runner that the decision reads."""
-    model = type("Model", (), {"__module__": module})()
-    compilation = SimpleNamespace(mode=mode, inductor_compile_config=inductor or {})
+def config(kv_cache_bytes, mode=CompilationMode.VLLM_COMPILE, inductor=None, batched_tokens=4096):
+    """The parts of a vLLM config that the decision reads."""
     return SimpleNamespace(
-        vllm_config=SimpleNamespace(compilation_config=compilation),
+        compilation_config=SimpleNamespace(mode=mode, inductor_compile_config=inductor or {}),
         cache_config=SimpleNamespace(kv_cache_memory_bytes=kv_cache_bytes),
-        get_model=lambda: model,
-        max_num_tokens=4096,
+        scheduler_config=SimpleNamespace(max_num_batched_tokens=batched_tokens),
     )
 
 
-@pytest.mark.parametrize(
-    "case, expected",
-    [
-        (runner(2**30), patch.WARMUP_TOKENS),
-        (runner(None), None),  # vLLM sizes the KV cache from the RSS of the full-size forward
-        (runner(2**30, module="vllm.model_executor.models.llama"), None),
-        (runner(2**30, mode=CompilationMode.NONE), None),
-        (runner(2**30, inductor={"max_autotune": True}), None),  # tunes GEMMs to the size
-    ],
-    ids=["ernie-explicit-kv", "auto-kv", "other-model", "eager", "max-autotune"],
-)
-def test_brief_warmup_only_where_nothing_reads_the_full_one(case, expected, monkeypatch):
+OURS, OTHER = "vllm_ernie_moe.model", "vllm.model_executor.models.llama"
+EXPLICIT_KV = 2**30
+
+#: (vLLM config, model module, brief warm-up tokens, the warm-up forward's tokens)
+CASES = {
+    "ernie-explicit-kv": (config(EXPLICIT_KV), OURS, patch.WARMUP_TOKENS, patch.WARMUP_TOKENS),
+    "fewer-batched-tokens": (config(EXPLICIT_KV, batched_tokens=8), OURS, 8, 8),
+    # vLLM sizes the KV cache from the RSS of the full-size forward
+    "auto-kv": (config(None), OURS, None, 4096),
+    "auto-kv-2048": (config(None, batched_tokens=2048), OURS, None, 2048),
+    "other-model": (config(EXPLICIT_KV), OTHER, None, 4096),
+    "eager": (config(EXPLICIT_KV, mode=CompilationMode.NONE), OURS, None, 0),
+    # autotuning would tune Inductor's GEMMs to the warm-up's size
+    "max-autotune": (config(EXPLICIT_KV, inductor={"max_autotune": True}), OURS, None, 4096),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_brief_warmup_only_where_nothing_reads_the_full_one(case, monkeypatch):
+    vllm_config, module, brief, forward = CASES[case]
     monkeypatch.delenv("VLLM_ERNIE_MOE_FULL_WARMUP", raising=False)
-    assert patch.brief_warmup_tokens(case) == expected
+    assert patch.brief_warmup_tokens(vllm_config, module) == brief
+    assert patch.warmup_forward_tokens(vllm_config, module) == forward
     monkeypatch.setenv("VLLM_ERNIE_MOE_FULL_WARMUP", "1")
-    assert patch.brief_warmup_tokens(case) is None
+    assert patch.brief_warmup_tokens(vllm_config, module) is None
+    full = 0 if case == "eager" else vllm_config.scheduler_config.max_num_batched_tokens
+    assert patch.warmup_forward_tokens(vllm_config, module) == full
+
+
+@pytest.mark.parametrize(
+    "case", ["ernie-explicit-kv", "fewer-batched-tokens", "auto-kv", "max-autotune"]
+)
+def test_the_patched_warmup_runs_a_forward_of_the_size_the_ranks_compare(case, monkeypatch):
+    """The ranks compare ``warmup_forward_tokens`` at load (the model's ``loaded_as``): the size of
+    the forward the patched ``warming_up_model`` runs, brief or vLLM's."""
+    monkeypatch.delenv("VLLM_ERNIE_MOE_FULL_WARMUP", raising=False)
+    runner_module = __import__(patch.RUNNER_MODULE, fromlist=["_set_global_compilation_settings"])
+    monkeypatch.setattr(runner_module, "_set_global_compilation_settings", lambda _: nullcontext())
+    monkeypatch.setattr(patch, "get_pp_group", lambda: SimpleNamespace(is_last_rank=False))
+    vllm_config, module, _, forward = CASES[case]
+    forwards: list[int] = []
+    model = type("Model", (), {"__module__": module})()
+    runner = SimpleNamespace(
+        vllm_config=vllm_config, get_model=lambda: model,
+        max_num_tokens=vllm_config.scheduler_config.max_num_batched_tokens,
+        _dummy_run=lambda tokens, is_profile: forwards.append(tokens) or (None, None),
+    )  # fmt: skip
+    patch.warms_up_briefly(lambda runner: forwards.append(runner.max_num_tokens))(runner)
+    assert forwards == [forward]
 
 
 def test_apply_is_idempotent():

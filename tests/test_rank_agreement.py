@@ -1,6 +1,7 @@
 """``vllm_ernie_moe/rank_agreement.py``: the digest of the weights a rank streams, and the message
 when the ranks of a multi-node engine loaded different things. The end-to-end refusal (node 1
-started with another dtype) is in ``tests/test_multinode.py``."""
+started with another dtype, compiled where node 0 is eager) is in
+``tests/test_multinode_faults.py``."""
 
 import torch
 

@@ -45,11 +45,13 @@ from vllm.model_executor.models.utils import (
     make_layers,
     maybe_prefix,
 )
+from vllm.platforms import current_platform
 from vllm.sequence import IntermediateTensors
 from vllm.transformers_utils.config import set_default_rope_theta
 
-from vllm_ernie_moe import envs, layout
+from vllm_ernie_moe import layout
 from vllm_ernie_moe.checkpoint import CheckpointValidator
+from vllm_ernie_moe.patches.patch_cpu_warmup_size import warmup_forward_tokens
 from vllm_ernie_moe.quant import repack_cache
 from vllm_ernie_moe.quant.msmodelslim import checkpoint_rules
 from vllm_ernie_moe.rank_agreement import (
@@ -388,11 +390,12 @@ class Ernie4_5_MoeForCausalLM(nn.Module, SupportsPP, SupportsLoRA, MixtureOfExpe
         self.loaded_as = {
             "dtype": str(vllm_config.model_config.dtype),
             "quantization": str(vllm_config.model_config.quantization),
-            # The CPU warm-up's size follows these (patch_cpu_warmup_size); its forward's
-            # collectives must have one size on every rank.
-            "warm-up": f"VLLM_ERNIE_MOE_FULL_WARMUP={int(envs.full_warmup())}, explicit KV cache "
-            f"size: {vllm_config.cache_config.kv_cache_memory_bytes is not None}",
         }
+        if current_platform.is_cpu():
+            # Its forward's collectives must have one size on every rank (patch_cpu_warmup_size).
+            self.loaded_as["CPU warm-up forward tokens"] = str(
+                warmup_forward_tokens(vllm_config, __name__)
+            )
         self.model = ErnieModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
         pp = get_pp_group()
         # A tied head on a last pipeline rank that has no embedding loads its own copy of it.
