@@ -9,7 +9,8 @@ One module per upstream target, named ``patch_<target>.py``; each documents its 
 upstream status, what decides that it applies (a probe of the bug where one is possible, else the
 vLLM versions its tests ran on) and when to remove it, and has its own
 ``tests/test_patch_<target>.py``. All of them probe, wrap, mark and log through
-``patching.install``; none exports anything the runtime needs. Upstream-ready fixes:
+``patching.install``; the runtime reads one function of one of them
+(``patch_cpu_warmup_size.warmup_collectives``, which the ranks compare). Upstream-ready fixes:
 ``docs/upstream/``.
 """
 

@@ -20,10 +20,10 @@
   cache size, or ``VLLM_ERNIE_MOE_FULL_WARMUP=1``, vLLM's warm-up runs. What the brief warm-up
   no longer shows at start: whether a full-size prefill's activations fit in memory (the first
   long prompt does).
-  The nodes of a multi-node engine must warm up alike (the forward's collectives): the ranks
-  compare the size of this forward at load (``warmup_forward_tokens``, ``rank_agreement``), which
-  every rank reaches; vLLM 0.32's worker may skip ``warming_up_model`` on a node (eager with an
-  explicit KV cache size), so a comparison inside it could hang instead of refusing.
+  The nodes of a multi-node engine must warm up alike (the forward's and the sampler run's
+  collectives): the model's rank agreement compares :func:`warmup_collectives` at load, which
+  every rank reaches (vLLM 0.32's worker may skip ``warming_up_model`` on a node, so a comparison
+  inside it could hang instead of refusing); the one function of a patch the runtime reads.
 - Applied when a process imports ``cpu_model_runner`` (``patching.when_imported``): the API
   server never does; importing it there cost 0.06-0.13 s of the plugin's load
   (docs/results/plugin-load-zen4.txt).
@@ -31,7 +31,8 @@
   ``profile_run()``.
 - Upstream: no issue found. The upstream form would be a size argument to the CPU warm-up.
 - Remove when: vLLM's CPU warm-up stops running a ``max_num_batched_tokens`` forward when the KV
-  cache size is explicit.
+  cache size is explicit (keep :func:`warmup_collectives`' description of vLLM's warm-up for the
+  rank agreement).
 - Test: ``tests/test_patch_cpu_warmup_size.py`` (where it applies) and
   ``tests/test_patch_cpu_aot_compile_cache.py::test_second_start_loads_the_saved_compilation``
   (the same traced graph and answers as after vLLM's full warm-up).
@@ -49,7 +50,7 @@ from vllm.distributed import get_pp_group
 from vllm.logger import init_logger
 from vllm.platforms import current_platform
 
-from vllm_ernie_moe import envs
+from vllm_ernie_moe import compat, envs
 from vllm_ernie_moe.patches.patching import install, when_imported
 
 logger = init_logger(f"vllm.{__name__}")
@@ -77,14 +78,18 @@ def brief_warmup_tokens(vllm_config: VllmConfig, model_module: str) -> int | Non
     return min(WARMUP_TOKENS, vllm_config.scheduler_config.max_num_batched_tokens)
 
 
-def warmup_forward_tokens(vllm_config: VllmConfig, model_module: str) -> int:
-    """Tokens of the dummy forward the CPU warm-up runs (0: none), brief or vLLM's
-    (``max_num_batched_tokens``, the runner's ``max_num_tokens``): a node's own arguments and
-    environment decide it, and its collectives must have one size on every rank."""
-    if vllm_config.compilation_config.mode == CompilationMode.NONE:
-        return 0
-    brief = brief_warmup_tokens(vllm_config, model_module)
-    return brief or vllm_config.scheduler_config.max_num_batched_tokens
+def warmup_collectives(vllm_config: VllmConfig, model_module: str) -> str:
+    """What this rank's CPU warm-up runs through collectives: the dummy forward's tokens (0: no
+    warm-up), brief or vLLM's (``max_num_batched_tokens``, the runner's ``max_num_tokens``), and
+    the rows of the dummy sampler run after it (one per dummy request: ``min(tokens,
+    max_num_seqs)``), whose logits are all-gathered. A node's own arguments and environment decide
+    both; every rank must run them alike."""
+    warms_up = compat.cpu_worker_warms_up(vllm_config)
+    if vllm_config.compilation_config.mode == CompilationMode.NONE or not warms_up:
+        return "none"
+    scheduler = vllm_config.scheduler_config
+    tokens = brief_warmup_tokens(vllm_config, model_module) or scheduler.max_num_batched_tokens
+    return f"{tokens} tokens, {min(tokens, scheduler.max_num_seqs)} sampled"
 
 
 def warms_up_briefly(warm_up):

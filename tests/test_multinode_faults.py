@@ -20,7 +20,8 @@ def test_a_node_started_with_another_dtype_and_compilation_is_refused_naming_bot
     checkpoint, tmp_path
 ):
     """Node 1 also compiles where node 0 runs eager: its CPU warm-up would run a 16-token forward
-    whose collectives node 0 never joins (patches/patch_cpu_warmup_size.py)."""
+    and a sampler run of 4 rows (--max-num-seqs 4), whose collectives node 0 never joins
+    (patches/patch_cpu_warmup_size.py)."""
     path = checkpoint("tiny-21b")
     compiled = [arg for arg in SMALL_ENGINE if arg != "--enforce-eager"]
     arguments = (["--dtype", "float32", *SMALL_ENGINE], ["--dtype", "bfloat16", *compiled])
@@ -42,5 +43,6 @@ def test_a_node_started_with_another_dtype_and_compilation_is_refused_naming_bot
     said = (tmp_path / "node0.log").read_text()
     assert "the nodes of this engine did not load the same model" in said
     assert f"node 1 ({hosts[1].address}), from rank 2: dtype 'torch.bfloat16' where rank 0 has " \
-        "'torch.float32', CPU warm-up forward tokens '16' where rank 0 has '0'" in said  # fmt: skip
+        "'torch.float32', CPU warm-up '16 tokens, 4 sampled' where rank 0 has 'none'" \
+        in said  # fmt: skip
     assert "Start every node with the same model files" in said

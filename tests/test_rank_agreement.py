@@ -3,9 +3,16 @@ when the ranks of a multi-node engine loaded different things. The end-to-end re
 started with another dtype, compiled where node 0 is eager) is in
 ``tests/test_multinode_faults.py``."""
 
+from types import SimpleNamespace
+
 import torch
 
-from vllm_ernie_moe.rank_agreement import SAMPLED_BYTES, CheckpointDigest, disagreement
+from vllm_ernie_moe.rank_agreement import (
+    SAMPLED_BYTES,
+    CheckpointDigest,
+    disagreement,
+    speculative_method,
+)
 
 
 def digest_of(tensors: list[tuple[str, torch.Tensor]]) -> str:
@@ -63,3 +70,18 @@ def test_a_node_that_differs_is_named_with_what_differs_and_the_fix():
     assert "checkpoint 'def' where rank 0 has 'abc'" in message
     assert message.count("node 1 (10.0.0.2), from") == 1  # once per node, not per rank
     assert "same model files" in message and "same `vllm serve`" in message
+
+
+def test_a_node_drafting_otherwise_differs():
+    """A drafter's runs have collectives of their own: a node started without (or with another)
+    ``--speculative-config`` must not pass."""
+    off = SimpleNamespace(speculative_config=None)
+    mtp = SimpleNamespace(
+        speculative_config=SimpleNamespace(method="mtp", num_speculative_tokens=1)
+    )  # fmt: skip
+    assert speculative_method(off) == "off"
+    assert speculative_method(mtp) == "mtp, 1 tokens"
+    everyone = [("node 0 (a)", {"speculative decoding": speculative_method(mtp)}),
+                ("node 1 (b)", {"speculative decoding": speculative_method(off)})]  # fmt: skip
+    assert "node 1 (b), from rank 1: speculative decoding 'off' where rank 0 has 'mtp, 1 tokens'" \
+        in disagreement(everyone)  # fmt: skip

@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+from types import SimpleNamespace
 
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
@@ -138,3 +139,18 @@ def cpu_communicator_gathers_uneven_shards() -> bool:
     from vllm.distributed.device_communicators.cpu_communicator import CpuCommunicator
 
     return "all_gatherv" in CpuCommunicator.__dict__
+
+
+def cpu_worker_warms_up(vllm_config) -> bool:
+    """Whether vLLM's CPU worker calls ``warming_up_model`` under this config, asked of its own
+    rule where it has one (0.32, 0.33: ``_should_warm_up_model`` skips it when eager with an
+    explicit KV cache size, or under ``VLLM_CPU_CI_ENV``); 0.27 always calls it."""
+    from vllm.v1.worker.cpu_worker import CPUWorker
+
+    should_warm_up = getattr(CPUWorker, "_should_warm_up_model", None)
+    if should_warm_up is None:
+        return True
+    settings = SimpleNamespace(
+        compilation_config=vllm_config.compilation_config, cache_config=vllm_config.cache_config
+    )
+    return should_warm_up(settings)

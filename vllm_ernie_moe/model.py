@@ -51,13 +51,14 @@ from vllm.transformers_utils.config import set_default_rope_theta
 
 from vllm_ernie_moe import layout
 from vllm_ernie_moe.checkpoint import CheckpointValidator
-from vllm_ernie_moe.patches.patch_cpu_warmup_size import warmup_forward_tokens
+from vllm_ernie_moe.patches.patch_cpu_warmup_size import warmup_collectives
 from vllm_ernie_moe.quant import repack_cache
 from vllm_ernie_moe.quant.msmodelslim import checkpoint_rules
 from vllm_ernie_moe.rank_agreement import (
     CheckpointDigest,
     place_of_this_rank,
     require_same_model_on_every_rank,
+    speculative_method,
 )
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm.": vLLM's log handler shows it
@@ -390,12 +391,13 @@ class Ernie4_5_MoeForCausalLM(nn.Module, SupportsPP, SupportsLoRA, MixtureOfExpe
         self.loaded_as = {
             "dtype": str(vllm_config.model_config.dtype),
             "quantization": str(vllm_config.model_config.quantization),
+            # A drafter's dummy and real runs have collectives of their own.
+            "speculative decoding": speculative_method(vllm_config),
         }
         if current_platform.is_cpu():
-            # Its forward's collectives must have one size on every rank (patch_cpu_warmup_size).
-            self.loaded_as["CPU warm-up forward tokens"] = str(
-                warmup_forward_tokens(vllm_config, __name__)
-            )
+            # The warm-up's collectives must be alike on every rank (patch_cpu_warmup_size); the
+            # class vLLM's runner sees (an adapter subclass under --convert), as its warm-up does.
+            self.loaded_as["CPU warm-up"] = warmup_collectives(vllm_config, type(self).__module__)
         self.model = ErnieModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
         pp = get_pp_group()
         # A tied head on a last pipeline rank that has no embedding loads its own copy of it.

@@ -5,8 +5,9 @@ others) and reads its own copy of the weights with its own arguments. vLLM check
 started with another fine-tune of the same geometry, another ``--dtype`` or another quantization
 serves mixed, silently wrong answers, or dies later in a collective of mismatched sizes. So after
 loading, the ranks exchange what they loaded (a digest of the checkpoint as streamed, the dtype,
-the quantization, the vLLM and plugin versions) and all refuse to start when they differ, naming
-the node that differs and the fix.
+the quantization, speculative decoding, on CPU what the warm-up runs through collectives, the vLLM
+and plugin versions) and all refuse to start when they differ, naming the node that differs and
+the fix.
 """
 
 from __future__ import annotations
@@ -69,6 +70,15 @@ def place_of_this_rank(parallel_config) -> str:
     return where
 
 
+def speculative_method(vllm_config) -> str:
+    """How a rank drafts tokens, as a node's ``--speculative-config`` sets it: "off", or the
+    method and the tokens drafted per step."""
+    speculative = vllm_config.speculative_config
+    if speculative is None:
+        return "off"
+    return f"{speculative.method}, {speculative.num_speculative_tokens} tokens"
+
+
 def require_same_model_on_every_rank(where: str, loaded: dict[str, str]) -> None:
     """All-gather (``where``, ``loaded``: setting -> value) over the engine's ranks and raise on
     every rank when one differs from rank 0's. Nothing to compare on a single rank."""
@@ -104,6 +114,7 @@ def disagreement(everyone: list[tuple[str, dict[str, str]]]) -> str | None:
     return (
         "vllm-ernie-moe: the nodes of this engine did not load the same model (rank 0 is on "
         f"{first_where}):\n" + "\n".join(differing.values()) + "\nStart every node with the "
-        "same model files, the same vLLM and vllm-ernie-moe versions and the same `vllm serve` "
-        "arguments (examples/multinode.sh passes its arguments to each node unchanged)."
+        "same model files, the same vLLM and vllm-ernie-moe versions, the same `vllm serve` "
+        "arguments (examples/multinode.sh passes its arguments to each node unchanged) and the "
+        "same VLLM_* environment variables."
     )
