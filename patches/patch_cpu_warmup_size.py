@@ -79,13 +79,13 @@ def brief_warmup_tokens(vllm_config: VllmConfig, model_module: str) -> int | Non
 
 
 def warmup_collectives(vllm_config: VllmConfig, model_module: str) -> str:
-    """What this rank's CPU warm-up runs through collectives: the dummy forward's tokens (0: no
-    warm-up), brief or vLLM's (``max_num_batched_tokens``, the runner's ``max_num_tokens``), and
-    the rows of the dummy sampler run after it (one per dummy request: ``min(tokens,
-    max_num_seqs)``), whose logits are all-gathered. A node's own arguments and environment decide
-    both; every rank must run them alike."""
-    warms_up = compat.cpu_worker_warms_up(vllm_config)
-    if vllm_config.compilation_config.mode == CompilationMode.NONE or not warms_up:
+    """What this rank's CPU warm-up runs through collectives: "none" (eager, or vLLM's worker
+    skips it), else the dummy forward's tokens, brief or vLLM's (``max_num_batched_tokens``, the
+    runner's ``max_num_tokens``), and the rows of the dummy sampler run after it (one per dummy
+    request: ``min(tokens, max_num_seqs)``), whose logits are all-gathered. A node's own arguments
+    and environment decide both; every rank must run them alike."""
+    eager = vllm_config.compilation_config.mode == CompilationMode.NONE
+    if eager or not compat.cpu_worker_warms_up(vllm_config):
         return "none"
     scheduler = vllm_config.scheduler_config
     tokens = brief_warmup_tokens(vllm_config, model_module) or scheduler.max_num_batched_tokens
