@@ -7,10 +7,11 @@ its own process, rounds interleaved in one run:
 - Quantized accuracy: held-out perplexity of the bf16 model, its W8A8_DYNAMIC, W8A16 and W4A16
   (groups of 128, and of 32) quantizations (``vllm-ernie-moe-quantize``), W8A8 and W4A16 with the
   int8 lm_head, W4A16 with its activations kept in bf16 where vLLM's int4 kernels would quantize
-  them (``VLLM_ERNIE_MOE_W4A16_INT8_ACTIVATIONS=0``), and with ``--w4a8 DIR`` msModelSlim's
-  W4A8_DYNAMIC of it (``MODE=w4a8 tests/fixtures/msmodelslim/recipe.sh MODEL DIR``). Beside
-  each perplexity, its greedy drift: for the 12 held-out passages, how many of 48 greedy tokens
-  agree with the bf16 model's before the first that differs (mean).
+  them (``VLLM_ERNIE_MOE_W4A16_INT8_ACTIVATIONS=0``), W4A16 without the linears' int8 copy for
+  calls of 32 rows or more (``VLLM_ERNIE_MOE_W4A16_INT8_PREFILL=0``), and with ``--w4a8 DIR``
+  msModelSlim's W4A8_DYNAMIC of it (``MODE=w4a8 tests/fixtures/msmodelslim/recipe.sh MODEL
+  DIR``). Beside each perplexity, its greedy drift: for the 12 held-out passages, how many of 48
+  greedy tokens agree with the bf16 model's before the first that differs (mean).
 
     python benchmarks/bench_small_model.py [--model DIR] [--rounds 2] [--w4a8 DIR] [--json out.json]
 
@@ -52,6 +53,9 @@ PPL_CASES = {
     # W4A16's math exactly (activations in bf16), where vLLM's int4 kernels would quantize them
     "w4a16-bf16-inputs": ("w4a16", {"VLLM_ERNIE_MOE_W4A16_INT8_ACTIVATIONS": "0"}),
     "w4a16-g32-bf16-inputs": ("w4a16-g32", {"VLLM_ERNIE_MOE_W4A16_INT8_ACTIVATIONS": "0"}),
+    # the linears' calls of 32 rows or more on int4 too, without the int8 copy
+    "w4a16-int4-prefill": ("w4a16", {"VLLM_ERNIE_MOE_W4A16_INT8_PREFILL": "0"}),
+    "w4a16-g32-int4-prefill": ("w4a16-g32", {"VLLM_ERNIE_MOE_W4A16_INT8_PREFILL": "0"}),
 }
 PPL_CHUNK = 256
 PROMPTS, PROMPT_TOKENS, MAX_TOKENS = 12, 32, 48

@@ -6,7 +6,8 @@ Fixture ``ernie-tiny-w4a16-msmodelslim``: what msModelSlim 26.1.0's v0 ``llm_ptq
 (``MODE=w4a16 tests/fixtures/msmodelslim/recipe.sh``).
 Reference: transformers in fp32 on the checkpoint with the int4 values read nibble by nibble and
 multiplied by their group's scale; where vLLM's int4 kernels serve W4A16 (VNNI), with the input of
-every int4 linear and expert (not the router's, not the lm_head's) quantized to int8 per token.
+every int4 linear and expert (not the router's, not the lm_head's) quantized to int8 per token, and
+the linears' prompt pass on their int8 copy (``VLLM_ERNIE_MOE_W4A16_INT8_PREFILL``).
 """
 
 import json
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from reference import (
+    PROMPTS,
     assert_bf16_drift,
     check_logprobs_close,
     dequantized_checkpoint,
@@ -22,7 +24,10 @@ from reference import (
     fake_quantize_activations,
     load_tensors,
     logprob_drift,
+    prompt_token_ids,
+    quantize_activations,
     transformers_greedy,
+    unpacked_int4,
     vllm_greedy,
 )
 
@@ -45,17 +50,64 @@ def engine(request):
     return tp, _results[tp]
 
 
+def int8_copy_weights(quantized_dir: Path) -> dict[str, torch.Tensor]:
+    """Each W4A16 linear's int8 copy as fp32, from the checkpoint (module name -> weight): per
+    row, the int4 values times their group's scale (rounded to bf16, as the kernels hold it) in
+    steps of a 16th of the row's largest group scale, rounded to whole steps."""
+    description, tensors = description_of(quantized_dir), load_tensors(quantized_dir)
+    copies = {}
+    for name, label in description.items():
+        if label != "W4A16" or ".experts." in name or not name.endswith(".weight"):
+            continue  # routed experts run on their own kernel at every size
+        scale = tensors[f"{name}_scale"].bfloat16().double()
+        values = unpacked_int4(tensors[name]).double()
+        step = scale.amax(dim=1, keepdim=True) / 16
+        weight = values * scale.repeat_interleave(values.shape[1] // scale.shape[1], dim=1)
+        copies[name.removesuffix(".weight")] = (torch.round(weight / step) * step).float()
+    return copies
+
+
+def prompt_pass_on_int8_copy(copies: dict[str, torch.Tensor]):
+    """A ``prepare`` for :func:`transformers_greedy`: activations int8 per token, and the linears'
+    prompt pass on their int8 copy. vLLM takes the copy from 32 rows per call on: its first step
+    holds all the prompts (checked below), each later step one row per prompt."""
+    import types
+
+    import torch.nn.functional as F
+
+    def forward(self, x):
+        weight = self.int8_copy if x.shape[-2] > 1 else self.weight
+        return F.linear(quantize_activations(x), weight, self.bias)
+
+    def prepare(model) -> None:
+        fake_quantize_activations(model)
+        for name, module in model.named_modules():
+            if name in copies:
+                module.int8_copy = copies[name]
+                module.forward = types.MethodType(forward, module)
+
+    return prepare
+
+
 def test_matches_fake_quant_reference(engine, tmp_path):
     """Where vLLM's int4 kernels serve W4A16 (VNNI), every int4 linear and expert quantizes its
-    input to int8 per token inside: the reference does too. Elsewhere activations stay in the
-    model dtype. The two references are close on this fixture (the drift printed): the kernel
-    math itself is pinned by test_linear_on_vllm_int4_kernel_computes_int8_activation_math."""
+    input to int8 per token inside, and the linears run the prompts' step on their int8 copy: the
+    reference does too. Elsewhere activations stay in the model dtype. The references are close
+    on this fixture (the drifts printed): the kernels' math itself is pinned by
+    test_linear_on_vllm_int4_kernel_computes_int8_activation_math and
+    test_int8_copy_serves_calls_of_32_rows_or_more."""
     tp, outputs = engine
     if tp != 1:
         pytest.skip("compared once, at TP=1")
+    assert sum(map(len, prompt_token_ids(W4A16))) >= 32 and len(PROMPTS) < 32
     plain = dequantized_checkpoint(W4A16, tmp_path / "dequantized")
-    int8_inputs = transformers_greedy(
+    int4_only = transformers_greedy(
         plain, "float32", MAX_TOKENS, TOP_K, prepare=fake_quantize_activations
+    )
+    copies, dequantized = int8_copy_weights(W4A16), load_tensors(plain)
+    assert any(not torch.equal(w, dequantized[f"{name}.weight"]) for name, w in copies.items())
+    int8_inputs = transformers_greedy(
+        plain, "float32", MAX_TOKENS, TOP_K, prepare=prompt_pass_on_int8_copy(copies)
     )
     model_dtype_inputs = transformers_greedy(plain, "float32", MAX_TOKENS, TOP_K)
     if vllm_kernel_serves("w4a16"):
@@ -65,6 +117,7 @@ def test_matches_fake_quant_reference(engine, tmp_path):
     check_logprobs_close(reference, outputs)
     assert_bf16_drift(reference, outputs)
     print(f"drift between the two references: max {logprob_drift(other, reference).max():.3f}")
+    print(f"drift from the int8 copy: max {logprob_drift(int4_only, int8_inputs).max():.3f}")
     # int4 moves the logits: the bf16 source's own output is not this reference.
     source = transformers_greedy(SOURCE, "float32", MAX_TOKENS, TOP_K)
     assert logprob_drift(source, reference).max() > 0.05
@@ -159,40 +212,83 @@ def skip_without_vllm_int4_linear() -> None:
         pytest.skip("vLLM's int4 linear does not serve W4A16 here (no VNNI, or switched off)")
 
 
-@pytest.mark.parametrize("tokens", [1, 8, 200])
-def test_linear_on_vllm_int4_kernel_computes_int8_activation_math(tokens, monkeypatch):
-    """Where vLLM's int4 linear serves W4A16, the method's repack feeds it msModelSlim's rows and
-    group scales: its output is int4 x group scale times the input quantized to int8 per token
-    (float64), measurably closer to that than to W4A16's unquantized-input math. 8 tokens run as
-    calls of 4 rows (``quant.int4.int4_linear``)."""
-    from reference import quantize_activations
+def _w4a16_layer(monkeypatch, scale: torch.Tensor, int8_copy: bool):
+    """An o_proj-shaped W4A16 linear (96 x 256, groups of 32) on vLLM's int4 kernel, its int4
+    values random, after the method's load-time processing; returns (method, layer, values)."""
     from torch.nn import Module
     from vllm.model_executor import parameter
 
     from vllm_ernie_moe.quant.msmodelslim import pack_int4_rows
 
+    skip_without_vllm_int4_linear()
     monkeypatch.setattr(parameter, "get_tensor_model_parallel_rank", lambda: 0)
     monkeypatch.setattr(parameter, "get_tensor_model_parallel_world_size", lambda: 1)
+    monkeypatch.setenv("VLLM_ERNIE_MOE_W4A16_INT8_PREFILL", "1" if int8_copy else "0")
     method = ErnieW4A16LinearMethod(32, "model.layers.0.self_attn.o_proj")
     layer = Module()
-    skip_without_vllm_int4_linear()
     method.create_weights(layer, 256, [96], 256, 96, torch.bfloat16, weight_loader=lambda *a: 0)
-    assert method.on_vllm_kernel
-    generator = torch.Generator().manual_seed(3)
-    values = torch.randint(-8, 8, (96, 256), generator=generator, dtype=torch.int8)
-    scale = torch.rand(96, 8, generator=generator) * 0.01 + 1e-3
-    layer.weight.data.copy_(pack_int4_rows(values))
+    assert method.on_vllm_kernel and method.keeps_int8_copy == int8_copy
+    values = torch.randint(-8, 8, (96, 256), generator=torch.Generator().manual_seed(3))
+    layer.weight.data.copy_(pack_int4_rows(values.to(torch.int8)))
     layer.weight_scale.data.copy_(scale)
     method.process_weights_after_loading(layer)
-    x = torch.randn(tokens, 256, generator=generator)
+    return method, layer, values
+
+
+def _tokens(tokens: int) -> torch.Tensor:
+    x = torch.randn(tokens, 256, generator=torch.Generator().manual_seed(4))
     x[:, 0] = 20  # an outlier sets each token's int8 step: coarse for the other inputs
-    x = x.bfloat16()
+    return x.bfloat16()
+
+
+def _group_scaled(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """W4A16's weight in float64: int4 values times their group's scale as the kernels hold it."""
+    return values.double() * scale.bfloat16().double().repeat_interleave(32, dim=1)
+
+
+@pytest.mark.parametrize("tokens", [1, 8, 200])
+def test_linear_on_vllm_int4_kernel_computes_int8_activation_math(tokens, monkeypatch):
+    """Where vLLM's int4 linear serves W4A16, the method's repack feeds it msModelSlim's rows and
+    group scales: its output is int4 x group scale times the input quantized to int8 per token
+    (float64), measurably closer to that than to W4A16's unquantized-input math. 8 tokens run as
+    calls of 4 rows (``quant.int4.int4_linear``); without the int8 copy, 200 run on int4 too."""
+    from reference import quantize_activations
+
+    scale = torch.rand(96, 8, generator=torch.Generator().manual_seed(2)) * 0.01 + 1e-3
+    method, layer, values = _w4a16_layer(monkeypatch, scale, int8_copy=False)
+    x = _tokens(tokens)
     got = method.apply(layer, x).double()
-    weight = values.double() * scale.bfloat16().double().repeat_interleave(32, dim=1)
+    weight = _group_scaled(values, scale)
     int8_math = quantize_activations(x.double()) @ weight.T
     error = (got - int8_math).abs().max()
     assert error <= int8_math.abs().max() * 2**-8
     assert (got - x.double() @ weight.T).abs().max() > 3 * error
+
+
+@pytest.mark.parametrize("tokens", [32, 200])
+def test_int8_copy_serves_calls_of_32_rows_or_more(tokens, monkeypatch):
+    """With the int8 copy (``VLLM_ERNIE_MOE_W4A16_INT8_PREFILL``), calls of 32 rows or more run
+    vLLM's int8 GEMM on the weight re-quantized per row: hand-computed, each row's group-scaled
+    int4 weight in steps of a 16th of its largest group scale, rounded, times the input quantized
+    to int8 per token. Each row's last group has 10x the others' scale, so that the row's one step
+    is coarse for the rest: measurably farther from the int4 math than from that (the output's
+    bf16 rounding is the error left). 31 rows stay on the int4 kernel, bit for bit."""
+    from reference import quantize_activations
+
+    scale = torch.full((96, 8), 5e-3)
+    scale[:, 7] = 5e-2
+    method, layer, values = _w4a16_layer(monkeypatch, scale, int8_copy=True)
+    x, inputs = _tokens(tokens), quantize_activations(_tokens(tokens).double())
+    got = method.apply(layer, x).double()
+    weight = _group_scaled(values, scale)
+    row_step = scale.bfloat16().double().amax(dim=1, keepdim=True) / 16
+    requantized_math = inputs @ (torch.round(weight / row_step) * row_step).T
+    error = (got - requantized_math).abs().max()
+    assert error <= requantized_math.abs().max() * 2**-8
+    assert (got - inputs @ weight.T).abs().max() > 3 * error
+    int4_only, int4_layer, _ = _w4a16_layer(monkeypatch, scale, int8_copy=False)
+    below = _tokens(31)
+    assert torch.equal(method.apply(layer, below), int4_only.apply(int4_layer, below))
 
 
 def test_switch_keeps_w4a16_activations_in_the_model_dtype(monkeypatch):

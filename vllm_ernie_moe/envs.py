@@ -42,6 +42,14 @@ def w4a16_int8_activations() -> bool:
     return os.environ.get("VLLM_ERNIE_MOE_W4A16_INT8_ACTIVATIONS", "1") != "0"
 
 
+def w4a16_int8_prefill() -> bool:
+    """``VLLM_ERNIE_MOE_W4A16_INT8_PREFILL`` (default 1): W4A16 linears on vLLM's int4 kernel also
+    keep an int8 per-channel copy of their weights (made at load, kept in the repack cache, read
+    on first use) for calls of many rows, where vLLM's int8 GEMM runs 1.7-2x faster than its int4
+    one (``quant/int4.py``; perplexity in docs/w8a8.md). ``0``: int4 at every size."""
+    return os.environ.get("VLLM_ERNIE_MOE_W4A16_INT8_PREFILL", "1") != "0"
+
+
 def full_warmup() -> bool:
     """``VLLM_ERNIE_MOE_FULL_WARMUP=1`` keeps vLLM's full-size CPU warm-up (a
     ``max_num_batched_tokens`` forward) where the plugin would compile on a brief one
@@ -81,6 +89,7 @@ def build_settings() -> list[str]:
         f"int8 lm_head={int8_lm_head()}",
         f"w8a16 int8 in memory={w8a16_int8_in_memory()}",
         f"w4a16 int8 activations={w4a16_int8_activations()}",
+        f"w4a16 int8 prefill={w4a16_int8_prefill()}",
         f"sgl kernels without amx={sgl_kernels_without_amx()}",
         f"vllm mtp drafter={vllm_mtp_drafter()}",
     ]

@@ -5,7 +5,7 @@ import torch
 from vllm._custom_ops import CPUQuantAlgo, convert_weight_packed_scale_zp
 from vllm.model_executor.layers.fused_moe.config import FusedMoEConfig
 
-from vllm_ernie_moe.quant.msmodelslim import unpack_int4_rows
+from vllm_ernie_moe.quant.msmodelslim import dequantized_weight, unpack_int4_rows
 
 
 def int4_group_size(moe: FusedMoEConfig) -> int:
@@ -60,27 +60,41 @@ def vllm_int4_blocked(
 #: rows takes 1.85-3.0x one of 4, so 5-31 rows run faster as calls of 4 (docs/w8a8.md).
 _INT4_LINEAR_ROWS_PER_CALL = 4
 #: From here on one call: each call reads the whole weight again, and by 64 rows calls of 4 were
-#: slower than one (docs/results/kernel-experiments-zen4.txt).
+#: slower than one (docs/results/kernel-experiments-zen4.txt). From here on too, the int8 copy
+#: (:func:`int8_copy`) where the layer keeps one: 2.05x the int4 kernel's speed at 32 rows, 1.70x at
+#: 1024 on a MoE layer's linears. Not below: the brief warm-up's 16-token forward would read every
+#: copy at start (docs/w8a8.md).
 _INT4_LINEAR_SPLIT_BELOW = 32
 
 _library = torch.library.Library("vllm_ernie_moe", "FRAGMENT")
 _library.define(
-    "int4_linear(Tensor x, Tensor weight, Tensor zeros, Tensor scales) -> Tensor",
+    "int4_linear(Tensor x, Tensor weight, Tensor zeros, Tensor scales, Tensor? int8_weight, "
+    "Tensor? int8_scales) -> Tensor",
     tags=torch.Tag.pt2_compliant_tag,
 )
 
 
 def _int4_linear(
-    x: torch.Tensor, weight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    zeros: torch.Tensor,
+    scales: torch.Tensor,
+    int8_weight: torch.Tensor | None,
+    int8_scales: torch.Tensor | None,
 ) -> torch.Tensor:
     """vLLM's int4 linear ``int4_scaled_mm_cpu`` on ``x [M, K]``, 5-31 rows as calls of 4: the
     same numbers (each row is quantized and summed on its own), a MoE layer's linears 1.34x faster
-    at 8 rows (a batch-8 decode step).
+    at 8 rows (a batch-8 decode step). 32 rows or more on vLLM's int8 GEMM where an int8 copy is
+    given.
 
     An op, so that the branch on the row count is taken at run time, not once while torch.compile
     traces. Registered through ``torch.library.Library``: ``custom_op``'s wrapper added 8-9 us a
     call here, and a 28-layer step makes 112 calls."""
     rows = x.shape[0]
+    if rows >= _INT4_LINEAR_SPLIT_BELOW and int8_weight is not None:
+        return torch.ops._C.int8_scaled_mm_with_quant(
+            x, int8_weight, int8_scales, None, x.dtype, True
+        )
     if _INT4_LINEAR_ROWS_PER_CALL < rows < _INT4_LINEAR_SPLIT_BELOW:
         return torch.cat(
             [
@@ -96,15 +110,46 @@ _library.impl("int4_linear", _int4_linear, "CPU")
 
 @torch.library.register_fake("vllm_ernie_moe::int4_linear")
 def _int4_linear_shape(
-    x: torch.Tensor, weight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    zeros: torch.Tensor,
+    scales: torch.Tensor,
+    int8_weight: torch.Tensor | None,
+    int8_scales: torch.Tensor | None,
 ) -> torch.Tensor:
     return x.new_empty(x.shape[0], scales.shape[0] * scales.shape[-1])
 
 
 def int4_linear(
-    x: torch.Tensor, weight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    zeros: torch.Tensor,
+    scales: torch.Tensor,
+    int8_weight: torch.Tensor | None = None,
+    int8_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``x [..., K]`` times a weight in :func:`vllm_int4_blocked`'s layout, through the op
-    ``vllm_ernie_moe::int4_linear``."""
-    out = torch.ops.vllm_ernie_moe.int4_linear(x.reshape(-1, x.shape[-1]), weight, zeros, scales)
+    """``x [..., K]`` times a weight in :func:`vllm_int4_blocked`'s layout (and, optionally, its
+    :func:`int8_copy` for many rows), through the op ``vllm_ernie_moe::int4_linear``."""
+    out = torch.ops.vllm_ernie_moe.int4_linear(
+        x.reshape(-1, x.shape[-1]), weight, zeros, scales, int8_weight, int8_scales
+    )
     return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def int8_copy_fits(rows: int, inputs: int) -> bool:
+    """vLLM's int8 GEMM (sgl-kernel's ``int8_scaled_mm_with_quant``) is in this build and takes
+    a ``[rows, inputs]`` weight (its VNNI packing's blocks)."""
+    return (
+        hasattr(torch.ops._C, "int8_scaled_mm_with_quant") and inputs % 32 == 0 and rows % 16 == 0
+    )
+
+
+def int8_copy(packed_rows: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """msModelSlim's int4 rows ``[out/2, in]`` with their group scales ``[out, in/group]`` (as the
+    int4 kernel gets them) as one int8 weight per output row, packed for vLLM's int8 GEMM:
+    (weight, fp32 scales ``[out]``). A row's step is a 16th of its widest group's scale, so that
+    group's values are exact (16 times the int4 value fits int8) and the other groups' move by
+    at most half that step: exact wherever a row's groups share a scale."""
+    row_scales = scales.float().amax(dim=1) / 16
+    weight = dequantized_weight(packed_rows, scales) / row_scales[:, None]
+    return torch.ops._C.convert_weight_packed(torch.round(weight).to(torch.int8)), row_scales

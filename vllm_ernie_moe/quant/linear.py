@@ -18,7 +18,7 @@ from vllm.model_executor.parameter import (
     PackedvLLMParameter,
 )
 
-from vllm_ernie_moe import portable_kernels
+from vllm_ernie_moe import envs, portable_kernels
 from vllm_ernie_moe.quant.common import (
     dequantize,
     log_kernel_once,
@@ -27,7 +27,13 @@ from vllm_ernie_moe.quant.common import (
     set_parameter,
 )
 from vllm_ernie_moe.quant.cpu_experts import vllm_kernel_serves
-from vllm_ernie_moe.quant.int4 import VLLM_INT4_OUTPUT_BLOCK, int4_linear, vllm_int4_blocked
+from vllm_ernie_moe.quant.int4 import (
+    VLLM_INT4_OUTPUT_BLOCK,
+    int4_linear,
+    int8_copy,
+    int8_copy_fits,
+    vllm_int4_blocked,
+)
 from vllm_ernie_moe.quant.msmodelslim import (
     QuantizationFormatError,
     quantize_rows,
@@ -186,14 +192,16 @@ class ErnieW4A16LinearMethod(StoredRepackMethod, LinearMethodBase):
 
     Where :func:`vllm_kernel_serves` W4A16 (VNNI), on vLLM's int4 linear ``int4_scaled_mm_cpu``
     (activations int8 per token inside, as the routed experts' kernel): 2.4-2.6x PyTorch's int4
-    GEMM's speed at one token, 1.1-1.4x the dequantized bf16 GEMM's at 1024 (docs/w8a8.md).
-    Elsewhere W4A16's math, activations in the model dtype:
+    GEMM's speed at one token, 1.1-1.4x the dequantized bf16 GEMM's at 1024 (docs/w8a8.md); with
+    an int8 copy for calls of 32 rows or more (:func:`envs.w4a16_int8_prefill`). Elsewhere
+    W4A16's math, activations in the model dtype:
     :func:`portable_kernels.int4_group_linear`."""
 
     def __init__(self, group_size: int, prefix: str) -> None:
         self.group_size = group_size
         self.prefix = prefix
         self.on_vllm_kernel = False
+        self.keeps_int8_copy = False
 
     def create_weights(
         self,
@@ -247,6 +255,11 @@ class ErnieW4A16LinearMethod(StoredRepackMethod, LinearMethodBase):
             and rows % VLLM_INT4_OUTPUT_BLOCK == 0
             and params_dtype == torch.bfloat16  # the kernel refuses fp32; bf16 is what ran
         )
+        self.keeps_int8_copy = (
+            self.on_vllm_kernel
+            and envs.w4a16_int8_prefill()
+            and int8_copy_fits(rows, input_size_per_partition)
+        )
         log_kernel_once(
             "W4A16 linear" + (" on vLLM's int4 kernel" if self.on_vllm_kernel else ""),
             "vLLM's int4 linear (int4_scaled_mm_cpu, activations int8 per token)"
@@ -258,18 +271,28 @@ class ErnieW4A16LinearMethod(StoredRepackMethod, LinearMethodBase):
 
     def repack_kind(self) -> str | None:
         """Linears still load their tensors (the routed experts hold most bytes); keyed by place."""
-        return f"vllm-int4-linear-gptq-group{self.group_size}" if self.on_vllm_kernel else None
+        if not self.on_vllm_kernel:
+            return None
+        return f"vllm-int4-linear-gptq-group{self.group_size}" + (
+            "+int8-copy" if self.keeps_int8_copy else ""
+        )
 
     def process_weights_after_loading(self, layer: Module) -> None:
         """vLLM's blocked layout (stored in the repack cache), or two layouts: PyTorch's int4
         GEMM's (few tokens) and, for dequantizing at many tokens, msModelSlim's as loaded (half a
-        byte per weight more, 3% of the 21B's W4A16 bytes)."""
+        byte per weight more, 3% of the 21B's W4A16 bytes). The int8 copy adds a byte per weight,
+        memory mapped from its cache entry: a start that makes no call of 32 rows does not read
+        it."""
         rows, scale = layer.weight.data, layer.weight_scale.data.to(self.params_dtype)
         if self.on_vllm_kernel:
 
             def repack() -> dict[str, torch.Tensor]:
                 blocked = vllm_int4_blocked(rows, scale.T.contiguous())
-                return dict(zip(("weight", "weight_zero", "weight_scale"), blocked, strict=True))
+                names = ("weight", "weight_zero", "weight_scale")
+                repacked = dict(zip(names, blocked, strict=True))
+                if self.keeps_int8_copy:
+                    repacked["int8_weight"], repacked["int8_scale"] = int8_copy(rows, scale)
+                return repacked
 
             for name, tensor in self.stored_or_repacked([rows, scale], repack).items():
                 set_parameter(layer, name, tensor)
@@ -283,7 +306,14 @@ class ErnieW4A16LinearMethod(StoredRepackMethod, LinearMethodBase):
 
     def apply(self, layer: Module, x: torch.Tensor, bias: torch.Tensor | None = None):
         if self.on_vllm_kernel:
-            out = int4_linear(x, layer.weight, layer.weight_zero, layer.weight_scale)
+            out = int4_linear(
+                x,
+                layer.weight,
+                layer.weight_zero,
+                layer.weight_scale,
+                getattr(layer, "int8_weight", None),
+                getattr(layer, "int8_scale", None),
+            )
         else:
             out = portable_kernels.int4_group_linear(
                 x, layer.weight, layer.weight_scale, layer.weight_rows, layer.weight_group_scale
