@@ -224,10 +224,17 @@ class StoredRepackMethod:
         return None
 
     def stored_or_repacked(
-        self, inputs: Sequence[torch.Tensor], repack: Callable[[], dict[str, torch.Tensor]]
+        self,
+        inputs: Sequence[torch.Tensor],
+        repack: Callable[[], dict[str, torch.Tensor]],
+        kind: str | None = None,
     ) -> dict[str, torch.Tensor]:
         """This layer's repack: the stored one it was served (its inputs were not loaded), or
-        :func:`cached_repack`'s."""
+        :func:`cached_repack`'s. ``kind``: another stored repack of the layer, of tensors a
+        start may never touch: it is mapped, never read ahead (only :meth:`repack_kind`'s
+        entry is noted), and never served in place of loading."""
+        if kind is not None:
+            return cached_repack(kind, inputs, repack, self.repack_place)
         if self.served_entry is not None:
             return _load_served(self.served_entry)
         kind = self.repack_kind()
