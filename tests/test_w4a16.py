@@ -227,7 +227,7 @@ def _w4a16_layer(monkeypatch, scale: torch.Tensor, int8_copy: bool):
     method = ErnieW4A16LinearMethod(32, "model.layers.0.self_attn.o_proj")
     layer = Module()
     method.create_weights(layer, 256, [96], 256, 96, torch.bfloat16, weight_loader=lambda *a: 0)
-    assert method.on_vllm_kernel and method.keeps_int8_copy == int8_copy
+    assert method.on_vllm_kernel
     values = torch.randint(-8, 8, (96, 256), generator=torch.Generator().manual_seed(3))
     layer.weight.data.copy_(pack_int4_rows(values.to(torch.int8)))
     layer.weight_scale.data.copy_(scale)
@@ -256,6 +256,7 @@ def test_linear_on_vllm_int4_kernel_computes_int8_activation_math(tokens, monkey
 
     scale = torch.rand(96, 8, generator=torch.Generator().manual_seed(2)) * 0.01 + 1e-3
     method, layer, values = _w4a16_layer(monkeypatch, scale, int8_copy=False)
+    assert not method.keeps_int8_copy
     x = _tokens(tokens)
     got = method.apply(layer, x).double()
     weight = _group_scaled(values, scale)
@@ -263,6 +264,18 @@ def test_linear_on_vllm_int4_kernel_computes_int8_activation_math(tokens, monkey
     error = (got - int8_math).abs().max()
     assert error <= int8_math.abs().max() * 2**-8
     assert (got - x.double() @ weight.T).abs().max() > 3 * error
+
+
+@pytest.mark.parametrize("batch_invariant", [False, True])
+def test_no_int8_copy_under_vllm_batch_invariance(monkeypatch, batch_invariant):
+    """With the copy, a request's numbers depend on its step's rows; vLLM's batch-invariant mode
+    (``VLLM_BATCH_INVARIANT=1``, as vLLM read it) turns it off."""
+    from vllm import envs as vllm_envs
+
+    # vLLM caches its settings once an engine ran in this process: set the value it reads.
+    monkeypatch.setattr(vllm_envs, "VLLM_BATCH_INVARIANT", batch_invariant, raising=False)
+    method, _, _ = _w4a16_layer(monkeypatch, torch.full((96, 8), 5e-3), int8_copy=True)
+    assert method.keeps_int8_copy is not batch_invariant
 
 
 @pytest.mark.parametrize("tokens", [32, 200])
@@ -278,6 +291,7 @@ def test_int8_copy_serves_calls_of_32_rows_or_more(tokens, monkeypatch):
     scale = torch.full((96, 8), 5e-3)
     scale[:, 7] = 5e-2
     method, layer, values = _w4a16_layer(monkeypatch, scale, int8_copy=True)
+    assert method.keeps_int8_copy
     x, inputs = _tokens(tokens), quantize_activations(_tokens(tokens).double())
     got = method.apply(layer, x).double()
     weight = _group_scaled(values, scale)

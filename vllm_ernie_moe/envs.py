@@ -44,10 +44,15 @@ def w4a16_int8_activations() -> bool:
 
 def w4a16_int8_prefill() -> bool:
     """``VLLM_ERNIE_MOE_W4A16_INT8_PREFILL`` (default 1): W4A16 linears on vLLM's int4 kernel also
-    keep an int8 per-channel copy of their weights (made at load, kept in the repack cache, read
-    on first use) for calls of many rows, where vLLM's int8 GEMM runs 1.7-2x faster than its int4
-    one (``quant/int4.py``; perplexity in docs/w8a8.md). ``0``: int4 at every size."""
-    return os.environ.get("VLLM_ERNIE_MOE_W4A16_INT8_PREFILL", "1") != "0"
+    keep an int8 per-row copy of their weights (made at load, kept in the repack cache, read on
+    first use) for calls of 32 rows or more, where vLLM's int8 GEMM runs 1.7-2x faster than its
+    int4 one (``quant/int4.py``; perplexity in docs/w8a8.md). ``0``: int4 at every size. Off too
+    under vLLM's ``VLLM_BATCH_INVARIANT=1``: which kernel runs follows a step's rows, so with the
+    copy a request's numbers depend on what it is batched with."""
+    from vllm import envs as vllm_envs
+
+    enabled = os.environ.get("VLLM_ERNIE_MOE_W4A16_INT8_PREFILL", "1") != "0"
+    return enabled and not vllm_envs.VLLM_BATCH_INVARIANT
 
 
 def full_warmup() -> bool:
