@@ -110,12 +110,7 @@ _library.impl("int4_linear", _int4_linear, "CPU")
 
 @torch.library.register_fake("vllm_ernie_moe::int4_linear")
 def _int4_linear_shape(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    zeros: torch.Tensor,
-    scales: torch.Tensor,
-    int8_weight: torch.Tensor | None,
-    int8_scales: torch.Tensor | None,
+    x: torch.Tensor, weight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, *_
 ) -> torch.Tensor:
     return x.new_empty(x.shape[0], scales.shape[0] * scales.shape[-1])
 
