@@ -278,8 +278,7 @@ class ErnieW4A16LinearMethod(StoredRepackMethod, LinearMethodBase):
         GEMM's (few tokens) and, for dequantizing at many tokens, msModelSlim's as loaded (half a
         byte per weight more, 3% of the 21B's W4A16 bytes). The int8 copy adds a byte per weight,
         in a cache entry of its own that is memory mapped and not read ahead: a start that makes
-        no call of 32 rows does not read it (with it in the int4 entry, read ahead, a warm
-        28-layer start took 10.7 s longer)."""
+        no call of 32 rows does not read it (the int4 entry is read ahead at every start)."""
         rows, scale = layer.weight.data, layer.weight_scale.data.to(self.params_dtype)
         if self.on_vllm_kernel:
 
