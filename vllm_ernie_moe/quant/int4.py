@@ -5,6 +5,7 @@ import torch
 from vllm._custom_ops import CPUQuantAlgo, convert_weight_packed_scale_zp
 from vllm.model_executor.layers.fused_moe.config import FusedMoEConfig
 
+from vllm_ernie_moe.patches.patch_cpu_sgl_kernels import sgl_kernel_fits
 from vllm_ernie_moe.quant.msmodelslim import dequantized_weight, unpack_int4_rows
 
 
@@ -133,9 +134,9 @@ def int4_linear(
 
 def int8_copy_fits(rows: int, inputs: int) -> bool:
     """vLLM's int8 GEMM (sgl-kernel's ``int8_scaled_mm_with_quant``) is in this build and takes
-    a ``[rows, inputs]`` weight (its VNNI packing's blocks)."""
-    return (
-        hasattr(torch.ops._C, "int8_scaled_mm_with_quant") and inputs % 32 == 0 and rows % 16 == 0
+    a ``[rows, inputs]`` weight (its layout rule, as the sgl kernel patch applies it)."""
+    return hasattr(torch.ops._C, "int8_scaled_mm_with_quant") and sgl_kernel_fits(
+        rows, inputs, torch.int8
     )
 
 
