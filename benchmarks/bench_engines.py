@@ -26,7 +26,10 @@ engine: the bs=1 decode speed at which the weights stream at the best GEMV rate 
 llama.cpp's tier is the one it was built for: ``--llama-cpp-path`` puts a build made with that
 tier's flags (see llama_cpp_engine.py) first on the engines' import path.
 
-Decode tok/s = generated tokens after the first / (time for 64 tokens - time for 1 token).
+Decode tok/s = tokens generated after each prompt's first / seconds from the first token to the
+last, as each engine times its own steps (vLLM's request metrics, llama.cpp's and transformers'
+step times), so no prefill is in it: taking a 1-token run's time from a 64-token run's left the
+prefill's noise in the difference (at bs=8 the prefill is 40% of the run).
 """
 
 import argparse
@@ -103,28 +106,27 @@ def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]
 
 
 def measure(generate) -> dict[str, float]:
-    """generate(prompts, max_tokens) -> None; returns the three rows in tok/s."""
+    """generate(prompts, max_tokens) -> seconds from the prompts' first tokens to their last (all
+    prompts decode in step); returns the three rows in tok/s."""
     vocab = 100000
     one = random_prompts(1, PROMPT_LEN, vocab, 0)
     batch = random_prompts(BATCH, PROMPT_LEN, vocab, 1)
     generate(random_prompts(1, 32, vocab, 3), 4)  # warm-up
 
-    def timed(prompts, tokens) -> float:
-        start = time.perf_counter()
-        generate(prompts, tokens)
-        return time.perf_counter() - start
-
     def decode_rate(prompts) -> float:
-        first = min(timed(prompts, 1) for _ in range(2))
-        full = min(timed(prompts, DECODE_LEN) for _ in range(2))
-        return len(prompts) * (DECODE_LEN - 1) / (full - first)
+        seconds = min(generate(prompts, DECODE_LEN) for _ in range(3))
+        return len(prompts) * (DECODE_LEN - 1) / seconds
+
+    def prefill_seconds(seed: int) -> float:
+        start = time.perf_counter()
+        generate(random_prompts(1, PREFILL_LEN, vocab, seed), 1)
+        return time.perf_counter() - start
 
     return {
         "bs1_decode_tok_s": decode_rate(one),
         "bs8_decode_tok_s": decode_rate(batch),
         # A new prompt each time: vLLM's prefix cache would serve a repeated one.
-        "prefill_1024_tok_s": PREFILL_LEN
-        / min(timed(random_prompts(1, PREFILL_LEN, vocab, seed), 1) for seed in (2, 4)),
+        "prefill_1024_tok_s": PREFILL_LEN / min(prefill_seconds(seed) for seed in (2, 4)),
     }
 
 
@@ -170,13 +172,21 @@ class PeakMemory:
         return self.peak
 
 
-def vllm_generate(llm, prompts: list[list[int]], tokens: int) -> None:
-    """Greedy decoding of exactly ``tokens`` new tokens for each prompt (token ids)."""
+def vllm_generate(llm, prompts: list[list[int]], tokens: int) -> float:
+    """Greedy decoding of exactly ``tokens`` new tokens for each prompt (token ids); returns the
+    engine core's seconds from the step of the last prompt's first token to that prompt's last
+    token (request metrics): every prompt decodes in those steps. vLLM may start some prompts a
+    step before the rest; those end a step early, so up to one token each is counted that the
+    window did not make (at most 7 of 504 at bs=8)."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     params = SamplingParams(max_tokens=tokens, min_tokens=tokens, temperature=0, ignore_eos=True)
-    llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+    outputs = llm.generate(
+        [TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False
+    )
+    last_started = max((o.metrics for o in outputs), key=lambda m: m.first_token_ts)
+    return last_started.last_token_ts - last_started.first_token_ts
 
 
 def greedy_token_ids(llm, prompts: list[list[int]], tokens: int) -> list[list[int]]:
@@ -200,7 +210,13 @@ def vllm_engine(checkpoint: str):
     """The benchmarks' vLLM engine on ``checkpoint``."""
     from vllm import LLM
 
-    return LLM(model=checkpoint, dtype="bfloat16", max_model_len=2048, max_num_seqs=BATCH)
+    return LLM(
+        model=checkpoint,
+        dtype="bfloat16",
+        max_model_len=2048,
+        max_num_seqs=BATCH,
+        disable_log_stats=False,  # request metrics: vllm_generate's decode time
+    )
 
 
 def run_vllm(checkpoint: str) -> dict[str, float]:
@@ -220,9 +236,22 @@ def run_transformers(checkpoint: str) -> dict[str, float]:
     torch.set_grad_enabled(False)
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16)
 
-    def generate(prompts, tokens):
+    def generate(prompts, tokens) -> float:
+        steps = []  # called once per generated token, after its forward pass
+
+        def timestamp(input_ids, scores):
+            steps.append(time.perf_counter())
+            return scores
+
         ids = torch.tensor(prompts)
-        model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+        model.generate(
+            ids,
+            max_new_tokens=tokens,
+            min_new_tokens=tokens,
+            do_sample=False,
+            logits_processor=[timestamp],
+        )
+        return steps[-1] - steps[0]
 
     return measure(generate)
 

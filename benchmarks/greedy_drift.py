@@ -27,13 +27,14 @@ from bench_engines import (
 )
 
 PROMPTS, PROMPT_LEN, TOKENS = 16, 32, 32
-#: variant -> (checkpoint kind, environment); "bf16" is the reference.
+#: variant -> (checkpoint kind, environment); the others are compared with bf16 unless --reference.
 VARIANTS = {
     "bf16": ("bf16", {}),
     "w8a8": ("w8a8", {}),
     "w4a16": ("w4a16", {}),
     "w4a16-bf16-inputs": ("w4a16", {"VLLM_ERNIE_MOE_W4A16_INT8_ACTIVATIONS": "0"}),
     "w4a16-int8-head": ("w4a16", {"VLLM_ERNIE_MOE_INT8_LM_HEAD": "1"}),
+    "w4a16-int4-prefill": ("w4a16", {"VLLM_ERNIE_MOE_W4A16_INT8_PREFILL": "0"}),
 }
 
 
@@ -72,6 +73,12 @@ def main() -> None:
     parser.add_argument("--cache", help="bench_engines.py's checkpoint cache")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument(
+        "--reference",
+        choices=VARIANTS,
+        default="bf16",
+        help="the variant the others are compared with (w4a16-int4-prefill: the int8 copy alone)",
+    )
     parser.add_argument("--json")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -85,13 +92,21 @@ def main() -> None:
     cache = Path(args.cache)
     paths = checkpoints(cache, args.layers)
     tokens = {}
-    for variant in dict.fromkeys(["bf16", *args.variants]):
+    for variant in dict.fromkeys([args.reference, *args.variants]):
         kind, env = VARIANTS[variant]
         out = cache / f"drift-{variant}.json"
         tokens[variant] = run_child(__file__, variant, paths[kind], out, env)
-    report = {"layers": args.layers, "prompts": PROMPTS, "tokens": TOKENS, "variants": {}}
+    report = {
+        "layers": args.layers,
+        "prompts": PROMPTS,
+        "tokens": TOKENS,
+        "reference": args.reference,
+        "variants": {},
+    }
     for variant, generated in tokens.items():
-        prefixes = [agreeing_prefix(t, r) for t, r in zip(generated, tokens["bf16"], strict=True)]
+        prefixes = [
+            agreeing_prefix(t, r) for t, r in zip(generated, tokens[args.reference], strict=True)
+        ]
         report["variants"][variant] = {
             "mean_agreeing_prefix": statistics.mean(prefixes),
             "median_agreeing_prefix": statistics.median(prefixes),
