@@ -33,7 +33,6 @@ prefill's noise in the difference (at bs=8 the prefill is 40% of the run).
 """
 
 import argparse
-import functools
 import json
 import os
 import subprocess
@@ -172,19 +171,22 @@ class PeakMemory:
         return self.peak
 
 
-def vllm_generate(llm, prompts: list[list[int]], tokens: int) -> float:
-    """Greedy decoding of exactly ``tokens`` new tokens for each prompt (token ids); returns the
-    engine core's seconds from the step of the last prompt's first token to that prompt's last
-    token (request metrics): every prompt decodes in those steps. vLLM may start some prompts a
-    step before the rest; those end a step early, so up to one token each is counted that the
-    window did not make (at most 7 of 504 at bs=8)."""
+def vllm_generate(llm, prompts: list[list[int]], tokens: int) -> list:
+    """Greedy decoding of exactly ``tokens`` new tokens for each prompt (token ids); returns
+    vLLM's outputs."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     params = SamplingParams(max_tokens=tokens, min_tokens=tokens, temperature=0, ignore_eos=True)
-    outputs = llm.generate(
-        [TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False
-    )
+    return llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+
+
+def decode_seconds(outputs: list) -> float:
+    """The engine core's seconds from the step of the last prompt's first token to that prompt's
+    last token (request metrics: the engine needs ``disable_log_stats=False``, as
+    :func:`vllm_engine`'s). Every prompt decodes in those steps. vLLM may start some prompts a
+    step before the rest; those end a step early, so up to one token each is counted that the
+    window did not make (at most 7 of 504 at bs=8)."""
     last_started = max((o.metrics for o in outputs), key=lambda m: m.first_token_ts)
     return last_started.last_token_ts - last_started.first_token_ts
 
@@ -215,7 +217,7 @@ def vllm_engine(checkpoint: str):
         dtype="bfloat16",
         max_model_len=2048,
         max_num_seqs=BATCH,
-        disable_log_stats=False,  # request metrics: vllm_generate's decode time
+        disable_log_stats=False,  # request metrics: decode_seconds
     )
 
 
@@ -225,7 +227,10 @@ def run_vllm(checkpoint: str) -> dict[str, float]:
     llm = vllm_engine(checkpoint)
     load_s = time.perf_counter() - start
     peak_pss_gib = memory.stop()  # sampling PSS costs CPU: never during the timed runs
-    generate = functools.partial(vllm_generate, llm)
+
+    def generate(prompts: list[list[int]], tokens: int) -> float:
+        return decode_seconds(vllm_generate(llm, prompts, tokens))
+
     return dict(measure(generate), load_s=load_s, peak_pss_gib=peak_pss_gib)
 
 
