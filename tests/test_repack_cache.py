@@ -24,6 +24,7 @@ from reference import (
     vllm_greedy,
 )
 from safetensors import safe_open
+from safetensors.torch import save_file
 from settings import ONE_PROCESS
 
 from vllm_ernie_moe import envs
@@ -310,6 +311,25 @@ def test_read_ahead_brings_every_page_into_memory(tmp_path):
     assert 0.5 < stretch < 1, stretch  # the stretch (24 of 32 MiB) and no more
 
 
+def test_the_imports_note_lists_code_not_the_data_files_the_process_maps(tmp_path):
+    """What a start reads whole before the weights (:func:`read_ahead_noted`) is the code the
+    engine process imported: modules and shared libraries, not the checkpoint shard or entry it
+    has mapped while the note is taken (a 2.15 GB shard was, of which a warm start needs 1.18
+    GB). The mapping is checked in /proc/self/maps, not by the code under test."""
+    shard = tmp_path / "model-00001-of-00001.safetensors"
+    save_file({"weight": torch.zeros(1 << 16)}, shard)
+    with safe_open(shard, "pt") as tensors:
+        tensors.get_tensor("weight")
+        with open("/proc/self/maps") as maps:
+            mapped = {"".join(line.split(maxsplit=5)[5:]).strip() for line in maps}
+        files = repack_cache._imported_files()
+    assert str(shard.resolve()) in mapped
+    assert str(shard.resolve()) not in files
+    libtorch = {path for path in mapped if path.endswith("/libtorch_cpu.so")}
+    assert libtorch and libtorch <= set(files)
+    assert os.path.realpath(torch.__file__) in files
+
+
 def _read_ahead_notes(cache: Path) -> list[tuple[str, int, int]]:
     """The one rank's read-ahead notes under ``cache``: (path, first byte, bytes) lines."""
     (notes,) = cache.glob("*/read-ahead/*/tp0-pp0")
@@ -460,7 +480,9 @@ def test_a_warm_start_is_served_without_the_experts_and_a_rewrite_repacks(
     # And the files the engine process imported, this plugin's model among them.
     (imports,) = (tmp_path / "repack").glob("*/read-ahead/*/imports")
     model_source = Path(repack_cache.__file__).resolve().parents[1] / "model.py"
-    assert str(model_source) in imports.read_text().split("\n")
+    imported = imports.read_text().split("\n")
+    assert str(model_source) in imported
+    assert not [path for path in imported if path.endswith(".safetensors")]
     assert [g.token_ids for g in warm] == [g.token_ids for g in cold]
     assert logprob_drift(cold, warm).max() == 0
     _keeping_time(weights, _rotate_routed_experts)
