@@ -33,6 +33,7 @@ from vllm.model_executor.layers.quantization import QuantizationConfig
 from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.vocab_parallel_embedding import (
     ParallelLMHead,
+    UnquantizedEmbeddingMethod,
     VocabParallelEmbedding,
 )
 from vllm.model_executor.models.interfaces import MixtureOfExperts, SupportsLoRA, SupportsPP
@@ -297,6 +298,15 @@ class ErnieDecoderLayer(nn.Module):
         return self.mlp(hidden_states), residual
 
 
+class LookupOnlyEmbeddingMethod(UnquantizedEmbeddingMethod):
+    """vLLM's embedding without its CPU processing, which packs a second copy of the weight for
+    GEMMs (0.53 GB and 0.31 s per start for the 21B) that only a model using the embedding module
+    as its head reads. ERNIE's lm_head is a module of its own; tied, it packs its own copy."""
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        pass
+
+
 @support_torch_compile
 class ErnieModel(nn.Module):
     # Checkpoint name -> vLLM parameter name (vllm_ernie_moe.layout). Routed experts are loaded
@@ -319,6 +329,10 @@ class ErnieModel(nn.Module):
                 quant_config=quant_config,
                 prefix=f"{prefix}.embed_tokens",
             )
+            if current_platform.is_cpu() and (
+                type(self.embed_tokens.quant_method) is UnquantizedEmbeddingMethod
+            ):
+                self.embed_tokens.quant_method = LookupOnlyEmbeddingMethod()
         else:
             self.embed_tokens = PPMissingLayer()
         moe_layers = layout.moe_layer_ids(config)

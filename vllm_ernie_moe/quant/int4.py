@@ -93,9 +93,7 @@ def _int4_linear(
     call here, and a 28-layer step makes 112 calls."""
     rows = x.shape[0]
     if rows >= _INT4_LINEAR_SPLIT_BELOW and int8_weight is not None:
-        return torch.ops._C.int8_scaled_mm_with_quant(
-            x, int8_weight, int8_scales, None, x.dtype, True
-        )
+        return sgl_int8_linear(x, int8_weight, int8_scales)
     if _INT4_LINEAR_ROWS_PER_CALL < rows < _INT4_LINEAR_SPLIT_BELOW:
         return torch.cat(
             [
@@ -140,6 +138,18 @@ def int8_copy_fits(rows: int, inputs: int) -> bool:
     )
 
 
+def sgl_int8_packed(weight: torch.Tensor) -> torch.Tensor:
+    """An int8 ``[rows, inputs]`` weight in the layout of vLLM's int8 GEMM (VNNI blocks with
+    their compensation), for :func:`sgl_int8_linear`."""
+    return torch.ops._C.convert_weight_packed(weight)
+
+
+def sgl_int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``x`` (activations quantized per token inside) times a :func:`sgl_int8_packed` weight with
+    fp32 per-row ``scales``."""
+    return torch.ops._C.int8_scaled_mm_with_quant(x, weight, scales, None, x.dtype, True)
+
+
 def int8_copy(packed_rows: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """msModelSlim's int4 rows ``[out/2, in]`` with their group scales ``[out, in/group]`` (as the
     int4 kernel gets them) as one int8 weight per output row, packed for vLLM's int8 GEMM:
@@ -148,4 +158,4 @@ def int8_copy(packed_rows: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Te
     at most half that step: exact wherever a row's groups share a scale."""
     row_scales = scales.float().amax(dim=1) / 16
     weight = dequantized_weight(packed_rows, scales) / row_scales[:, None]
-    return torch.ops._C.convert_weight_packed(torch.round(weight).to(torch.int8)), row_scales
+    return sgl_int8_packed(torch.round(weight).to(torch.int8)), row_scales

@@ -2,6 +2,8 @@
 (int8 in memory on the portable weight-only GEMM, or dequantized onto vLLM's unquantized one) and
 W4A16 (int4 in memory: vLLM's int4 linear where exact, else PyTorch's int4 weight-only GEMM)."""
 
+import functools
+
 import torch
 from torch.nn import Module
 from vllm.distributed import get_tensor_model_parallel_world_size, get_tp_group
@@ -18,7 +20,7 @@ from vllm.model_executor.parameter import (
     PackedvLLMParameter,
 )
 
-from vllm_ernie_moe import envs, portable_kernels
+from vllm_ernie_moe import compat, envs, portable_kernels
 from vllm_ernie_moe.quant.common import (
     dequantize,
     log_kernel_once,
@@ -32,6 +34,8 @@ from vllm_ernie_moe.quant.int4 import (
     int4_linear,
     int8_copy,
     int8_copy_fits,
+    sgl_int8_linear,
+    sgl_int8_packed,
     vllm_int4_blocked,
 )
 from vllm_ernie_moe.quant.msmodelslim import (
@@ -46,13 +50,17 @@ from vllm_ernie_moe.quant.repack_cache import StoredRepackMethod
 class ErnieW8A8LinearMethod(StoredRepackMethod, LinearMethodBase):
     """int8 per-channel weights, per-token dynamic int8 activations (oneDNN on CPU). Weights
     quantized at load (the int8 lm_head) are kept in the repack cache: 2.6 of the 4.5 s of a warm
-    28-layer start's weight processing (docs/notes/startup-breakdown.md)."""
+    28-layer start's weight processing (docs/notes/startup-breakdown.md). Where vLLM's kernel
+    would run them on its sgl int8 GEMM, they are stored in that GEMM's packed layout and it is
+    called directly: vLLM's kernel class packs what it is given, 0.48 s per start for the 21B's
+    head."""
 
     #: The portable GEMM's mode: W8A8 quantizes the activations per token (W8A16 does not).
     quantize_input = True
 
     def __init__(self, prequantized: bool) -> None:
         self.prequantized = prequantized
+        self.stores_sgl_layout = False
 
     def create_weights(
         self,
@@ -69,6 +77,11 @@ class ErnieW8A8LinearMethod(StoredRepackMethod, LinearMethodBase):
         layer.logical_widths = output_partition_sizes
         self.params_dtype = params_dtype
         self.kernel = self._kernel()
+        self.stores_sgl_layout = (
+            not self.prequantized
+            and self.kernel is not None
+            and compat.cpu_int8_linear_takes_sgl(rows, input_size_per_partition)
+        )
         weight_dtype = torch.int8 if self.prequantized else params_dtype
         layer.register_parameter(
             "weight",
@@ -100,7 +113,9 @@ class ErnieW8A8LinearMethod(StoredRepackMethod, LinearMethodBase):
 
     def repack_kind(self) -> str | None:
         """Quantizing at load is stored, keyed by place; the layer still loads its weight."""
-        return None if self.prequantized else "int8-rows-at-load"
+        if self.prequantized:
+            return None
+        return "int8-rows-sgl-packed-at-load" if self.stores_sgl_layout else "int8-rows-at-load"
 
     def process_weights_after_loading(self, layer: Module) -> None:
         if not self.prequantized:
@@ -113,22 +128,30 @@ class ErnieW8A8LinearMethod(StoredRepackMethod, LinearMethodBase):
 
             def quantize() -> dict[str, torch.Tensor]:
                 amax = row_amax(weight, get_tp_group().device_group if sharded else None)
-                return dict(
-                    zip(("weight", "weight_scale"), quantize_rows(weight, amax), strict=True)
-                )
+                rows, scale = quantize_rows(weight, amax)
+                if self.stores_sgl_layout:
+                    return {"weight": sgl_int8_packed(rows), "weight_scale": scale.view(-1)}
+                return {"weight": rows, "weight_scale": scale}
 
             quantized = quantize() if sharded else self.stored_or_repacked([weight], quantize)
             for name, tensor in quantized.items():
                 set_parameter(layer, name, tensor)
+            if self.stores_sgl_layout:
+                return
         if self.kernel is not None:
             self.kernel.process_weights_after_loading(layer)
         else:
             set_parameter(layer, "weight_scale", layer.weight_scale.data.view(-1))
 
     def apply(self, layer: Module, x: torch.Tensor, bias: torch.Tensor | None = None):
-        if self.kernel is not None:
+        if self.stores_sgl_layout:
+            out = sgl_int8_linear(x, layer.weight, layer.weight_scale)
+        elif self.kernel is not None:
             return self.kernel.apply_weights(layer, x, bias)
-        out = portable_kernels.int8_linear(x, layer.weight, layer.weight_scale, self.quantize_input)
+        else:
+            out = portable_kernels.int8_linear(
+                x, layer.weight, layer.weight_scale, self.quantize_input
+            )
         return out if bias is None else out + bias
 
 
@@ -278,29 +301,36 @@ class ErnieW4A16LinearMethod(StoredRepackMethod, LinearMethodBase):
         GEMM's (few tokens) and, for dequantizing at many tokens, msModelSlim's as loaded (half a
         byte per weight more, 3% of the 21B's W4A16 bytes). The int8 copy adds a byte per weight,
         in a cache entry of its own that is memory mapped and not read ahead: a start that makes
-        no call of 32 rows does not read it (the int4 entry is read ahead at every start)."""
-        rows, scale = layer.weight.data, layer.weight_scale.data.to(self.params_dtype)
+        no call of 32 rows does not read it (the int4 entry is read ahead at every start). The
+        scales are rounded to the model dtype only when repacking: 0.46 s of a warm 28-layer
+        start that serves every entry (docs/notes/startup-breakdown.md)."""
+        rows, loaded_scale = layer.weight.data, layer.weight_scale.data
+        scale = functools.cache(lambda: loaded_scale.to(self.params_dtype))
         if self.on_vllm_kernel:
 
             def repack() -> dict[str, torch.Tensor]:
-                blocked = vllm_int4_blocked(rows, scale.T.contiguous())
+                blocked = vllm_int4_blocked(rows, scale().T.contiguous())
                 return dict(zip(("weight", "weight_zero", "weight_scale"), blocked, strict=True))
 
             def copy() -> dict[str, torch.Tensor]:
-                return dict(zip(("int8_weight", "int8_scale"), int8_copy(rows, scale), strict=True))
+                copied = int8_copy(rows, scale())
+                return dict(zip(("int8_weight", "int8_scale"), copied, strict=True))
 
-            stored = self.stored_or_repacked([rows, scale], repack)
+            stored = self.stored_or_repacked([rows, loaded_scale], repack)
             if self.keeps_int8_copy:
-                stored |= self.stored_or_repacked([rows, scale], copy, kind="int8-copy-by-rows")
+                stored |= self.stored_or_repacked(
+                    [rows, loaded_scale], copy, kind="int8-copy-by-rows"
+                )
             for name, tensor in stored.items():
                 set_parameter(layer, name, tensor)
             return
         set_parameter(layer, "weight", portable_kernels.pack_int4(unpack_int4_rows(rows)))
+        rounded = scale()
         set_parameter(
-            layer, "weight_scale", portable_kernels.int4_scales_and_zeros(scale, scale.dtype)
+            layer, "weight_scale", portable_kernels.int4_scales_and_zeros(rounded, rounded.dtype)
         )
         set_parameter(layer, "weight_rows", rows)
-        set_parameter(layer, "weight_group_scale", scale)
+        set_parameter(layer, "weight_group_scale", rounded)
 
     def apply(self, layer: Module, x: torch.Tensor, bias: torch.Tensor | None = None):
         if self.on_vllm_kernel:
