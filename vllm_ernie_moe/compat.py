@@ -106,16 +106,17 @@ def sgl_kernel_choice_measured() -> bool:
 
 def cpu_int8_linear_takes_sgl(rows: int, inputs: int) -> bool:
     """Whether vLLM's CPU int8 linear kernel runs an int8 ``[rows, inputs]`` weight on sgl-kernel's
-    GEMM (packed by ``convert_weight_packed``) rather than oneDNN's: x86, its shape rule (as
-    ``patch_cpu_sgl_kernels`` applies it) and, where vLLM still has it (0.27), its opt-in
-    ``VLLM_CPU_SGL_KERNEL``."""
+    GEMM (packed by ``convert_weight_packed``) rather than oneDNN's: the CPU platform on x86 (an
+    AMX host serving CUDA is not), its shape rule (as ``patch_cpu_sgl_kernels`` applies it) and,
+    where vLLM still has it (0.27), its opt-in ``VLLM_CPU_SGL_KERNEL``."""
     import torch
     from vllm import envs as vllm_envs
     from vllm.model_executor.kernels.linear.scaled_mm import cpu as cpu_scaled_mm
     from vllm.platforms import CpuArchEnum, current_platform
 
     return (
-        current_platform.get_cpu_architecture() == CpuArchEnum.X86
+        current_platform.is_cpu()
+        and current_platform.get_cpu_architecture() == CpuArchEnum.X86
         and getattr(vllm_envs, "VLLM_CPU_SGL_KERNEL", True)
         and cpu_scaled_mm.check_cpu_sgl_kernel(rows, inputs, torch.int8)
     )
