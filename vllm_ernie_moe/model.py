@@ -307,6 +307,14 @@ class LookupOnlyEmbeddingMethod(UnquantizedEmbeddingMethod):
         pass
 
 
+def lookup_only(embedding: VocabParallelEmbedding) -> VocabParallelEmbedding:
+    """``embedding`` on :class:`LookupOnlyEmbeddingMethod` where it has vLLM's plain method on
+    CPU; any other method (another platform's, a quantized one) is left as it is."""
+    if current_platform.is_cpu() and type(embedding.quant_method) is UnquantizedEmbeddingMethod:
+        embedding.quant_method = LookupOnlyEmbeddingMethod()
+    return embedding
+
+
 @support_torch_compile
 class ErnieModel(nn.Module):
     # Checkpoint name -> vLLM parameter name (vllm_ernie_moe.layout). Routed experts are loaded
@@ -323,16 +331,14 @@ class ErnieModel(nn.Module):
         quant_config = vllm_config.quant_config
         self.config = config
         if get_pp_group().is_first_rank:
-            self.embed_tokens = VocabParallelEmbedding(
-                config.vocab_size,
-                config.hidden_size,
-                quant_config=quant_config,
-                prefix=f"{prefix}.embed_tokens",
+            self.embed_tokens = lookup_only(
+                VocabParallelEmbedding(
+                    config.vocab_size,
+                    config.hidden_size,
+                    quant_config=quant_config,
+                    prefix=f"{prefix}.embed_tokens",
+                )
             )
-            if current_platform.is_cpu() and (
-                type(self.embed_tokens.quant_method) is UnquantizedEmbeddingMethod
-            ):
-                self.embed_tokens.quant_method = LookupOnlyEmbeddingMethod()
         else:
             self.embed_tokens = PPMissingLayer()
         moe_layers = layout.moe_layer_ids(config)

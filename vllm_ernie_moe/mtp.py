@@ -33,7 +33,7 @@ from vllm.sequence import IntermediateTensors
 from vllm.transformers_utils.config import set_default_rope_theta
 
 from vllm_ernie_moe.layout import MTP_PARTS
-from vllm_ernie_moe.model import ROPE_THETA_DEFAULT, ErnieDecoderLayer, ErnieModel
+from vllm_ernie_moe.model import ROPE_THETA_DEFAULT, ErnieDecoderLayer, ErnieModel, lookup_only
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm.": vLLM's log handler shows it
 
@@ -103,8 +103,10 @@ class ErnieMTPModel(nn.Module):
                 for index in range(self.first_layer, self.first_layer + self.num_mtp_layers)
             }
         )
-        # vLLM's proposer replaces it by the main model's embedding.
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        # vLLM's proposer replaces it by the main model's embedding, after this one's processing.
+        self.embed_tokens = lookup_only(
+            VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        )
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
