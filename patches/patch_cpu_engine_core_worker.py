@@ -28,7 +28,9 @@ in a process of its own; the engine core's socket threads stay unbound.
   inside vLLM's own ``OMPProcessManager.configure_omp_envs`` for rank 0, so it has the
   environment the worker process would have had (``VLLM_CPU_OMP_THREADS_BIND``,
   ``VLLM_CPU_NUM_OF_RESERVED_CPU`` honoured; ``nobind``: none). Other models, more workers and
-  an explicit ``--distributed-executor-backend mp`` are unchanged.
+  an explicit ``--distributed-executor-backend mp`` are unchanged. In a ``vllm serve`` started
+  with the plugin's hook, that process is forked from the engine-core server where the
+  environment allows (``vllm_ernie_moe/engine_core_server.py``); the server stops otherwise.
 - Decided by the target's source: applies while ``check_and_update_config`` forces ``mp``.
 - Upstream: no issue found. The upstream form: the platform keeps ``uni`` when the engine core
   is a process of its own and passes it the binding.
@@ -38,17 +40,19 @@ in a process of its own; the engine core's socket threads stay unbound.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import inspect
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from unittest import mock
 
 from vllm.config import VllmConfig
 from vllm.platforms import current_platform
 
-from vllm_ernie_moe import ARCHITECTURE, envs
+from vllm_ernie_moe import ARCHITECTURE, engine_core_server, envs
 from vllm_ernie_moe.patches.patching import install
 
 PLATFORM_MODULE = "vllm.platforms.cpu"
@@ -97,6 +101,19 @@ def keeps_one_worker_in_the_engine_core(check_and_update_config: Callable) -> Ca
     return patched
 
 
+@contextlib.contextmanager
+def _started_by_the_engine_core_server(vllm_config: VllmConfig, module: str) -> Iterator[None]:
+    """In a ``vllm serve`` started with the plugin's hook, start the engine core through
+    ``engine_core_server`` (forked from its server where the environment allows)."""
+    context = engine_core_server.engine_core_context()
+    if context is None or getattr(vllm_config.parallel_config, "numa_bind", False):
+        engine_core_server.stop_server()
+        yield
+        return
+    with mock.patch.object(importlib.import_module(module), "get_mp_context", lambda: context):
+        yield
+
+
 def starts_the_engine_core_bound(init: Callable) -> Callable:
     """``CoreEngineProcManager.__init__`` that starts the engine core of a one-worker engine, which
     runs its worker, with the OpenMP environment vLLM's ``mp`` executor gives a worker process."""
@@ -111,8 +128,12 @@ def starts_the_engine_core_bound(init: Callable) -> Callable:
             arguments["local_engine_count"] == 1
             and holds_its_worker(arguments["executor_class"], vllm_config)
         ):
+            engine_core_server.stop_server()
             return init(self, *args, **kwargs)
-        with OMPProcessManager(vllm_config).configure_omp_envs(rank=0, local_rank=0):
+        with (
+            OMPProcessManager(vllm_config).configure_omp_envs(rank=0, local_rank=0),
+            _started_by_the_engine_core_server(vllm_config, init.__module__),
+        ):
             return init(self, *args, **kwargs)
 
     return patched
@@ -125,7 +146,7 @@ def runs_unbound(process_sockets: Callable) -> Callable:
     @functools.wraps(process_sockets)
     def patched(self, *args, **kwargs) -> None:
         if holds_its_worker(type(self.model_executor), self.vllm_config):
-            os.sched_setaffinity(0, os.sched_getaffinity(os.getppid()))
+            os.sched_setaffinity(0, os.sched_getaffinity(engine_core_server.caller_pid()))
         return process_sockets(self, *args, **kwargs)
 
     return patched
@@ -144,6 +165,7 @@ def _forces_mp_for_one_worker(check_and_update_config: Callable) -> bool:
 def apply() -> bool:
     """Keep one CPU worker in the engine-core process, bound; idempotent. True when active."""
     if not current_platform.is_cpu():
+        engine_core_server.stop_server()
         return False
     platform = importlib.import_module(PLATFORM_MODULE).CpuPlatform
     if not install(

@@ -86,6 +86,27 @@ def worker_in_engine_core() -> bool:
     return os.environ.get(WORKER_IN_ENGINE_CORE_VARIABLE, "1") != "0"
 
 
+#: ``0``: ``vllm serve`` spawns its engine core as vLLM does (``engine_core_server.py``).
+ENGINE_CORE_SERVER_VARIABLE = "VLLM_ERNIE_MOE_ENGINE_CORE_SERVER"
+
+
+def engine_core_server() -> bool:
+    """``vllm serve`` on CPU forks its engine core from a server that imported it during the API
+    server's own imports, where the environment allows (``engine_core_server.py``). Read by the
+    ``.pth`` start hook, so before vLLM is imported."""
+    return os.environ.get(ENGINE_CORE_SERVER_VARIABLE, "1") != "0"
+
+
+#: The plugin's own files: wheels the tests read, the engine-core server's notes.
+CACHE_DIR_VARIABLE = "VLLM_ERNIE_MOE_CACHE_DIR"
+
+
+def cache_dir() -> Path:
+    """``VLLM_ERNIE_MOE_CACHE_DIR`` (default ``~/.cache/vllm-ernie-moe``, as in the Makefile)."""
+    value = os.environ.get(CACHE_DIR_VARIABLE, "").strip()
+    return Path(value).expanduser() if value else Path.home() / ".cache" / "vllm-ernie-moe"
+
+
 def build_settings() -> list[str]:
     """The switches above that change how the model is built (its kernels, its parameters), as in
     effect: what a saved compilation of the model depends on besides code and hardware."""
