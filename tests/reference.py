@@ -120,6 +120,25 @@ def vllm_greedy(path: Path, dtype: str, tp: int, max_tokens: int, top_k: int) ->
     return outputs
 
 
+def served_greedy(
+    client, model: str, prompts: list[list[int]], max_tokens: int
+) -> list[Generation]:
+    """Greedy completions of a ``vllm serve`` (an openai ``client``) with the top-5
+    log-probabilities per step, by token id."""
+    generations = []
+    for ids in prompts:
+        reply = client.completions.create(
+            model=model,
+            prompt=ids,
+            max_tokens=max_tokens,
+            temperature=0,
+            logprobs=5,
+            extra_body={"return_tokens_as_token_ids": True, "ignore_eos": True},
+        )
+        generations.append(Generation.from_completion(reply.choices[0].logprobs.model_dump()))
+    return generations
+
+
 def check_logprobs_close(reference: list[Generation], tested: list[Generation]) -> None:
     """vLLM's rule (tests/models/utils.py): greedy tokens agree until the first difference, and
     there each side's token is among the other side's top-k; nothing is compared after it."""

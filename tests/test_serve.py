@@ -11,9 +11,9 @@ import pytest
 import requests
 from peft_adapter import DENSE_MODULES, merged, write_adapter
 from reference import (
-    Generation,
     check_logprobs_close,
     prompt_token_ids,
+    served_greedy,
     transformers_greedy,
 )
 from settings import default_process_layout
@@ -142,24 +142,6 @@ def test_bad_requests_get_http_errors_and_the_server_stays_up(server):
         client.completions.create(model=str(path), prompt="hi", max_tokens=4, temperature=-1)
     assert requests.get(f"{base}/health", timeout=5).status_code == 200
     assert client.completions.create(model=str(path), prompt="hi", max_tokens=2).choices
-
-
-def served_greedy(
-    client, model: str, prompts: list[list[int]], max_tokens: int
-) -> list[Generation]:
-    """Greedy completions with the top-5 log-probabilities per step, by token id."""
-    generations = []
-    for ids in prompts:
-        reply = client.completions.create(
-            model=model,
-            prompt=ids,
-            max_tokens=max_tokens,
-            temperature=0,
-            logprobs=5,
-            extra_body={"return_tokens_as_token_ids": True, "ignore_eos": True},
-        )
-        generations.append(Generation.from_completion(reply.choices[0].logprobs.model_dump()))
-    return generations
 
 
 def test_a_lora_module_is_served_by_its_name(server, adapter):

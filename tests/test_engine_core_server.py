@@ -1,0 +1,190 @@
+"""vllm_ernie_moe/engine_core_server.py: ``vllm serve`` forks its engine core from the server the
+``.pth`` hook started, only where the engine core's environment is the one vLLM would spawn it
+with; it then answers as transformers does, with vLLM's binding, and otherwise vLLM spawns it.
+
+The reference for "the environment vLLM gives it" and "the binding" is the spawned engine core of
+the first start (no note yet, so no server), read from ``/proc``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import site
+import subprocess
+import sys
+from pathlib import Path
+
+import openai
+import psutil
+import pytest
+from reference import check_logprobs_close, prompt_token_ids, served_greedy, transformers_greedy
+from settings import default_process_layout
+
+from vllm_ernie_moe import engine_core_server
+from vllm_ernie_moe.envs import CACHE_DIR_VARIABLE, ENGINE_CORE_SERVER_VARIABLE
+from vllm_ernie_moe.patches import patch_cpu_engine_core_worker
+from vllm_ernie_moe.tools.served import vllm_serve
+
+MAX_TOKENS = 8
+HOOK = Path(engine_core_server.__file__).parent.parent / "vllm_ernie_moe_engine_core_server.pth"
+pytestmark = pytest.mark.skipif(
+    not patch_cpu_engine_core_worker.apply(), reason="vLLM's CPU platform keeps one worker in place"
+)
+
+
+@contextlib.contextmanager
+def environment(**variables: str | None):
+    saved = {name: os.environ.get(name) for name in variables}
+    try:
+        for name, value in variables.items():
+            os.environ.pop(name, None) if value is None else os.environ.__setitem__(name, value)
+        yield
+    finally:
+        for name, value in saved.items():
+            os.environ.pop(name, None) if value is None else os.environ.__setitem__(name, value)
+
+
+def process_report(process: psutil.Process) -> dict:
+    """What a process started with and where its threads may run: (name, CPUs) per thread."""
+    raw = Path(f"/proc/{process.pid}/environ").read_bytes().decode()
+    threads = []
+    for thread in process.threads():
+        task = Path(f"/proc/{process.pid}/task/{thread.id}")
+        with contextlib.suppress(OSError):  # ended meanwhile
+            status = dict(line.split(":", 1) for line in (task / "status").read_text().splitlines())
+            cpus = status["Cpus_allowed_list"].strip()
+            threads.append(((task / "comm").read_text().strip(), cpus))
+    return dict(
+        environ=dict(e.split("=", 1) for e in raw.split("\0") if "=" in e),
+        parent_cmdline=" ".join(process.parent().cmdline()),
+        threads=sorted(set(threads)),
+    )
+
+
+def serve_once(path: Path, log: Path, prompts: list[list[int]]) -> dict:
+    """One ``vllm serve`` start as users run it: its greedy answers, its engine core, its log."""
+    with default_process_layout(), vllm_serve(path, "--max-model-len", "256", "--enforce-eager",
+                                              log=log) as served:  # fmt: skip
+        client = openai.OpenAI(base_url=f"{served.base_url}/v1", api_key="none", max_retries=0)
+        answers = served_greedy(client, str(path), prompts, MAX_TOKENS)
+        children = psutil.Process(served.pid).children(recursive=True)
+        (engine_core,) = [c for c in children if "EngineCore" in " ".join(c.cmdline())]
+        report = process_report(engine_core)
+        report["servers"] = [c.pid for c in children if "forkserver" in " ".join(c.cmdline())]
+    return dict(report, answers=answers, log=log.read_text())
+
+
+@pytest.fixture(scope="module")
+def starts(checkpoint, tmp_path_factory):
+    """Four starts with an empty note directory: the first (no note), the second (the note),
+    one with a binding setting changed, one with the server turned off."""
+    path = checkpoint("tiny-21b", "bfloat16")
+    prompts = prompt_token_ids(path)
+    logs = tmp_path_factory.mktemp("serve")
+    notes = str(tmp_path_factory.mktemp("notes"))
+    runs = {}
+    settings = {
+        "first": {},
+        "second": {},
+        "changed": {"VLLM_CPU_OMP_THREADS_BIND": "0"},
+        "off": {ENGINE_CORE_SERVER_VARIABLE: "0"},
+    }
+    for name, changed in settings.items():
+        fresh = {CACHE_DIR_VARIABLE: notes, ENGINE_CORE_SERVER_VARIABLE: None}
+        with environment(**fresh, **changed):
+            runs[name] = serve_once(path, logs / f"{name}.log", prompts)
+    return path, runs
+
+
+def test_the_hook_is_installed_beside_the_packages():
+    installed = [Path(d) / HOOK.name for d in site.getsitepackages()]
+    assert any(p.is_file() and p.read_text() == HOOK.read_text() for p in installed), installed
+
+
+def test_the_first_start_spawns_and_the_second_forks_from_the_server(starts):
+    _, runs = starts
+    assert "engine core spawned: no server was started" in runs["first"]["log"]
+    assert "forkserver" not in runs["first"]["parent_cmdline"]
+    assert "engine core forked from the pre-imported server" in runs["second"]["log"]
+    assert "forkserver" in runs["second"]["parent_cmdline"]
+
+
+def test_the_forked_engine_core_starts_with_the_spawned_ones_environment(starts):
+    _, runs = starts
+    spawned, forked = runs["first"]["environ"], runs["second"]["environ"]
+    assert spawned.get("LD_PRELOAD") or spawned.get("OMP_NUM_THREADS"), "vLLM set nothing?"
+    assert forked == spawned
+
+
+def test_its_threads_run_where_the_spawned_ones_do(starts):
+    _, runs = starts
+    # OpenMP's threads take the binding; the ZMQ threads take the API server's CPUs.
+    assert runs["second"]["threads"] == runs["first"]["threads"]
+
+
+def test_every_start_answers_as_transformers_does(starts):
+    path, runs = starts
+    reference = transformers_greedy(path, "bfloat16", MAX_TOKENS, 5)
+    for run in runs.values():
+        check_logprobs_close(reference, run["answers"])
+
+
+def test_a_changed_setting_spawns_and_stops_the_server(starts):
+    _, runs = starts
+    changed = runs["changed"]
+    assert "engine core spawned: the engine core's environment differs" in changed["log"]
+    assert "GOMP_CPU_AFFINITY" in changed["log"] or "OMP_PLACES" in changed["log"]
+    assert "forkserver" not in changed["parent_cmdline"]
+    assert changed["servers"] == []
+
+
+def test_turned_off_it_spawns(starts):
+    _, runs = starts
+    assert "forkserver" not in runs["off"]["parent_cmdline"]
+    assert "engine core spawned" not in runs["off"]["log"]
+
+
+def test_the_server_refuses_to_stay_after_openmp_started():
+    """A child forked after OpenMP started its threads hangs in its first parallel region
+    (docs/results/serve-engine-core-fork-zen4.txt): the server exits instead."""
+    started_openmp = "import torch; torch.randn(256, 256) @ torch.randn(256, 256); "
+    done = subprocess.run(
+        [sys.executable, "-c", started_openmp + f"import {engine_core_server.PRELOAD_MODULE}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, OMP_NUM_THREADS="2"),
+    )
+    assert "started threads; exiting" in done.stderr, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["/venv/bin/vllm", "serve", "model"], True),
+        (["vllm", "serve"], True),
+        (["/venv/bin/vllm", "bench", "serve"], False),
+        (["/venv/bin/python", "-m", "vllm", "serve"], False),
+        (["-c"], False),
+    ],
+)
+def test_only_vllm_serve_is_a_vllm_serve(argv, expected):
+    assert engine_core_server.is_vllm_serve(argv) is expected
+
+
+def test_a_note_changes_exactly_what_vllm_changed():
+    before = {"HOME": "/root", "OMP_NUM_THREADS": "8", "GONE": "1"}
+    after = {"HOME": "/root", "OMP_NUM_THREADS": "2", "LD_PRELOAD": "libgomp.so.1"}
+    note = engine_core_server.changes(before, after)
+    assert note == {"OMP_NUM_THREADS": "2", "LD_PRELOAD": "libgomp.so.1", "GONE": None}
+    assert engine_core_server.applied(before, note) == after
+
+
+def test_a_broken_note_starts_no_server(tmp_path, monkeypatch):
+    monkeypatch.setenv(CACHE_DIR_VARIABLE, str(tmp_path))
+    engine_core_server.note_path().parent.mkdir(parents=True)
+    for broken in ("{", json.dumps({"LD_PRELOAD": 3}), json.dumps(["a"])):
+        engine_core_server.note_path().write_text(broken)
+        assert engine_core_server._read_note() is None
