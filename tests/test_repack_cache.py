@@ -27,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from settings import ONE_PROCESS
 
-from vllm_ernie_moe import envs, read_ahead
+from vllm_ernie_moe import envs
 from vllm_ernie_moe.quant import repack_cache
 from vllm_ernie_moe.quant.cpu_experts import vllm_kernel_serves
 
@@ -338,7 +338,7 @@ def test_read_ahead_brings_every_page_into_memory(tmp_path):
             os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     if max(_resident_fraction(entry) for entry in entries) > 0.1:
         pytest.skip(f"{tmp_path}'s file system keeps its pages (tmpfs): nothing to read ahead")
-    read_ahead.read_ahead(entries[:1], [(entries[1], 0, 0), (entries[2], 4096, 24 << 20)])
+    repack_cache.read_ahead(entries[:1], [(entries[1], 0, 0), (entries[2], 4096, 24 << 20)])
     deadline = time.monotonic() + 30  # the stretch is asked for after the whole file: wait for both
     while (_resident_fraction(entries[1]) < 1 or _resident_fraction(entries[2]) < 0.75) and (
         time.monotonic() < deadline
@@ -360,7 +360,7 @@ def test_the_imports_note_lists_code_not_the_data_files_the_process_maps(tmp_pat
         tensors.get_tensor("weight")
         with open("/proc/self/maps") as maps:
             mapped = {"".join(line.split(maxsplit=5)[5:]).strip() for line in maps}
-        files = read_ahead.imported_files()
+        files = repack_cache._imported_files()
     assert str(shard.resolve()) in mapped
     assert str(shard.resolve()) not in files
     libtorch = {path for path in mapped if path.endswith("/libtorch_cpu.so")}

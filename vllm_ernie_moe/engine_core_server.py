@@ -29,7 +29,6 @@ Where it applies: one engine core holding its one worker
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import multiprocessing
@@ -40,7 +39,7 @@ import os
 import sys
 from pathlib import Path
 
-from vllm_ernie_moe import envs, read_ahead
+from vllm_ernie_moe import envs
 
 #: What the server imports (its import does the work; see that module).
 PRELOAD_MODULE = "vllm_ernie_moe.engine_core_preload"
@@ -49,8 +48,6 @@ PRELOAD_MODULE = "vllm_ernie_moe.engine_core_preload"
 _start_environment: dict[str, str] | None = None
 #: The environment the server was started with, while it runs.
 _server_environment: dict[str, str] | None = None
-#: The read-ahead notes the start hook began reading.
-_early_read_ahead: Path | None = None
 
 
 def is_vllm_serve(argv: list[str]) -> bool:
@@ -97,7 +94,6 @@ def start_for_vllm_serve() -> None:
         if not (envs.engine_core_server() and is_vllm_serve(sys.argv)):
             return
         _start_environment = dict(os.environ)
-        _read_ahead_early()
         note = _read_note()
         if note is None:
             return
@@ -118,66 +114,6 @@ def start_for_vllm_serve() -> None:
 
 
 # ``multiprocessing.forkserver`` has no public way to ask whether its server runs or to stop it.
-def served_model(argv: list[str]) -> str | None:
-    """The model a ``vllm serve`` command line names (positional, or ``--model``)."""
-    rest = argv[2:]
-    if rest and not rest[0].startswith("-"):
-        return rest[0]
-    for name, value in zip(rest, rest[1:] + [""]):
-        if name == "--model":
-            return value or None
-        if name.startswith("--model="):
-            return name.partition("=")[2] or None
-    return None
-
-
-def _read_ahead_pointer() -> Path | None:
-    """Where the read-ahead notes of the last ``vllm serve`` of the same model are named."""
-    model = served_model(sys.argv)
-    if model is None:
-        return None
-    model = os.path.abspath(model) if os.path.isdir(model) else model
-    digest = hashlib.sha256(model.encode()).hexdigest()[:16]
-    return note_path().with_name(f"{note_path().stem}-{digest}.read-ahead")
-
-
-def _read_ahead_early() -> None:
-    """Begin reading ahead what the last start of the same model read, at once: the config
-    step, where ``repack_cache.read_ahead_noted`` would begin it, comes after the API server's
-    imports (12 s of a warm start with the page cache emptied). Only a hint: a note of another
-    layout or an older environment costs reads, never an answer."""
-    global _early_read_ahead
-    pointer = _read_ahead_pointer()
-    if pointer is None or not envs.repack_cache_read_ahead():
-        return
-    with contextlib.suppress(OSError, ValueError):
-        notes = Path(pointer.read_text())
-        files, stretches = read_ahead.noted(notes)
-        if stretches:
-            read_ahead.start(files, stretches)
-            _early_read_ahead = notes
-
-
-def read_ahead_started(notes: Path) -> bool:
-    """Whether the start hook already began reading ahead these notes."""
-    return _early_read_ahead == notes
-
-
-def remember_read_ahead(notes: Path) -> None:
-    """In a ``vllm serve`` started with the hook: name these notes for the same command's next
-    start, whose hook then reads them ahead at once."""
-    pointer = _read_ahead_pointer()
-    if _start_environment is None or pointer is None:
-        return
-    with contextlib.suppress(OSError):
-        if pointer.is_file() and pointer.read_text() == str(notes):
-            return
-        pointer.parent.mkdir(parents=True, exist_ok=True)
-        temporary = pointer.with_suffix(f".{os.getpid()}.tmp")
-        temporary.write_text(str(notes))
-        temporary.replace(pointer)
-
-
 def _server_alive() -> bool:
     pid = multiprocessing.forkserver._forkserver._forkserver_pid
     return pid is not None and os.waitpid(pid, os.WNOHANG)[0] == 0
