@@ -93,7 +93,7 @@ def starts(checkpoint, tmp_path_factory):
     }
     for name, changed in settings.items():
         fresh = {CACHE_DIR_VARIABLE: notes, ENGINE_CORE_SERVER_VARIABLE: None}
-        with environment(**fresh, **changed):
+        with environment(**{**fresh, **changed}):
             runs[name] = serve_once(path, logs / f"{name}.log", prompts)
     return path, runs
 
