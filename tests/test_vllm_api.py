@@ -130,7 +130,10 @@ def test_engine_core_worker_patch_has_targets_with_the_bug(source):
 
     rule = source.source_of(patch.PLATFORM_MODULE, "CpuPlatform.check_and_update_config")
     assert rule is not None and patch.forces_mp_for_one_worker_source(rule)
-    assert source.method(patch.ENGINE_UTILS_MODULE, "CoreEngineProcManager.__init__")
+    init = source.source_of(patch.ENGINE_UTILS_MODULE, "CoreEngineProcManager.__init__")
+    # The engine-core server's context replaces the module's get_mp_context during that call.
+    assert init is not None and "get_mp_context()" in init
+    assert source.definition(patch.ENGINE_UTILS_MODULE, "get_mp_context")
     assert source.method("vllm.utils.ompmultiprocessing", "OMPProcessManager.configure_omp_envs")
     for thread in patch.SOCKET_THREADS:
         assert source.method(patch.ENGINE_CORE_MODULE, f"EngineCoreProc.{thread}")
