@@ -110,7 +110,14 @@ def _started_by_the_engine_core_server(vllm_config: VllmConfig, module: str) -> 
         engine_core_server.stop_server()
         yield
         return
-    with mock.patch.object(importlib.import_module(module), "get_mp_context", lambda: context):
+    engine_utils = importlib.import_module(module)
+    get_mp_context = engine_utils.get_mp_context
+
+    def server_context() -> engine_core_server.EngineCoreContext:
+        get_mp_context()  # vLLM's own checks (those that force spawn) still run
+        return context
+
+    with mock.patch.object(engine_utils, "get_mp_context", server_context):
         yield
 
 

@@ -11,9 +11,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import site
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import openai
@@ -182,9 +184,41 @@ def test_a_note_changes_exactly_what_vllm_changed():
     assert engine_core_server.applied(before, note) == after
 
 
-def test_a_broken_note_starts_no_server(tmp_path, monkeypatch):
+def test_a_broken_note_or_one_others_can_write_starts_no_server(tmp_path, monkeypatch):
     monkeypatch.setenv(CACHE_DIR_VARIABLE, str(tmp_path))
-    engine_core_server.note_path().parent.mkdir(parents=True)
+    note = engine_core_server.note_path()
+    note.parent.mkdir(parents=True)
     for broken in ("{", json.dumps({"LD_PRELOAD": 3}), json.dumps(["a"])):
-        engine_core_server.note_path().write_text(broken)
+        note.write_text(broken)
         assert engine_core_server._read_note() is None
+    note.write_text(json.dumps({"LD_PRELOAD": "/tmp/lib.so"}))
+    note.chmod(0o600)
+    assert engine_core_server._read_note() == {"LD_PRELOAD": "/tmp/lib.so"}
+    note.chmod(0o622)  # the note chooses the server's LD_PRELOAD
+    assert engine_core_server._read_note() is None
+
+
+def test_a_server_that_exited_leaves_the_engine_core_spawned(tmp_path, monkeypatch):
+    """The preload exits when it finds threads, or fails: vLLM spawns, and the start goes on."""
+    monkeypatch.setenv(CACHE_DIR_VARIABLE, str(tmp_path))
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/vllm", "serve", "model"])
+    for name in ("_start_environment", "_server_environment", "_server"):
+        monkeypatch.setattr(engine_core_server, name, getattr(engine_core_server, name))
+    note = engine_core_server.note_path()
+    note.parent.mkdir(parents=True)
+    note.write_text(json.dumps({"A_VARIABLE_VLLM_SETS": "1"}))
+    note.chmod(0o600)
+    engine_core_server.start_for_vllm_serve()
+    pid = engine_core_server._server._forkserver_pid
+    assert pid is not None, "the hook started no server"
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    monkeypatch.setenv("A_VARIABLE_VLLM_SETS", "1")  # the environment the server was started with
+    process = engine_core_server.engine_core_context().Process(target=os.getpid)
+    process.start()
+    process.join(120)
+    assert process.exitcode == 0
+    assert engine_core_server._server_environment is None  # stopped, not to be forked from

@@ -29,6 +29,7 @@ Where it applies: one engine core holding its one worker
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import multiprocessing
@@ -36,8 +37,10 @@ import multiprocessing.context
 import multiprocessing.forkserver
 import multiprocessing.resource_tracker
 import os
+import signal
 import sys
 from pathlib import Path
+from unittest import mock
 
 from vllm_ernie_moe import envs
 
@@ -46,8 +49,11 @@ PRELOAD_MODULE = "vllm_ernie_moe.engine_core_preload"
 
 #: The API server's environment as it started, when it started as ``vllm serve`` with the hook.
 _start_environment: dict[str, str] | None = None
-#: The environment the server was started with, while it runs.
+#: The environment the server was started with, until it stops or forks the engine core.
 _server_environment: dict[str, str] | None = None
+#: The server: a ``ForkServer`` of its own, not ``multiprocessing``'s shared one, which vLLM
+#: (``VLLM_WORKER_MULTIPROC_METHOD=forkserver``) or Python's default start method may use.
+_server = multiprocessing.forkserver.ForkServer()
 
 
 def is_vllm_serve(argv: list[str]) -> bool:
@@ -62,7 +68,11 @@ def note_path() -> Path:
 
 
 def _read_note() -> dict[str, str | None] | None:
+    """The last start's note, if this user wrote it and nobody else can (it sets ``LD_PRELOAD``)."""
     try:
+        status = note_path().stat()
+        if status.st_uid != os.getuid() or status.st_mode & 0o022:
+            return None
         note = json.loads(note_path().read_text())
     except (OSError, ValueError):
         return None
@@ -91,7 +101,7 @@ def start_for_vllm_serve() -> None:
     the last start left a note, start the server with that environment. Never raises."""
     global _start_environment, _server_environment
     try:
-        if not (envs.engine_core_server() and is_vllm_serve(sys.argv)):
+        if not (sys.platform == "linux" and envs.engine_core_server() and is_vllm_serve(sys.argv)):
             return
         _start_environment = dict(os.environ)
         note = _read_note()
@@ -100,11 +110,11 @@ def start_for_vllm_serve() -> None:
         server_environment = applied(_start_environment, note)
         # The resource tracker, which the server starts too, keeps the API server's environment.
         multiprocessing.resource_tracker.ensure_running()
-        multiprocessing.forkserver.set_forkserver_preload([PRELOAD_MODULE])
+        _server.set_forkserver_preload([PRELOAD_MODULE])
         os.environ.clear()
         os.environ.update(server_environment)
         try:
-            multiprocessing.forkserver.ensure_running()
+            _server.ensure_running()
         finally:
             os.environ.clear()
             os.environ.update(_start_environment)
@@ -113,19 +123,28 @@ def start_for_vllm_serve() -> None:
         print(f"vllm-ernie-moe: engine-core server not started: {error!r}", file=sys.stderr)
 
 
-# ``multiprocessing.forkserver`` has no public way to ask whether its server runs or to stop it.
+# ``ForkServer`` has no public way to ask whether its server runs or to stop it at once.
 def _server_alive() -> bool:
-    pid = multiprocessing.forkserver._forkserver._forkserver_pid
+    pid = _server._forkserver_pid
     return pid is not None and os.waitpid(pid, os.WNOHANG)[0] == 0
 
 
 def stop_server() -> None:
     """Stop the server where this start does not fork its engine core from it (it holds the
-    imported modules' memory for as long as the API server runs)."""
-    global _server_environment
-    if _server_environment is not None:
-        multiprocessing.forkserver._forkserver._stop()
-        _server_environment = None
+    imported modules' memory for as long as the API server runs). Never after a fork: a forked
+    engine core's exit status reaches vLLM through the server."""
+    global _server, _server_environment
+    if _server_environment is None:
+        return
+    _server_environment = None
+    pid = _server._forkserver_pid
+    if pid is not None:  # importing still, waiting, or exited (then reaped by _server_alive)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+        os.close(_server._forkserver_alive_fd)
+    _server = multiprocessing.forkserver.ForkServer()  # its socket is abstract (Linux only)
 
 
 def _remember(environment: dict[str, str]) -> None:
@@ -135,8 +154,9 @@ def _remember(environment: dict[str, str]) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_suffix(f".{os.getpid()}.tmp")
-        temporary.write_text(json.dumps(changes(_start_environment, environment), indent=1))
-        temporary.chmod(0o600)
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with open(descriptor, "w") as file:
+            json.dump(changes(_start_environment, environment), file, indent=1)
         temporary.replace(path)
     except OSError as error:
         _logger().debug("engine-core environment note not written to %s: %s", path, error)
@@ -166,14 +186,25 @@ class EngineCoreProcess(multiprocessing.context.SpawnProcess):
 
     @staticmethod
     def _Popen(process_obj):
+        global _server_environment
         environment = dict(os.environ)
         _remember(environment)
         reason = server_mismatch(environment)
         if reason is None:
             from multiprocessing.popen_forkserver import Popen
 
-            _logger().info("vllm-ernie-moe: engine core forked from the pre-imported server")
-            return Popen(process_obj)
+            try:
+                with mock.patch.object(
+                    multiprocessing.forkserver, "connect_to_new_process",
+                    _server.connect_to_new_process,
+                ):  # fmt: skip
+                    forked = Popen(process_obj)
+            except (OSError, EOFError) as error:  # it exited between the check and the fork
+                reason = f"the server did not fork it ({error!r})"
+            else:
+                _server_environment = None  # one engine core per server; it stays for its status
+                _logger().info("vllm-ernie-moe: engine core forked from the pre-imported server")
+                return forked
         _logger().info("vllm-ernie-moe: engine core spawned: %s", reason)
         stop_server()
         from multiprocessing.popen_spawn_posix import Popen
