@@ -21,6 +21,7 @@ from pathlib import Path
 import openai
 import psutil
 import pytest
+import requests
 from reference import check_logprobs_close, prompt_token_ids, served_greedy, transformers_greedy
 from settings import default_process_layout
 
@@ -75,7 +76,22 @@ def serve_once(path: Path, log: Path, prompts: list[list[int]]) -> dict:
         (engine_core,) = [c for c in children if "EngineCore" in " ".join(c.cmdline())]
         report = process_report(engine_core)
         report["servers"] = [c.pid for c in children if "forkserver" in " ".join(c.cmdline())]
+        engine_core.kill()  # vLLM watches its engine core's sentinel: a forked one's too?
+        report["unhealthy_after_kill"] = becomes_unhealthy(served.base_url, seconds=60)
     return dict(report, answers=answers, log=log.read_text())
+
+
+def becomes_unhealthy(base_url: str, seconds: float) -> bool:
+    """Whether the server stops answering /health with 200 within ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"{base_url}/health", timeout=2).status_code != 200:
+                return True
+        except requests.ConnectionError:
+            return True
+        time.sleep(0.2)
+    return False
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +147,15 @@ def test_every_start_answers_as_transformers_does(starts):
     reference = transformers_greedy(path, "bfloat16", MAX_TOKENS, 5)
     for run in runs.values():
         check_logprobs_close(reference, run["answers"])
+
+
+def test_the_api_server_notices_when_the_engine_core_dies(starts):
+    """vLLM learns of its engine core's death through the process's sentinel; a forked engine
+    core's comes from the server."""
+    _, runs = starts
+    assert {name: run["unhealthy_after_kill"] for name, run in runs.items()} == dict.fromkeys(
+        runs, True
+    )
 
 
 def test_a_changed_setting_spawns_and_stops_the_server(starts):
