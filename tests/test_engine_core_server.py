@@ -209,6 +209,19 @@ def test_a_note_changes_exactly_what_vllm_changed():
     assert engine_core_server.applied(before, note) == after
 
 
+def test_a_note_serves_starts_from_other_parents():
+    """A start from a shell, then one from a process that imported vLLM (its LD_PRELOAD already
+    set), then one from a shell again: each note still gives the next start's engine core."""
+    from_shell = {"HOME": "/root"}
+    from_vllm = {"HOME": "/root", "LD_PRELOAD": "libgomp.so.1"}
+    engine_core = {"HOME": "/root", "LD_PRELOAD": "libgomp.so.1", "OMP_NUM_THREADS": "2"}
+    note = engine_core_server.note_for(from_shell, engine_core, {})
+    assert engine_core_server.applied(from_vllm, note) == engine_core
+    note = engine_core_server.note_for(from_vllm, engine_core, note)
+    assert "LD_PRELOAD" in note  # vLLM did not change it this time; the earlier note named it
+    assert engine_core_server.applied(from_shell, note) == engine_core
+
+
 def test_a_broken_note_or_one_others_can_write_starts_no_server(tmp_path, monkeypatch):
     monkeypatch.setenv(CACHE_DIR_VARIABLE, str(tmp_path))
     note = engine_core_server.note_path()

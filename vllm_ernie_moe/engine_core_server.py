@@ -147,16 +147,28 @@ def stop_server() -> None:
     _server = multiprocessing.forkserver.ForkServer()  # its socket is abstract (Linux only)
 
 
+def note_for(
+    start: dict[str, str], engine_core: dict[str, str], previous: dict[str, str | None]
+) -> dict[str, str | None]:
+    """The note a start leaves: the engine core's values of what vLLM changed in ``start``, and of
+    what earlier notes named. A start whose parent had imported vLLM (a test, a script) begins
+    with vLLM's variables set and changes fewer; with the earlier keys kept, its note still
+    serves a start from a shell, and the other way round."""
+    keys = set(changes(start, engine_core)) | set(previous)
+    return {key: engine_core.get(key) for key in sorted(keys)}
+
+
 def _remember(environment: dict[str, str]) -> None:
     """Leave the next start a note of what vLLM changed in this start's environment."""
     assert _start_environment is not None
     path = note_path()
+    note = note_for(_start_environment, environment, _read_note() or {})
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_suffix(f".{os.getpid()}.tmp")
         descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with open(descriptor, "w") as file:
-            json.dump(changes(_start_environment, environment), file, indent=1)
+            json.dump(note, file, indent=1)
         temporary.replace(path)
     except OSError as error:
         _logger().debug("engine-core environment note not written to %s: %s", path, error)
