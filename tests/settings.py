@@ -5,6 +5,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from vllm_ernie_moe import envs
+
 
 def ascend_source_dir() -> Path | None:
     """``VLLM_ERNIE_MOE_ASCEND_SRC``: a vllm-ascend source tree for the Ascend contract check
@@ -17,11 +19,7 @@ def vllm_wheel_dir() -> Path:
     """``VLLM_ERNIE_MOE_VLLM_WHEELS``: vLLM wheels whose source ``tests/test_vllm_api.py`` checks
     the package's imports against (``make vllm-wheels`` fills it); default: ``wheels`` under
     ``VLLM_ERNIE_MOE_CACHE_DIR`` (``~/.cache/vllm-ernie-moe``), as in the Makefile."""
-    cache = os.environ.get(
-        "VLLM_ERNIE_MOE_CACHE_DIR",
-        os.path.join(os.path.expanduser("~"), ".cache", "vllm-ernie-moe"),
-    )
-    return Path(os.environ.get("VLLM_ERNIE_MOE_VLLM_WHEELS", os.path.join(cache, "wheels")))
+    return Path(os.environ.get("VLLM_ERNIE_MOE_VLLM_WHEELS", envs.cache_dir() / "wheels"))
 
 
 #: vLLM's variable that keeps an engine in the process that makes it (``0``: engine core and a
