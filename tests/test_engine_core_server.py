@@ -21,14 +21,13 @@ from pathlib import Path
 import openai
 import psutil
 import pytest
-import requests
 from reference import check_logprobs_close, prompt_token_ids, served_greedy, transformers_greedy
 from settings import default_process_layout
 
 from vllm_ernie_moe import engine_core_server
 from vllm_ernie_moe.envs import CACHE_DIR_VARIABLE, ENGINE_CORE_SERVER_VARIABLE
 from vllm_ernie_moe.patches import patch_cpu_engine_core_worker
-from vllm_ernie_moe.tools.served import vllm_serve
+from vllm_ernie_moe.tools.served import answers_health, vllm_serve
 
 MAX_TOKENS = 8
 HOOK = Path(engine_core_server.__file__).parent.parent / "vllm_ernie_moe_engine_core_server.pth"
@@ -85,10 +84,7 @@ def becomes_unhealthy(base_url: str, seconds: float) -> bool:
     """Whether the server stops answering /health with 200 within ``seconds``."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        try:
-            if requests.get(f"{base_url}/health", timeout=2).status_code != 200:
-                return True
-        except requests.ConnectionError:
+        if not answers_health(base_url):
             return True
         time.sleep(0.2)
     return False

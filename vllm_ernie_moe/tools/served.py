@@ -51,13 +51,14 @@ def vllm_serve(
         )
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_until_healthy([process], lambda: _answers_health(base), log, start_timeout)
+        wait_until_healthy([process], lambda: answers_health(base), log, start_timeout)
         yield Server(str(model), base, process.pid, log)
     finally:
         stop(process)
 
 
-def _answers_health(base_url: str) -> bool:
+def answers_health(base_url: str) -> bool:
+    """Whether the server at ``base_url`` answers ``/health`` with 200 (not listening: no)."""
     try:
         return requests.get(f"{base_url}/health", timeout=2).status_code == 200
     except requests.ConnectionError:
