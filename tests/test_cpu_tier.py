@@ -45,14 +45,30 @@ def test_forced_tier_loads_its_library(tier):
     assert march == expected_march
 
 
-def test_tier_above_the_host_is_refused():
+def tier_above_the_host() -> cpu_tier.Tier:
     host = cpu_tier.host_tier()
     if host is cpu_tier.TIERS[-1]:
         pytest.skip("this host runs every tier")
-    above = cpu_tier.TIERS[cpu_tier.TIERS.index(host) + 1]
-    done = run_as(above.name, REPORT)
+    return cpu_tier.TIERS[cpu_tier.TIERS.index(host) + 1]
+
+
+def test_tier_above_the_host_is_refused():
+    done = run_as(tier_above_the_host().name, "print('ran')")
     assert done.returncode != 0
     assert "cannot execute that tier" in done.stderr
+    assert "ran" not in done.stdout
+
+
+def test_process_started_with_a_tier_above_the_host_ends():
+    """A process started with the tier's variables, as vLLM starts its engine processes: Python
+    reports an error of sitecustomize and goes on, so the refusal must end the process itself."""
+    env = {**os.environ, **cpu_tier.environment(tier_above_the_host())}
+    done = subprocess.run(
+        [sys.executable, "-c", "print('ran')"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode != 0
+    assert "cannot execute that tier" in done.stderr
+    assert "ran" not in done.stdout and "Traceback" not in done.stderr
 
 
 def test_unknown_tier_names_the_choices():
