@@ -2,15 +2,17 @@
 dense MLP) on vLLM's int4 linear with int8 activations (``int4_scaled_mm_cpu``, the plugin's W4A16
 linear where VNNI makes it exact, one call and as the plugin calls it: ``quant.int4.int4_linear``,
 5-31 rows in calls of 4), PyTorch's int4 weight-only GEMM (the plugin's W4A16 linear at
-few tokens elsewhere), the dequantize-then-bf16 path (from ``INT4_DEQUANTIZE_FROM_TOKENS`` on
-elsewhere), vLLM's CPU WNA16 GEMM (``cpu_gemm_wna16``, its GPTQ/AWQ linear on CPU), PyTorch's
-int8 weight-only GEMM and bf16, side by side in one process, interleaved per shape.
+few tokens elsewhere), the dequantize-then-GEMM path (from ``INT4_DEQUANTIZE_FROM_TOKENS`` on
+elsewhere; on the bf16 GEMM, and on the fp32 one that the plugin takes where the bf16 one is slow),
+vLLM's CPU WNA16 GEMM (``cpu_gemm_wna16``, its GPTQ/AWQ linear on CPU), PyTorch's int8 weight-only
+GEMM and bf16, side by side in one process, interleaved per shape. vLLM's kernels run where the
+tier's library has them (not in ``_C_AVX2``).
 
 Weights: random int4 values with group scales (128 inputs), laid out as each kernel takes them;
 ``COPIES`` copies cycle so that they come from memory, not from the L3 cache. Rows: milliseconds
 per call for each of ``TOKENS`` tokens, and the weight bytes' rate at 1 token.
 
-    python benchmarks/int4_linear.py [--rounds 2] [--json out.json]
+    python benchmarks/int4_linear.py [--rounds 2] [--tokens 1 1024] [--json out.json]
 """
 
 import argparse
@@ -29,7 +31,8 @@ SHAPES = (
 TOKENS, GROUP, COPIES = (1, 4, 5, 8, 16, 32, 64, 256, 1024), 128, 8
 #: bytes per weight of each kernel's layout
 BYTES = {"bf16": 2.0, "int8 (torch)": 1.0, "int4 (torch)": 0.5, "int4 (vLLM wna16)": 0.5,
-         "int4 dequantized + bf16": 0.5, "int4 (vLLM, int8 activations)": 0.5,
+         "int4 dequantized + bf16": 0.5, "int4 dequantized + fp32": 0.5,
+         "int4 (vLLM, int8 activations)": 0.5,
          "int4 (vLLM, int8 activations, 4-row calls)": 0.5}  # fmt: skip
 
 
@@ -50,6 +53,7 @@ def kernels(inputs: int, outputs: int, generator) -> dict:
     from vllm_ernie_moe.quant.int4 import int4_linear, vllm_int4_blocked
     from vllm_ernie_moe.quant.msmodelslim import pack_int4_rows
 
+    has_vllm_int4 = hasattr(torch.ops._C, "int4_scaled_mm_cpu")  # not in _C_AVX2
     torch4, vllm4, int8, bf16, rows, int8_inputs = [], [], [], [], [], []
     for _ in range(COPIES):
         q = torch.randint(-8, 8, (outputs, inputs), dtype=torch.int8, generator=generator)
@@ -64,8 +68,9 @@ def kernels(inputs: int, outputs: int, generator) -> dict:
         int8.append((q, torch.ones(outputs, dtype=torch.bfloat16)))
         bf16.append(q.to(torch.bfloat16))
         rows.append((pack_int4_rows(q), s.to(torch.bfloat16)))
-        int8_inputs.append(vllm_int4_blocked(rows[-1][0], rows[-1][1].T.contiguous()))
-    return {
+        if has_vllm_int4:
+            int8_inputs.append(vllm_int4_blocked(rows[-1][0], rows[-1][1].T.contiguous()))
+    calls = {
         "bf16": lambda x, i: torch.nn.functional.linear(x, bf16[i]),
         "int8 (torch)": lambda x, i: torch._weight_int8pack_mm(x, *int8[i]),
         "int4 (torch)": lambda x, i: torch._weight_int4pack_mm_for_cpu(
@@ -74,12 +79,16 @@ def kernels(inputs: int, outputs: int, generator) -> dict:
         "int4 (vLLM wna16)": lambda x, i: ops.cpu_gemm_wna16(
             x, vllm4[i][0], vllm4[i][1], None, None, 8, "vec"
         ),
-        "int4 dequantized + bf16": lambda x, i: int4_dequantized_linear(x, *rows[i]),
+        "int4 dequantized + bf16": lambda x, i: int4_dequantized_linear(
+            x, *rows[i], torch.bfloat16
+        ),
+        "int4 dequantized + fp32": lambda x, i: int4_dequantized_linear(x, *rows[i], torch.float32),
         "int4 (vLLM, int8 activations)": lambda x, i: ops.int4_scaled_mm_cpu(
             x, *int8_inputs[i], None
         ),
         "int4 (vLLM, int8 activations, 4-row calls)": lambda x, i: int4_linear(x, *int8_inputs[i]),
     }
+    return calls if has_vllm_int4 else {n: c for n, c in calls.items() if "vLLM" not in n}
 
 
 def timed(call, x, calls: int) -> float:
@@ -95,13 +104,14 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--tokens", type=int, nargs="+", default=TOKENS)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     generator = torch.Generator().manual_seed(0)
     results = []
     for name, inputs, outputs in SHAPES:
         calls = kernels(inputs, outputs, generator)
-        for tokens in TOKENS:
+        for tokens in args.tokens:
             x = torch.randn(tokens, inputs, dtype=torch.bfloat16, generator=generator)
             for round_ in range(args.rounds):
                 for kernel, call in calls.items():

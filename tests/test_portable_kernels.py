@@ -137,6 +137,26 @@ def test_int4_group_linear_compiles_with_inductor_and_matches_group_math(tokens,
     assert (got.double() - want).abs().max() <= want.abs().max() * 2**-7
 
 
+@pytest.mark.parametrize("gemm_dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_int4_dequantized_linear_runs_the_bf16_checkpoint_weights(gemm_dtype):
+    """A prefill-sized W4A16 linear on either GEMM (fp32 where the tier's bf16 GEMM is slow: AVX2)
+    uses the weights a bf16 checkpoint would hold: each int4 value times its group's scale,
+    rounded once to bf16 (float64 products rounded here), widened exactly for the fp32 GEMM."""
+    generator = torch.Generator().manual_seed(9)
+    values = torch.randint(-8, 8, (600, 64), generator=generator, dtype=torch.int8)
+    scale = (torch.rand(600, 2, generator=generator) * 0.01 + 1e-3).bfloat16()  # groups of 32
+    weights = (values.double() * scale.double().repeat_interleave(32, dim=1)).bfloat16()
+    rows = pack_int4_rows(values)
+    for dtype in (torch.bfloat16, torch.float32):
+        out = portable_kernels.dequantize_int4_rows(rows, scale, torch.empty(600, 64, dtype=dtype))
+        assert torch.equal(out, weights.to(dtype))
+    x = torch.randn(130, 64, generator=generator).bfloat16()
+    got = int4_dequantized_linear(x, rows, scale, gemm_dtype)
+    want = x.double() @ weights.double().T
+    assert got.dtype == torch.bfloat16
+    assert (got.double() - want).abs().max() <= want.abs().max() * 2**-8
+
+
 @pytest.mark.parametrize("weight_format", portable_kernels.EXPERT_FORMATS)
 def test_experts_op_compiles_whole_and_matches_integer_math(weight_format):
     """vLLM compiles the model on CPU (fullgraph): the experts' routing-dependent loop must be one

@@ -29,7 +29,7 @@ def int8_lm_head() -> bool:
 def w8a16_int8_in_memory() -> bool | None:
     """``VLLM_ERNIE_MOE_W8A16_INT8=1`` keeps msModelSlim W8A16 weights int8 in memory (half the
     bytes), ``0`` dequantizes them at load; unset: whichever kernel is faster on this CPU
-    (``vllm_ernie_moe.portable_kernels.int8_weight_only_beats_bf16``)."""
+    (``vllm_ernie_moe.portable_kernels.bf16_gemm_is_slow``)."""
     value = os.environ.get("VLLM_ERNIE_MOE_W8A16_INT8", "")
     return None if value == "" else value == "1"
 

@@ -34,13 +34,14 @@ def exact_int8_gemm() -> bool:
     return torch.cpu._is_vnni_supported()
 
 
-def int8_weight_only_beats_bf16() -> bool:
-    """Whether ``_weight_int8pack_mm`` (int8 weights, bf16 activations) beats the bf16 GEMMs of
-    this CPU's vLLM tier per token: on x86 tiers without AVX-512 BF16. Measured on the 21B's linear
-    shapes (``benchmarks/roofline.py``, docs/cpu-tiers.md "Kernel speed per tier"): as AVX2 it
-    wins at every batch size, on the AVX-512 BF16 tier vLLM's bf16 kernels win beyond batch 1. The
-    ``avx512`` tier (no BF16: PyTorch's and oneDNN's bf16 GEMMs) and the experts are extrapolated;
-    Arm keeps vLLM's bf16 kernels (not measured)."""
+@functools.cache
+def bf16_gemm_is_slow() -> bool:
+    """Whether this CPU's vLLM tier lacks a fast bf16 GEMM beyond batch 1: x86 tiers without
+    AVX-512 BF16, where PyTorch's bf16 ``F.linear`` computes 0.04-0.06 TOP/s at 1024 tokens as
+    AVX2 (docs/cpu-tiers.md "Kernel speed per tier"). There ``_weight_int8pack_mm`` (int8 weights,
+    bf16 activations) beats it at every batch size, and W4A16 weights dequantized for a prefill
+    run on the fp32 GEMM (:func:`int4_dequantized_linear`). The ``avx512`` tier (no BF16) and the
+    experts are extrapolated; Arm keeps vLLM's bf16 kernels (not measured)."""
     from vllm_ernie_moe import cpu_tier
 
     tier = cpu_tier.active()
@@ -146,8 +147,8 @@ def dequantize_int4_rows(
     rows: torch.Tensor, scale: torch.Tensor, out: torch.Tensor
 ) -> torch.Tensor:
     """msModelSlim's int4 pairs ``[N/2, K]`` times group scales ``[N, K / group]`` into ``out``
-    (``[N, K]`` in the scales' dtype): each weight is ``value * scale`` rounded once, as a bf16
-    checkpoint would hold it."""
+    (``[N, K]``): each weight is ``value * scale`` rounded once in the scales' dtype, as a bf16
+    checkpoint would hold it, whatever ``out``'s dtype."""
     outputs, groups = scale.shape
     for start in range(0, outputs, DEQUANTIZE_ROWS_PER_CHUNK):
         values = unpack_int4_rows(rows[start // 2 : (start + DEQUANTIZE_ROWS_PER_CHUNK) // 2])
@@ -162,23 +163,34 @@ def dequantize_int4_rows(
 _scratch: dict[torch.dtype, torch.Tensor] = {}
 
 
+def dequantized_gemm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The GEMM dtype for weights dequantized for ``dtype`` activations: fp32 for bf16 where
+    :func:`bf16_gemm_is_slow` (several times faster on AVX2: benchmarks/int4_linear.py,
+    docs/cpu-tiers.md), else ``dtype``."""
+    return torch.float32 if dtype == torch.bfloat16 and bf16_gemm_is_slow() else dtype
+
+
 def int4_dequantized_linear(
-    x: torch.Tensor, rows: torch.Tensor, scale: torch.Tensor
+    x: torch.Tensor, rows: torch.Tensor, scale: torch.Tensor, gemm_dtype: torch.dtype | None = None
 ) -> torch.Tensor:
-    """``x @ W^T`` on the model dtype's GEMM, ``W`` dequantized (:func:`dequantize_int4_rows`)
-    into one buffer kept for the process: allocating it afresh each call cost more than the
-    dequantization (page faults of tens of MB per call)."""
+    """``x @ W^T``, ``W`` dequantized (:func:`dequantize_int4_rows`) into one buffer kept for the
+    process: allocating it afresh each call cost more than the dequantization (page faults of tens
+    of MB per call). On the GEMM of ``gemm_dtype`` (default :func:`dequantized_gemm_dtype`); an
+    fp32 GEMM gets the same bf16 weights, widened, and sums in fp32 as the bf16 one does."""
+    gemm_dtype = gemm_dtype or dequantized_gemm_dtype(x.dtype)
     numel = scale.shape[0] * rows.shape[1]
-    buffer = _scratch.get(x.dtype)
+    buffer = _scratch.get(gemm_dtype)
     if buffer is None or buffer.numel() < numel:
-        buffer = _scratch[x.dtype] = torch.empty(numel, dtype=x.dtype)
+        buffer = _scratch[gemm_dtype] = torch.empty(numel, dtype=gemm_dtype)
     weight = buffer[:numel].view(scale.shape[0], rows.shape[1])
-    return F.linear(x, dequantize_int4_rows(rows, scale.to(x.dtype), weight))
+    dequantize_int4_rows(rows, scale.to(x.dtype), weight)
+    return F.linear(x.to(gemm_dtype), weight).to(x.dtype)
 
 
-#: From this many tokens on, a W4A16 linear dequantizes its weight and runs the model dtype's
-#: GEMM: PyTorch's int4 GEMM computes at a fraction of the bf16 rate, so once the weight bytes stop
-#: deciding the time, dequantizing once per call wins (benchmarks/int4_linear.py, docs/w8a8.md).
+#: From this many tokens on, a W4A16 linear dequantizes its weight and runs a GEMM on it
+#: (:func:`dequantized_gemm_dtype`): PyTorch's int4 GEMM computes at a fraction of that GEMM's
+#: rate, so once the weight bytes stop deciding the time, dequantizing once per call wins
+#: (benchmarks/int4_linear.py, docs/w8a8.md).
 INT4_DEQUANTIZE_FROM_TOKENS = 128
 
 

@@ -50,7 +50,7 @@ def w8a16_int8_in_memory() -> bool:
     """Keep W8A16 weights int8 (``VLLM_ERNIE_MOE_W8A16_INT8``; default: where the portable int8
     weight-only GEMM is the faster kernel), else dequantize them at load."""
     chosen = envs.w8a16_int8_in_memory()
-    return portable_kernels.int8_weight_only_beats_bf16() if chosen is None else chosen
+    return portable_kernels.bf16_gemm_is_slow() if chosen is None else chosen
 
 
 def _w8a16_method(layer: Module, experts: bool):

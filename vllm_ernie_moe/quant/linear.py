@@ -288,8 +288,9 @@ class ErnieW4A16LinearMethod(StoredRepackMethod, LinearMethodBase):
             "vLLM's int4 linear (int4_scaled_mm_cpu, activations int8 per token)"
             if self.on_vllm_kernel
             else "PyTorch's int4 weight-only GEMM (_weight_int4pack_mm) below "
-            f"{portable_kernels.INT4_DEQUANTIZE_FROM_TOKENS} tokens, the model dtype's GEMM on "
-            "weights dequantized per call from there on",
+            f"{portable_kernels.INT4_DEQUANTIZE_FROM_TOKENS} tokens, the "
+            f"{portable_kernels.dequantized_gemm_dtype(params_dtype)} GEMM on weights dequantized "
+            "per call from there on",
         )
 
     def repack_kind(self) -> str | None:
