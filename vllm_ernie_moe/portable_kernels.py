@@ -34,7 +34,6 @@ def exact_int8_gemm() -> bool:
     return torch.cpu._is_vnni_supported()
 
 
-@functools.cache
 def bf16_gemm_is_slow() -> bool:
     """Whether this CPU's vLLM tier lacks a fast bf16 GEMM beyond batch 1: x86 tiers without
     AVX-512 BF16, where PyTorch's bf16 ``F.linear`` computes 0.04-0.06 TOP/s at 1024 tokens as
