@@ -109,16 +109,6 @@ def host_tier() -> Tier | None:
     return TIERS_BY_NAME["avx512"] if probes["avx512"]() else TIERS_BY_NAME["avx2"]
 
 
-def refuse_above_host(tier: Tier) -> None:
-    """Raises :class:`CPUTierError` when this CPU cannot execute ``tier``."""
-    host = host_tier()
-    if host is None or TIERS.index(tier) > TIERS.index(host):
-        raise CPUTierError(
-            f"{TIER_VARIABLE}={tier.name}: this CPU cannot execute that tier (its own is "
-            f"{host.name if host else 'below AVX2'}). Unset it or name a lower tier."
-        )
-
-
 def active() -> Tier | None:
     """The tier this process runs as: the forced one, else the host's."""
     return requested() or host_tier()
@@ -145,7 +135,12 @@ def force() -> Tier | None:
         return None
     import torch
 
-    refuse_above_host(tier)
+    host = host_tier()
+    if host is None or TIERS.index(tier) > TIERS.index(host):
+        raise CPUTierError(
+            f"{TIER_VARIABLE}={tier.name}: this CPU cannot execute that tier (its own is "
+            f"{host.name if host else 'below AVX2'}). Unset it or name a lower tier."
+        )
     running = torch.backends.cpu.get_cpu_capability().lower()
     if running not in (tier.aten_capability, "default"):
         raise CPUTierError(
@@ -211,9 +206,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"usage: python -m vllm_ernie_moe.cpu_tier {{{names}}} COMMAND...")
     os.environ[TIER_VARIABLE] = args[0]
     try:
-        tier = set_environment()
-        if tier is not None:
-            refuse_above_host(tier)
+        set_environment()  # a tier above the host's is refused by the command's sitecustomize
     except CPUTierError as error:
         sys.exit(str(error))
     os.execvp(args[1], args[1:])
