@@ -46,6 +46,7 @@ ENGINES = {
     "roofline": "roofline: weight bytes / best GEMV rate (benchmarks/roofline.py)",
     "plugin": "vLLM + vllm-ernie-moe, bf16",
     "plugin-stock-kernels": "vLLM + vllm-ernie-moe, bf16, VLLM_ERNIE_MOE_SGL_KERNELS=0",
+    "plugin-unwidened": "vLLM + vllm-ernie-moe, bf16, VLLM_ERNIE_MOE_BF16_WIDENING=0",
     "builtin": "vLLM 0.32 built-in class, bf16",
     "transformers": "transformers (eager), bf16",
     "w8a8": "vLLM + vllm-ernie-moe, W8A8_DYNAMIC",
@@ -89,6 +90,7 @@ ENGINE_ENV = {
     "w4a16-int8-head-worker-process": dict(INT8_HEAD, VLLM_ERNIE_MOE_WORKER_IN_ENGINE_CORE="0"),
     "w4a16-int8-head-int4-prefill": dict(INT8_HEAD, VLLM_ERNIE_MOE_W4A16_INT8_PREFILL="0"),
     "plugin-stock-kernels": {"VLLM_ERNIE_MOE_SGL_KERNELS": "0"},
+    "plugin-unwidened": {"VLLM_ERNIE_MOE_BF16_WIDENING": "0"},
     "w8a8-stock-kernels": {"VLLM_ERNIE_MOE_SGL_KERNELS": "0"},
 }
 PROMPT_LEN, DECODE_LEN, PREFILL_LEN, BATCH = 128, 64, 1024, 8
@@ -414,6 +416,7 @@ RATIOS = (
     ("w8a16", "llama.cpp-q8_0", SPEED_KEYS),
     ("w8a16", "plugin", (*SPEED_KEYS, "load_s", "peak_pss_gib")),
     ("plugin", "plugin-stock-kernels", SPEED_KEYS),
+    ("plugin", "plugin-unwidened", SPEED_KEYS),
     ("w8a8", "w8a8-stock-kernels", SPEED_KEYS),
     ("w8a8-int8-head", "w8a8", (*SPEED_KEYS, "peak_pss_gib")),
     ("w4a8", "llama.cpp-q4_k_m", SPEED_KEYS),

@@ -1,59 +1,80 @@
-"""bf16 GEMMs on the running kernel tier: PyTorch's bf16 ``F.linear`` against widening the bf16
-operands to fp32 per call (whole weight, or 256-row blocks), with fp32 weights as the bound.
+"""bf16 linears on the running kernel tier: PyTorch's bf16 ``F.linear`` (where vLLM's CPU dispatch
+ends when oneDNN refuses bf16, as on AVX2) against the plugin's widening path
+(``portable_kernels.widened_bf16_linear``: the weight widened to fp32 a block at a time, the fp32
+GEMM) and the shipped op that switches between them (``bf16_linear``, from
+``BF16_WIDEN_FROM_TOKENS`` tokens), with fp32 weights kept in memory as a bound. The 21B-A3B's
+linear shapes (``int4_linear.SHAPES``), random weights, ``COPIES`` copies cycling so that they come
+from memory; interleaved rounds; the error against a float64 product. Chooses
+``BF16_WIDEN_FROM_TOKENS`` (docs/cpu-tiers.md).
 
-A probe for docs/cpu-tiers.md ("BF16 on AVX2 is slow beyond batch 1"), on the 21B's linear shapes
-with random weights; the error is against a float64 product. As AVX2 on an AVX-512 host:
-
-    python -m vllm_ernie_moe.cpu_tier avx2 python benchmarks/bf16_widening.py 8 1024
+    python benchmarks/bf16_widening.py [--rounds 2] [--tokens 1 8 16 1024] [--json out.json]
+    python -m vllm_ernie_moe.cpu_tier avx2 python benchmarks/bf16_widening.py   # on AVX-512 hosts
 """
 
-import sys
+import json
 import time
 
 import torch
 import torch.nn.functional as F
+from int4_linear import SHAPES, kernel_bench_arguments
 
-SHAPES = {"qkv": (3072, 2560), "o": (2560, 2048), "shared_gate_up": (6144, 2560)}
-SHAPES["shared_down"] = (2560, 3072)
-BLOCK_ROWS = 256
+from vllm_ernie_moe.portable_kernels import bf16_linear, widened_bf16_linear
 
-
-def seconds_per_call(fn, reps: int) -> float:
-    fn()
-    start = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    return (time.perf_counter() - start) / reps
+TOKENS, COPIES = (1, 4, 8, 12, 16, 24, 32, 64, 128), 4
+#: seconds each measurement runs for (at least one call)
+BUDGET_S = 0.4
 
 
-def widened_in_blocks(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    xf = x.float()
-    blocks = [F.linear(xf, w[i : i + BLOCK_ROWS].float()) for i in range(0, len(w), BLOCK_ROWS)]
-    return torch.cat(blocks, -1).to(x.dtype)
+def kernels(inputs: int, outputs: int, generator) -> tuple[list[torch.Tensor], dict]:
+    """Random bf16 weights and kernel name -> callable(x, copy) on them."""
+    weights = [
+        (torch.randn(outputs, inputs, generator=generator) * 0.02).bfloat16() for _ in range(COPIES)
+    ]
+    fp32 = [w.float() for w in weights]
+    return weights, {
+        "bf16 F.linear": lambda x, i: F.linear(x, weights[i]),
+        "widened to fp32": lambda x, i: widened_bf16_linear(x, weights[i]),
+        "bf16_linear op": lambda x, i: bf16_linear(x, weights[i], None),
+        "fp32 weights (bound)": lambda x, i: F.linear(x.float(), fp32[i]).bfloat16(),
+    }
+
+
+def timed(call, x: torch.Tensor) -> float:
+    """Milliseconds per call, the copies in turn."""
+    call(x, 0)
+    calls, start = 0, time.perf_counter()
+    while calls < 2 or time.perf_counter() - start < BUDGET_S:
+        call(x, calls % COPIES)
+        calls += 1
+    return (time.perf_counter() - start) / calls * 1e3
 
 
 def main() -> None:
-    torch.manual_seed(0)
-    batches = [int(b) for b in sys.argv[1:]] or [8, 1024]
-    print("capability", torch.backends.cpu.get_cpu_capability(), "threads", torch.get_num_threads())
-    for name, (rows, cols) in SHAPES.items():
-        w = (torch.randn(rows, cols) * 0.02).bfloat16()
-        w32 = w.float()
-        for m in batches:
-            x = torch.randn(m, cols).bfloat16()
-            ref = F.linear(x.double(), w.double())
-            options = {
-                "bf16": lambda x=x, w=w: F.linear(x, w),
-                "widen_whole": lambda x=x, w=w: F.linear(x.float(), w.float()).bfloat16(),
-                "widen_blocked": lambda x=x, w=w: widened_in_blocks(x, w),
-                "fp32_weights": lambda x=x, w32=w32: F.linear(x.float(), w32).bfloat16(),
-            }
-            cells = []
-            for label, fn in options.items():
-                ms = seconds_per_call(fn, 20 if m <= 8 else 3) * 1e3
-                err = ((fn().double() - ref).norm() / ref.norm()).item()
-                cells.append(f"{label} {ms:.2f}ms err {err:.1e}")
-            print(name, m, "  ".join(cells), flush=True)
+    args = kernel_bench_arguments(__doc__, TOKENS)
+    generator = torch.Generator().manual_seed(0)
+    results = []
+    for name, inputs, outputs in SHAPES:
+        weights, calls = kernels(inputs, outputs, generator)
+        for tokens in args.tokens:
+            x = torch.randn(tokens, inputs, generator=generator).bfloat16()
+            exact = F.linear(x.double(), weights[0].double())
+            for round_ in range(args.rounds):
+                for kernel, call in calls.items():
+                    error = (call(x, 0).double() - exact).norm() / exact.norm()
+                    ms = timed(call, x)
+                    results.append(
+                        dict(shape=name, tokens=tokens, round=round_, kernel=kernel, ms=ms,
+                             tops=2 * tokens * inputs * outputs / ms / 1e9,
+                             relative_error=error.item())
+                    )  # fmt: skip
+                    print(json.dumps(results[-1]), flush=True)
+    if args.json:
+        host = {
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "capability": torch.backends.cpu.get_cpu_capability(),
+        }
+        args.json.write_text(json.dumps({"host": host, "results": results}, indent=2))
 
 
 if __name__ == "__main__":

@@ -99,14 +99,19 @@ def timed(call, x, calls: int) -> float:
     return (time.perf_counter() - start) / calls * 1e3
 
 
+def kernel_bench_arguments(doc: str, tokens: tuple[int, ...]) -> argparse.Namespace:
+    """``--rounds``, ``--tokens``, ``--json``: the command line of this and bf16_widening.py."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--tokens", type=int, nargs="+", default=tokens)
+    parser.add_argument("--json", type=Path)
+    return parser.parse_args()
+
+
 def main() -> None:
     import torch
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--tokens", type=int, nargs="+", default=TOKENS)
-    parser.add_argument("--json", type=Path)
-    args = parser.parse_args()
+    args = kernel_bench_arguments(__doc__, TOKENS)
     generator = torch.Generator().manual_seed(0)
     results = []
     for name, inputs, outputs in SHAPES:

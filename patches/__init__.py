@@ -23,6 +23,7 @@ from vllm_ernie_moe.patches import (
     patch_cpu_onednn_handler_release,
     patch_cpu_router,
     patch_cpu_sgl_kernels,
+    patch_cpu_unquantized_gemm,
     patch_cpu_warmup_size,
     patch_ernie_mtp_layer_count,
     patch_should_skip_weight,
@@ -39,6 +40,7 @@ def apply_all() -> None:
     patch_cpu_onednn_handler_release.apply()
     patch_cpu_router.apply()
     patch_cpu_sgl_kernels.apply()
+    patch_cpu_unquantized_gemm.apply()
     patch_cpu_warmup_size.apply()
     patch_ernie_mtp_layer_count.apply()
     patch_should_skip_weight.apply()

@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from vllm_ernie_moe.patches import patch_cpu_aot_compile_cache as patch
 from vllm_ernie_moe.patches import patch_cpu_warmup_size
 from vllm_ernie_moe.patches.patching import unpatched
@@ -106,13 +108,23 @@ def test_second_start_loads_the_saved_compilation(tmp_path):
     assert full == first
 
 
-def test_the_key_follows_build_settings_not_others(monkeypatch):
-    monkeypatch.delenv("VLLM_ERNIE_MOE_W4A16_INT8_ACTIVATIONS", raising=False)
+@pytest.mark.parametrize(
+    "switch",
+    [
+        "VLLM_ERNIE_MOE_W4A16_INT8_ACTIVATIONS",
+        "VLLM_ERNIE_MOE_SGL_KERNELS",
+        # Not in the key at first: a start with it off loaded the widened graph saved by a start
+        # with it on (the A/B of docs/results/engines-bf16-widening-zen3.json, first attempt).
+        "VLLM_ERNIE_MOE_BF16_WIDENING",
+    ],
+)
+def test_the_key_follows_build_settings_not_others(monkeypatch, switch):
+    monkeypatch.delenv(switch, raising=False)
     default = patch.plugin_factors()
-    monkeypatch.setenv("VLLM_ERNIE_MOE_W4A16_INT8_ACTIVATIONS", "1")  # the default, set
+    monkeypatch.setenv(switch, "1")  # the default, set
     assert patch.plugin_factors() == default
-    monkeypatch.setenv("VLLM_ERNIE_MOE_W4A16_INT8_ACTIVATIONS", "0")
+    monkeypatch.setenv(switch, "0")
     assert patch.plugin_factors() != default
-    monkeypatch.delenv("VLLM_ERNIE_MOE_W4A16_INT8_ACTIVATIONS")
+    monkeypatch.delenv(switch)
     monkeypatch.setenv("VLLM_ERNIE_MOE_FULL_WARMUP", "1")  # the graph is the same (above)
     assert patch.plugin_factors() == default

@@ -68,6 +68,12 @@ def sgl_kernels_without_amx() -> bool:
     return os.environ.get("VLLM_ERNIE_MOE_SGL_KERNELS", "1") != "0"
 
 
+def bf16_widening() -> bool:
+    """``VLLM_ERNIE_MOE_BF16_WIDENING=0`` keeps vLLM's bf16 ``F.linear`` at every batch size on x86
+    tiers without AVX-512 BF16 (``patches/patch_cpu_unquantized_gemm.py``); default on."""
+    return os.environ.get("VLLM_ERNIE_MOE_BF16_WIDENING", "1") != "0"
+
+
 def vllm_mtp_drafter() -> bool:
     """``VLLM_ERNIE_MOE_VLLM_MTP=1`` leaves ERNIE's MTP drafter to vLLM's own ``ErnieMTP`` (to
     compare the two on the same weights, ``benchmarks/bench_small_model.py``); default: the
@@ -117,6 +123,7 @@ def build_settings() -> list[str]:
         f"w4a16 int8 activations={w4a16_int8_activations()}",
         f"w4a16 int8 prefill={w4a16_int8_prefill()}",
         f"sgl kernels without amx={sgl_kernels_without_amx()}",
+        f"bf16 widening={bf16_widening()}",
         f"vllm mtp drafter={vllm_mtp_drafter()}",
     ]
 

@@ -162,6 +162,16 @@ def dequantize_int4_rows(
 _scratch: dict[torch.dtype, torch.Tensor] = {}
 
 
+def scratch_weight(dtype: torch.dtype, rows: int, columns: int) -> torch.Tensor:
+    """A ``[rows, columns]`` view of one buffer per dtype kept for the process, for weights made
+    per call: allocating them afresh each call cost more than making them (page faults of tens of
+    MB per call)."""
+    buffer = _scratch.get(dtype)
+    if buffer is None or buffer.numel() < rows * columns:
+        buffer = _scratch[dtype] = torch.empty(rows * columns, dtype=dtype)
+    return buffer[: rows * columns].view(rows, columns)
+
+
 def dequantized_gemm_dtype(dtype: torch.dtype) -> torch.dtype:
     """The GEMM dtype for weights dequantized for ``dtype`` activations: fp32 for bf16 where
     :func:`bf16_gemm_is_slow` (several times faster on AVX2: benchmarks/int4_linear.py,
@@ -172,16 +182,12 @@ def dequantized_gemm_dtype(dtype: torch.dtype) -> torch.dtype:
 def int4_dequantized_linear(
     x: torch.Tensor, rows: torch.Tensor, scale: torch.Tensor, gemm_dtype: torch.dtype | None = None
 ) -> torch.Tensor:
-    """``x @ W^T``, ``W`` dequantized (:func:`dequantize_int4_rows`) into one buffer kept for the
-    process: allocating it afresh each call cost more than the dequantization (page faults of tens
-    of MB per call). On the GEMM of ``gemm_dtype`` (default :func:`dequantized_gemm_dtype`); an
-    fp32 GEMM gets the same bf16 weights, widened, and sums in fp32 as the bf16 one does."""
+    """``x @ W^T``, ``W`` dequantized (:func:`dequantize_int4_rows`) into a
+    :func:`scratch_weight`. On the GEMM of ``gemm_dtype`` (default
+    :func:`dequantized_gemm_dtype`); an fp32 GEMM gets the same bf16 weights, widened, and sums in
+    fp32 as the bf16 one does."""
     gemm_dtype = gemm_dtype or dequantized_gemm_dtype(x.dtype)
-    numel = scale.shape[0] * rows.shape[1]
-    buffer = _scratch.get(gemm_dtype)
-    if buffer is None or buffer.numel() < numel:
-        buffer = _scratch[gemm_dtype] = torch.empty(numel, dtype=gemm_dtype)
-    weight = buffer[:numel].view(scale.shape[0], rows.shape[1])
+    weight = scratch_weight(gemm_dtype, scale.shape[0], rows.shape[1])
     dequantize_int4_rows(rows, scale.to(x.dtype), weight)
     return F.linear(x.to(gemm_dtype), weight).to(x.dtype)
 
@@ -212,6 +218,54 @@ def int4_group_linear(
 @int4_group_linear.register_fake
 def _int4_group_linear_shape(x: torch.Tensor, packed, scales_and_zeros, rows, scale):
     return x.new_empty(*x.shape[:-1], scales_and_zeros.shape[1])
+
+
+#: From this many tokens on, a bf16 linear where :func:`bf16_gemm_is_slow` widens its weight to
+#: fp32 and runs the fp32 GEMM (:func:`bf16_linear`): 1.12-1.82x faster at 8 tokens, 0.88-1.17x
+#: at 4, 0.20-0.66x at 1, where PyTorch's bf16 GEMM just streams the weight (Zen 3,
+#: benchmarks/bf16_widening.py: docs/results/bf16-widening-avx2-zen3.json).
+BF16_WIDEN_FROM_TOKENS = 8
+
+
+#: Weight rows widened at a time: a block is still in the L2 cache when its GEMM reads it. The
+#: whole weight widened at once took 1.61-3.22x the time at 32 tokens, 0.85-1.37x at 1024 (Zen 3:
+#: docs/results/bf16-widening-blocks-avx2-zen3.txt), and its buffer was large (the lm_head's: 1 GB).
+WIDEN_ROWS_PER_BLOCK = 256
+
+
+def widened_bf16_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``F.linear`` of bf16 operands on the fp32 GEMM, the weight widened (exactly) a block of
+    rows at a time into a :func:`scratch_weight`: fp32 sums as the bf16 GEMM's, the output
+    rounded to bf16 once, as there. Each block's GEMM writes its rows of the transposed output."""
+    inputs = x.reshape(-1, x.shape[-1]).float()
+    outputs, width = weight.shape
+    transposed = torch.empty(outputs, inputs.shape[0])
+    block = scratch_weight(torch.float32, WIDEN_ROWS_PER_BLOCK, width)
+    for start in range(0, outputs, WIDEN_ROWS_PER_BLOCK):
+        rows = weight[start : start + WIDEN_ROWS_PER_BLOCK]
+        widened = block[: rows.shape[0]].copy_(rows)
+        torch.mm(widened, inputs.t(), out=transposed[start : start + rows.shape[0]])
+    if bias is not None:
+        transposed += bias.float()[:, None]
+    out = torch.empty(inputs.shape[0], outputs, dtype=x.dtype).copy_(transposed.t())
+    return out.view(*x.shape[:-1], outputs)
+
+
+@torch.library.custom_op("vllm_ernie_moe::bf16_linear", mutates_args=())
+def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear`` for bf16 weights on a tier whose bf16 GEMM is slow: from
+    :data:`BF16_WIDEN_FROM_TOKENS` tokens :func:`widened_bf16_linear`. One op for torch.compile:
+    the choice depends on the size."""
+    if x.numel() // x.shape[-1] < BF16_WIDEN_FROM_TOKENS:
+        return F.linear(x, weight, bias)
+    return widened_bf16_linear(x, weight, bias)
+
+
+@bf16_linear.register_fake
+def _bf16_linear_shape(x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
 def run_experts(
