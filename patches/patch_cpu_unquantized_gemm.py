@@ -11,8 +11,9 @@
 - How: where oneDNN refuses bf16 and the tier has no AVX-512 BF16
   (``portable_kernels.bf16_gemm_is_slow``), bf16 2-D weights get the plugin's
   ``bf16_linear`` op: ``F.linear`` below ``BF16_WIDEN_FROM_TOKENS`` tokens (a batch-1 step reads
-  the bf16 weight once, as upstream does), the weight widened into a buffer kept for the process
-  and the fp32 GEMM from there on. Same sums (fp32), output rounded to bf16 once, as before.
+  the bf16 weight once, as upstream does), from there on the weight widened 256 rows at a time
+  into a buffer kept for the process, each block on the fp32 GEMM while in the L2 cache. Same
+  sums (fp32), output rounded to bf16 once, as before.
   Every other weight, dtype and CPU keeps upstream's choice. ``VLLM_ERNIE_MOE_BF16_WIDENING=0``
   turns it off.
 - Upstream: vLLM 0.32.0 and 0.27.1 fall back to ``F.linear`` with a warning; no issue found.

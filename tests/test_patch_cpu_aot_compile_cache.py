@@ -114,7 +114,7 @@ def test_second_start_loads_the_saved_compilation(tmp_path):
         "VLLM_ERNIE_MOE_W4A16_INT8_ACTIVATIONS",
         "VLLM_ERNIE_MOE_SGL_KERNELS",
         # Not in the key at first: a start with it off loaded the widened graph saved by a start
-        # with it on (the A/B of docs/results/engines-bf16-widening-zen3.json, first attempt).
+        # with it on (docs/results/engines-4layers-bf16-llamacpp-zen3.txt, the A/B's first attempt).
         "VLLM_ERNIE_MOE_BF16_WIDENING",
     ],
 )
