@@ -4,10 +4,10 @@
   kernel of each unquantized linear layer (and of the lm_head) on vLLM's CPU back end when the
   model is loaded: zentorch, sgl-kernel (AMX), a oneDNN handler, else ``F.linear``.
 - Why: on vLLM's AVX2 tier oneDNN cannot make a bf16 handler ("could not create a primitive
-  descriptor"), so every bf16 linear ends on ``F.linear``, whose bf16 GEMM there computes
-  0.011-0.020 TOP/s at every batch size (a real Zen 3 host: docs/results/
-  bf16-widening-avx2-zen3.txt): a bf16 prefill runs at the speed of scalar code. The same weights
-  widened to fp32 per call ran 4.25-7.73x faster from 128 tokens on.
+  descriptor"), so every bf16 linear ends on ``F.linear``, whose bf16 GEMM there computed
+  0.0085-0.0196 TOP/s at 1 to 128 tokens (a real Zen 3 host: docs/results/
+  bf16-widening-avx2-zen3.json): a bf16 prefill runs at the speed of scalar code. At 128 tokens
+  ``F.linear`` took 4.55-7.49x the time of this patch's widened path (same file).
 - How: where oneDNN refuses bf16 and the tier has no AVX-512 BF16
   (``portable_kernels.bf16_gemm_is_slow``), bf16 2-D weights get the plugin's
   ``bf16_linear`` op: ``F.linear`` below ``BF16_WIDEN_FROM_TOKENS`` tokens (a batch-1 step reads
@@ -63,15 +63,12 @@ def _slow_bf16_linear_here(_original) -> bool:
     )
 
 
-def _bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-    return torch.ops.vllm_ernie_moe.bf16_linear(x, weight, bias)
-
-
 def _widening_bf16(original):
     def dispatch_cpu_unquantized_gemm(layer: torch.nn.Module, remove_weight: bool) -> None:
         weight = layer.weight
         if weight.ndim == 2 and weight.dtype == torch.bfloat16 and not weight.is_meta:
-            layer.cpu_linear = _bf16_linear  # keeps the weight, as upstream's F.linear does
+            # Keeps the weight, as upstream's F.linear does; called as cpu_linear(x, weight, bias).
+            layer.cpu_linear = torch.ops.vllm_ernie_moe.bf16_linear
             return
         original(layer, remove_weight)
 

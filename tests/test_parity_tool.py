@@ -5,7 +5,11 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 from safetensors.torch import load_file, save_file
+
+#: Both start engines through the tool (.ci/run: vLLM 0.32 only).
+pytestmark = pytest.mark.tool_cli
 
 
 def run_parity(*args: str) -> subprocess.CompletedProcess:

@@ -4,11 +4,13 @@ import json
 import subprocess
 import sys
 
+import pytest
 from PIL import Image
 
 from vllm_ernie_moe.tools.perf import parse_cases
 
 
+@pytest.mark.tool_cli
 def test_cases_run_largest_first_and_are_reported(checkpoint, tmp_path):
     """First token and end to end are separate runs (MindIE's method): with 8 output tokens of a
     tiny model their difference (~12 ms) was within run-to-run noise once; 32+ tokens are not."""

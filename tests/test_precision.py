@@ -51,6 +51,7 @@ def transformers_boolq(path: Path) -> list[str]:
     return predictions
 
 
+@pytest.mark.tool_cli
 @pytest.mark.parametrize("model", ["tiny-21b", "small-ernie"])
 def test_boolq_cli_matches_transformers(checkpoint, tmp_path, model):
     """tiny-21b's tokenizer has " yes" and " no" as one token each (MindIE's rule); the shipped
