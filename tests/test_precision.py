@@ -4,11 +4,13 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from vllm_ernie_moe.tools import cli
 from vllm_ernie_moe.tools.precision import (
     BOOLQ_TASK,
     answer_token_ids,
@@ -51,7 +53,6 @@ def transformers_boolq(path: Path) -> list[str]:
     return predictions
 
 
-@pytest.mark.tool_cli
 @pytest.mark.parametrize("model", ["tiny-21b", "small-ernie"])
 def test_boolq_cli_matches_transformers(checkpoint, tmp_path, model):
     """tiny-21b's tokenizer has " yes" and " no" as one token each (MindIE's rule); the shipped
@@ -63,7 +64,7 @@ def test_boolq_cli_matches_transformers(checkpoint, tmp_path, model):
     done = subprocess.run(
         [sys.executable, "-m", "vllm_ernie_moe.tools.precision", "boolq", "--model", str(path),
          "--data", str(BOOLQ), "--dtype", "float32", "--max-model-len", "512",
-         "--json", str(out)],
+         "--enforce-eager", "--json", str(out)],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
@@ -126,3 +127,27 @@ def test_lm_eval_against_a_server_uses_local_completions(tmp_path):
     assert command[command.index("--tasks") + 1] == BOOLQ_TASK
     assert command[command.index("--include_path") + 1] == str(tmp_path)
     assert command[-2:] == ["--limit", "4"]
+
+
+@pytest.mark.parametrize("flags", [[], ["--enforce-eager"]], ids=["compiled", "eager"])
+def test_enforce_eager_reaches_the_engine_and_lm_evals_vllm(monkeypatch, tmp_path, flags):
+    """The tools' tests above run eager (a faster start); the option must reach vLLM."""
+    import vllm
+
+    made = []
+
+    def fake_llm(**options):
+        made.append(options)
+        return SimpleNamespace(
+            llm_engine=SimpleNamespace(engine_core=SimpleNamespace(shutdown=int))
+        )
+
+    monkeypatch.setattr(vllm, "LLM", fake_llm)
+    args, _ = parse_args(["boolq", "--model", "M", "--data", str(BOOLQ), *flags])
+    with cli.engine(args):
+        pass
+    assert made == [dict(made[0], enforce_eager=bool(flags))]
+    args, extra = parse_args(["lm-eval", "--model", "M", "--tasks", "gsm8k", *flags])
+    command = lm_eval_command(args, extra, tmp_path)
+    model_args = command[command.index("--model_args") + 1]
+    assert ("enforce_eager=True" in model_args.split(",")) == bool(flags)

@@ -18,6 +18,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser, dtype: str = "auto") -
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--quantization", help="e.g. ernie-w8a8-dynamic for a BF16 checkpoint")
     parser.add_argument("--trust-remote-code", action="store_true")
+    parser.add_argument(
+        "--enforce-eager", action="store_true", help="skip torch.compile: faster start, slower run"
+    )
 
 
 def check_engine_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -42,6 +45,7 @@ def engine(args: argparse.Namespace, **overrides) -> Iterator:
         max_model_len=args.max_model_len,
         quantization=args.quantization,
         trust_remote_code=args.trust_remote_code,
+        enforce_eager=args.enforce_eager,
     )
     llm = LLM(**dict(options, **overrides))
     try:
