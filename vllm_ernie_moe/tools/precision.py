@@ -177,10 +177,13 @@ def lm_eval_command(args: argparse.Namespace, extra: list[str], include_dir: Pat
         backend = ["--model", "local-completions", "--model_args", model_args]
     else:
         model_args = (
-            f"pretrained={args.model},tensor_parallel_size={args.tp},dtype={args.dtype},"
-            f"max_model_len={args.max_model_len},trust_remote_code={args.trust_remote_code}"
-        ) + (f",quantization={args.quantization}" if args.quantization else "")
-        model_args += ",enforce_eager=True" if args.enforce_eager else ""
+            (
+                f"pretrained={args.model},tensor_parallel_size={args.tp},dtype={args.dtype},"
+                f"max_model_len={args.max_model_len},trust_remote_code={args.trust_remote_code}"
+            )
+            + (f",quantization={args.quantization}" if args.quantization else "")
+            + (",enforce_eager=True" if args.enforce_eager else "")
+        )
         backend = ["--model", "vllm", "--model_args", model_args, "--batch_size", "auto"]
     tasks = ",".join(filter(None, [args.tasks, BOOLQ_TASK if args.boolq else None]))
     include = ["--include_path", str(include_dir)] if args.boolq else []
