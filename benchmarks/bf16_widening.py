@@ -16,7 +16,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from int4_linear import SHAPES, kernel_bench_arguments
+from int4_linear import SHAPES, kernel_bench_arguments, write_kernel_results
 
 from vllm_ernie_moe.portable_kernels import bf16_linear, widened_bf16_linear
 
@@ -68,13 +68,7 @@ def main() -> None:
                              relative_error=error.item())
                     )  # fmt: skip
                     print(json.dumps(results[-1]), flush=True)
-    if args.json:
-        host = {
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "capability": torch.backends.cpu.get_cpu_capability(),
-        }
-        args.json.write_text(json.dumps({"host": host, "results": results}, indent=2))
+    write_kernel_results(args.json, results)
 
 
 if __name__ == "__main__":

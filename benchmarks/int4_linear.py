@@ -108,6 +108,20 @@ def kernel_bench_arguments(doc: str, tokens: tuple[int, ...]) -> argparse.Namesp
     return parser.parse_args()
 
 
+def write_kernel_results(path: Path | None, results: list[dict]) -> None:
+    """The rows, with the host's torch, threads and kernel tier, as JSON at ``path`` (if given):
+    the output of this and the other kernel benchmarks that take :func:`kernel_bench_arguments`."""
+    import torch
+
+    if path:
+        host = {
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "capability": torch.backends.cpu.get_cpu_capability(),
+        }
+        path.write_text(json.dumps({"host": host, "results": results}, indent=2))
+
+
 def main() -> None:
     import torch
 
@@ -125,9 +139,7 @@ def main() -> None:
                     row = dict(shape=name, tokens=tokens, round=round_, kernel=kernel, ms=ms)
                     results.append(dict(row, weight_gb_per_s=gbps if tokens == 1 else None))
                     print(json.dumps(results[-1]), flush=True)
-    if args.json:
-        host = {"torch": torch.__version__, "threads": torch.get_num_threads()}
-        args.json.write_text(json.dumps({"host": host, "results": results}, indent=2))
+    write_kernel_results(args.json, results)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,73 @@
+// A probe, not part of the plugin: how fast one int4 x int8 GEMM can read int4 weights on AVX2
+// (benchmarks/int4_gemv_avx2.py builds it with torch.utils.cpp_extension and measures it).
+//
+// Weights [N, K/2] uint8: per 64 weights of a row 32 bytes, byte i holding weight i in its low
+// nibble and weight i + 32 in its high one, as value + 8 (0..15); fp32 scales per group of 128
+// inputs [N, K/128]. Activations int8 [M, K] with fp32 scales per group [M, K/128] and the group's
+// sum of int8 values [M, K/128] (the zero point's share):
+//   out[m, n] = sum_g w_scale[n, g] * x_scale[m, g] * (sum_k u[n, k] * x[m, k] - 8 * x_sum[m, g]).
+// vpmaddubsw multiplies the unsigned nibbles by the signed int8 activations; its int16 pair sums
+// stay below 2 * 15 * 128 and four of them below 2^15: exact, unlike int8 weights of full range.
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <torch/extension.h>
+
+constexpr int64_t kGroup = 128;
+constexpr int64_t kPrefetchBytes = 1024;
+
+torch::Tensor int4_gemm(torch::Tensor x, torch::Tensor x_scale, torch::Tensor x_sum,
+                        torch::Tensor weight, torch::Tensor w_scale) {
+  const int64_t rows = x.size(0), inputs = x.size(1), outputs = weight.size(0);
+  const int64_t groups = inputs / kGroup;
+  auto out = torch::empty({rows, outputs}, torch::kFloat32);
+  const int8_t* xs = x.data_ptr<int8_t>();
+  const float* xss = x_scale.data_ptr<float>();
+  const int32_t* sums = x_sum.data_ptr<int32_t>();
+  const uint8_t* ws = weight.data_ptr<uint8_t>();
+  const float* wss = w_scale.data_ptr<float>();
+  float* os = out.data_ptr<float>();
+  at::parallel_for(0, outputs, 16, [&](int64_t first, int64_t last) {
+    const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    for (int64_t n = first; n < last; ++n) {
+      const uint8_t* w_row = ws + n * (inputs / 2);
+      for (int64_t m = 0; m < rows; ++m) {
+        const int8_t* x_row = xs + m * inputs;
+        __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();
+        float zero_share = 0.f;
+        for (int64_t g = 0; g < groups; ++g) {
+          const uint8_t* wg = w_row + g * kGroup / 2;
+          const int8_t* xg = x_row + g * kGroup;
+          _mm_prefetch(reinterpret_cast<const char*>(wg + kPrefetchBytes), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(wg + kPrefetchBytes + 64), _MM_HINT_T0);
+          const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg));
+          const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + 32));
+          auto dot = [&](__m256i nibbles, int64_t at) {
+            return _mm256_maddubs_epi16(
+                nibbles, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xg + at)));
+          };
+          __m256i pairs = dot(_mm256_and_si256(b0, low), 0);
+          pairs = _mm256_add_epi16(pairs, dot(_mm256_and_si256(_mm256_srli_epi16(b0, 4), low), 32));
+          pairs = _mm256_add_epi16(pairs, dot(_mm256_and_si256(b1, low), 64));
+          pairs = _mm256_add_epi16(pairs, dot(_mm256_and_si256(_mm256_srli_epi16(b1, 4), low), 96));
+          const float scale = wss[n * groups + g] * xss[m * groups + g];
+          const __m256 part = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
+          // Two accumulators: consecutive groups do not wait on each other's add.
+          if (g & 1) {
+            odd = _mm256_fmadd_ps(part, _mm256_set1_ps(scale), odd);
+          } else {
+            even = _mm256_fmadd_ps(part, _mm256_set1_ps(scale), even);
+          }
+          zero_share += scale * 8.f * static_cast<float>(sums[m * groups + g]);
+        }
+        const __m256 total = _mm256_add_ps(even, odd);
+        __m128 half = _mm_add_ps(_mm256_castps256_ps128(total), _mm256_extractf128_ps(total, 1));
+        half = _mm_hadd_ps(half, half);
+        half = _mm_hadd_ps(half, half);
+        os[m * outputs + n] = _mm_cvtss_f32(half) - zero_share;
+      }
+    }
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("int4_gemm", &int4_gemm); }

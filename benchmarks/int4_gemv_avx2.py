@@ -1,0 +1,155 @@
+"""Can an int4 weight kernel read faster than PyTorch's on AVX2? The 21B-A3B's W4A16 linear and
+expert shapes at 1 and 8 tokens, side by side in one process, interleaved per shape:
+
+- ``torch int4``: ``_weight_int4pack_mm_for_cpu``, bf16 activations (the plugin's W4A16 kernel
+  on AVX2 below ``INT4_DEQUANTIZE_FROM_TOKENS``);
+- ``AVX2 probe``: a 60-line int4 x int8 kernel (``int4_gemv_avx2.cpp``, built here with
+  ``torch.utils.cpp_extension``; not part of the plugin) on activations quantized to int8 per
+  group of 128 beforehand, and ``AVX2 probe + quantization``, that quantization done by torch ops
+  in each call (what a kernel with it built in would not pay);
+- ``vLLM oneDNN int8``: vLLM's W8A8 linear kernel (``onednn_scaled_mm``, per-token int8
+  activations) on the int4 values stored as int8 with unit scales (its rate, and whether it is
+  exact on them: AVX2 int8 GEMMs saturate on weights beyond +-64);
+- ``Inductor GEMV``: the dequantize-and-dot written in torch ops, compiled by torch.compile.
+
+Weights: random int4 values with group scales (128 inputs), ``COPIES`` copies cycling so that they
+come from memory. Rows: milliseconds per call, the int4 bytes' rate, the error against a float64
+product with the bf16 activations (the W4A16 product; not for oneDNN, which has no group scales)
+and with each int8 kernel's own int8 activations (exactness).
+
+    python benchmarks/int4_gemv_avx2.py [--rounds 2] [--tokens 1 8] [--json out.json]
+"""
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from int4_linear import SHAPES, kernel_bench_arguments, write_kernel_results
+
+GROUP, COPIES = 128, 8
+EXPERT_SHAPES = (("expert gate_up", 2560, 3072), ("expert down", 1536, 2560))
+
+
+def build_probe():
+    if not torch.backends.cpu.get_cpu_capability().startswith(("AVX2", "AVX512")):
+        raise SystemExit("int4_gemv_avx2.py: the probe kernel needs an x86 CPU with AVX2")
+    from torch.utils.cpp_extension import load
+
+    source = Path(__file__).with_suffix(".cpp")
+    return load(name="int4_gemv_avx2_probe", sources=[str(source)],
+                extra_cflags=["-O3", "-mavx2", "-mfma"])  # fmt: skip
+
+
+def probe_layout(values: torch.Tensor) -> torch.Tensor:
+    """int4 values ``[N, K]`` in [-8, 7] -> the probe's ``[N, K/2]`` bytes (see the .cpp)."""
+    shifted = (values + 8).to(torch.uint8).view(values.shape[0], -1, 2, 32)
+    return (shifted[:, :, 0] | (shifted[:, :, 1] << 4)).reshape(values.shape[0], -1).contiguous()
+
+
+def quantize_groups(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """int8 activations per group of ``GROUP``: values, fp32 scales and each group's int sum."""
+    grouped = x.float().view(x.shape[0], -1, GROUP)
+    scale = (grouped.abs().amax(-1) / 127).clamp_min(torch.finfo(torch.float32).tiny)
+    values = torch.round(grouped / scale[..., None]).clamp(-128, 127).to(torch.int8)
+    return values.view_as(x).contiguous(), scale, values.sum(-1, dtype=torch.int32)
+
+
+def inductor_gemv(x: torch.Tensor, probe_bytes: torch.Tensor, scale: torch.Tensor):
+    """One token's product on the probe's layout in torch ops, for torch.compile."""
+    rows = probe_bytes.view(probe_bytes.shape[0], -1, 32)
+    low, high = (rows & 15).float() - 8, (rows >> 4).float() - 8
+    chunks = x.float().view(-1, 2, 32)
+    parts = (low * chunks[:, 0] + high * chunks[:, 1]).sum(-1).view(scale.shape[0], -1, 2)
+    return (parts.sum(-1) * scale).sum(-1).to(x.dtype).view(1, -1)
+
+
+def kernels(probe, inputs: int, outputs: int, generator) -> tuple[dict, list]:
+    from vllm import _custom_ops as ops
+
+    from vllm_ernie_moe.portable_kernels import int4_scales_and_zeros, pack_int4
+
+    copies = []
+    for _ in range(COPIES):
+        values = torch.randint(-8, 8, (outputs, inputs), dtype=torch.int8, generator=generator)
+        scale = torch.rand(outputs, inputs // GROUP, generator=generator) * 0.01 + 0.005
+        unit = torch.ones(outputs, 1)  # the handler keeps a pointer to it
+        handler = ops.create_onednn_scaled_mm(values.t(), unit, torch.float32, True, False, 32)
+        copies.append(dict(values=values, scale=scale, probe=probe_layout(values),
+                           torch=(pack_int4(values), int4_scales_and_zeros(scale, torch.bfloat16)),
+                           onednn=(handler, unit)))  # fmt: skip
+    compiled = torch.compile(inductor_gemv, dynamic=False)
+
+    def onednn(x, _, c):
+        x_q, x_scale, _ = ops.onednn_scaled_int8_quant(x.float())
+        out = torch.empty(x.shape[0], outputs)
+        return ops.onednn_scaled_mm(c["onednn"][0], x_q, out, x_scale, None, None, None)
+
+    calls = {
+        "torch int4": lambda x, _, c: torch._weight_int4pack_mm_for_cpu(x, c["torch"][0], GROUP,
+                                                                        c["torch"][1]),
+        "AVX2 probe": lambda _, q, c: probe.int4_gemm(*q, c["probe"], c["scale"]),
+        "AVX2 probe + quantization": lambda x, _, c: probe.int4_gemm(*quantize_groups(x),
+                                                                     c["probe"], c["scale"]),
+        "vLLM oneDNN int8": onednn,
+        "Inductor GEMV": lambda x, _, c: compiled(x, c["probe"], c["scale"]),
+    }  # fmt: skip
+    return calls, copies
+
+
+def timed(call, x, quantized, copies: list, calls: int) -> float:
+    call(x, quantized, copies[0])
+    start = time.perf_counter()
+    for i in range(calls):
+        call(x, quantized, copies[i % COPIES])
+    return (time.perf_counter() - start) / calls * 1e3
+
+
+def relative_error(out: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((out.double() - reference).abs().max() / reference.abs().max()).item()
+
+
+def main() -> None:
+    from vllm import _custom_ops as ops
+
+    args = kernel_bench_arguments(__doc__, (1, 8))
+    probe = build_probe()
+    generator = torch.Generator().manual_seed(0)
+    results = []
+    for name, inputs, outputs in (*SHAPES, *EXPERT_SHAPES):
+        calls, copies = kernels(probe, inputs, outputs, generator)
+        weight = (copies[0]["values"].float().view(outputs, -1, GROUP)
+                  * copies[0]["scale"][..., None]).view(outputs, inputs).double()  # fmt: skip
+        for tokens in args.tokens:
+            x = torch.randn(tokens, inputs, generator=generator).bfloat16()
+            quantized = quantize_groups(x)  # the probe's input, made outside the timing
+            reference = x.double() @ weight.t()
+            values, scale, _ = quantized
+            per_group = (values.double().view(tokens, -1, GROUP) * scale.double()[..., None]).view(
+                tokens, inputs
+            )
+            per_token, token_scale, _ = ops.onednn_scaled_int8_quant(x.float())
+            own = {"AVX2 probe": per_group @ weight.t(),
+                   "vLLM oneDNN int8": (per_token.double() * token_scale.double())
+                   @ copies[0]["values"].double().t()}  # fmt: skip
+            for round_ in range(args.rounds):
+                for kernel, call in calls.items():
+                    if kernel == "Inductor GEMV" and tokens != 1:
+                        continue
+                    out = call(x, quantized, copies[0])
+                    ms = timed(call, x, quantized, copies, 200 if tokens == 1 else 50)
+                    results.append(dict(
+                        shape=name, tokens=tokens, round=round_, kernel=kernel, ms=ms,
+                        int4_gb_per_s=inputs * outputs / 2 / ms / 1e6,
+                        error_vs_bf16_activations=(
+                            None if "oneDNN" in kernel else relative_error(out, reference)),
+                        error_vs_its_int8_activations=(
+                            relative_error(out, own[kernel.removesuffix(" + quantization")])
+                            if kernel.removesuffix(" + quantization") in own else None),
+                    ))  # fmt: skip
+                    print(json.dumps(results[-1]), flush=True)
+    write_kernel_results(args.json, results)
+
+
+if __name__ == "__main__":
+    main()
