@@ -1,5 +1,6 @@
-// A probe, not part of the plugin: how fast one int4 x int8 GEMM can read int4 weights on AVX2
-// (benchmarks/int4_gemv_avx2.py builds it with torch.utils.cpp_extension and measures it).
+// A probe, not part of the plugin: how fast an int4 x int8 GEMM and an int8-weight GEMM can read
+// their weights on AVX2 (benchmarks/int4_gemv_avx2.py builds them with torch.utils.cpp_extension
+// and measures them).
 //
 // Weights [N, K/2] uint8: per 64 weights of a row 32 bytes, byte i holding weight i in its low
 // nibble and weight i + 32 in its high one, as value + 8 (0..15); fp32 scales per group of 128
@@ -70,4 +71,43 @@ torch::Tensor int4_gemm(torch::Tensor x, torch::Tensor x_scale, torch::Tensor x_
   return out;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("int4_gemm", &int4_gemm); }
+// int8 weights [N, K] with fp32 scales per row [N] times fp32 activations [M, K], fp32 sums: the
+// int8 lm_head's math as PyTorch's _weight_int8pack_mm computes it, activations not quantized.
+torch::Tensor int8_gemm(torch::Tensor x, torch::Tensor weight, torch::Tensor w_scale) {
+  const int64_t rows = x.size(0), inputs = x.size(1), outputs = weight.size(0);
+  auto out = torch::empty({rows, outputs}, torch::kFloat32);
+  const float* xs = x.data_ptr<float>();
+  const int8_t* ws = weight.data_ptr<int8_t>();
+  const float* wss = w_scale.data_ptr<float>();
+  float* os = out.data_ptr<float>();
+  at::parallel_for(0, outputs, 16, [&](int64_t first, int64_t last) {
+    for (int64_t n = first; n < last; ++n) {
+      const int8_t* w_row = ws + n * inputs;
+      for (int64_t m = 0; m < rows; ++m) {
+        const float* x_row = xs + m * inputs;
+        __m256 sums[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                          _mm256_setzero_ps()};
+        for (int64_t k = 0; k < inputs; k += 32) {
+          _mm_prefetch(reinterpret_cast<const char*>(w_row + k + kPrefetchBytes), _MM_HINT_T0);
+          for (int j = 0; j < 4; ++j) {
+            const __m128i eight = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w_row + k + 8 * j));
+            const __m256 w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(eight));
+            sums[j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x_row + k + 8 * j), sums[j]);
+          }
+        }
+        const __m256 total = _mm256_add_ps(_mm256_add_ps(sums[0], sums[1]),
+                                           _mm256_add_ps(sums[2], sums[3]));
+        __m128 half = _mm_add_ps(_mm256_castps256_ps128(total), _mm256_extractf128_ps(total, 1));
+        half = _mm_hadd_ps(half, half);
+        half = _mm_hadd_ps(half, half);
+        os[m * outputs + n] = _mm_cvtss_f32(half) * wss[n];
+      }
+    }
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("int4_gemm", &int4_gemm);
+  m.def("int8_gemm", &int8_gemm);
+}

@@ -12,10 +12,16 @@ expert shapes at 1 and 8 tokens, side by side in one process, interleaved per sh
   exact on them: AVX2 int8 GEMMs saturate on weights beyond +-64);
 - ``Inductor GEMV``: the dequantize-and-dot written in torch ops, compiled by torch.compile.
 
+And the int8 weights of the int8 lm_head: ``torch int8`` (``_weight_int8pack_mm``, the int8
+head's kernel on AVX2, which gets the per-token int8 activations as bf16 integers; here bf16
+activations) against ``AVX2 probe int8`` (the same source: the int8 weights widened to fp32
+against fp32 activations, fp32 sums).
+
 Weights: random int4 values with group scales (128 inputs), ``COPIES`` copies cycling so that they
-come from memory. Rows: milliseconds per call, the int4 bytes' rate, the error against a float64
-product with the bf16 activations (the W4A16 product; not for oneDNN, which has no group scales)
-and with each int8 kernel's own int8 activations (exactness).
+come from memory (random int8 with row scales, 2 copies, for the int8 rows). Rows: milliseconds
+per call, the weight bytes' rate, the error against a float64 product with the bf16 activations
+(the W4A16 product; not for oneDNN, which has no group scales) and with each int8-activation
+kernel's own int8 activations (exactness).
 
     python benchmarks/int4_gemv_avx2.py [--rounds 2] [--tokens 1 8] [--json out.json]
 """
@@ -29,6 +35,8 @@ from int4_linear import SHAPES, kernel_bench_arguments, write_kernel_results
 
 GROUP, COPIES = 128, 8
 EXPERT_SHAPES = (("expert gate_up", 2560, 3072), ("expert down", 1536, 2560))
+#: int8 weights: the int8 lm_head (``VLLM_ERNIE_MOE_INT8_LM_HEAD``, 265 MB) and one linear.
+INT8_SHAPES, INT8_COPIES = (("lm_head int8", 2560, 103424), ("qkv_proj int8", 2560, 3584)), 2
 
 
 def build_probe():
@@ -101,12 +109,44 @@ def timed(call, x, quantized, copies: list, calls: int) -> float:
     call(x, quantized, copies[0])
     start = time.perf_counter()
     for i in range(calls):
-        call(x, quantized, copies[i % COPIES])
+        call(x, quantized, copies[i % len(copies)])
     return (time.perf_counter() - start) / calls * 1e3
 
 
 def relative_error(out: torch.Tensor, reference: torch.Tensor) -> float:
     return ((out.double() - reference).abs().max() / reference.abs().max()).item()
+
+
+def int8_rows(probe, generator, tokens: int, rounds: int) -> list[dict]:
+    """The int8 shapes: PyTorch's int8 weight-only kernel with bf16 activations (the int8
+    lm_head's kernel, ``portable_kernels.int8_gemm``) against the probe's int8 kernel on the same
+    activations in fp32; per-row scales."""
+    rows = []
+    for name, inputs, outputs in INT8_SHAPES:
+        copies = [
+            (torch.randint(-127, 128, (outputs, inputs), dtype=torch.int8, generator=generator),
+             torch.rand(outputs, generator=generator) * 0.01 + 0.005)
+            for _ in range(INT8_COPIES)
+        ]  # fmt: skip
+        calls = {
+            "torch int8": lambda x, _, c: torch._weight_int8pack_mm(x, c[0], c[1].to(x.dtype)),
+            "AVX2 probe int8": lambda x, _, c: probe.int8_gemm(x.float(), c[0], c[1]),
+        }
+        weight = copies[0][0].double() * copies[0][1].double()[:, None]
+        x = torch.randn(tokens, inputs, generator=generator).bfloat16()
+        reference = x.double() @ weight.t()
+        for round_ in range(rounds):
+            for kernel, call in calls.items():
+                out = call(x, None, copies[0])
+                ms = timed(call, x, None, copies, 50 if tokens == 1 else 10)
+                rows.append(dict(
+                    shape=name, tokens=tokens, round=round_, kernel=kernel, ms=ms,
+                    weight_gb_per_s=inputs * outputs / ms / 1e6,
+                    error_vs_bf16_activations=relative_error(out, reference),
+                    error_vs_its_int8_activations=None,
+                ))  # fmt: skip
+                print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 def main() -> None:
@@ -140,7 +180,7 @@ def main() -> None:
                     ms = timed(call, x, quantized, copies, 200 if tokens == 1 else 50)
                     results.append(dict(
                         shape=name, tokens=tokens, round=round_, kernel=kernel, ms=ms,
-                        int4_gb_per_s=inputs * outputs / 2 / ms / 1e6,
+                        weight_gb_per_s=inputs * outputs / 2 / ms / 1e6,
                         error_vs_bf16_activations=(
                             None if "oneDNN" in kernel else relative_error(out, reference)),
                         error_vs_its_int8_activations=(
@@ -148,6 +188,8 @@ def main() -> None:
                             if kernel.removesuffix(" + quantization") in own else None),
                     ))  # fmt: skip
                     print(json.dumps(results[-1]), flush=True)
+    for tokens in args.tokens:
+        results += int8_rows(probe, generator, tokens, args.rounds)
     write_kernel_results(args.json, results)
 
 
