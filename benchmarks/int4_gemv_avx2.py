@@ -15,7 +15,8 @@ expert shapes at 1 and 8 tokens, side by side in one process, interleaved per sh
 And the int8 weights of the int8 lm_head: ``torch int8`` (``_weight_int8pack_mm``, the int8
 head's kernel on AVX2, which gets the per-token int8 activations as bf16 integers; here bf16
 activations) against ``AVX2 probe int8`` (the same source: the int8 weights widened to fp32
-against fp32 activations, fp32 sums).
+against fp32 activations, fp32 sums) and ``AVX2 probe int8 x int8`` (the head's W8A8 math: int8
+activations per token, quantized beforehand, both sides widened to int16, ``vpmaddwd``).
 
 Weights: random int4 values with group scales (128 inputs), ``COPIES`` copies cycling so that they
 come from memory (random int8 with row scales, 2 copies, for the int8 rows). Rows: milliseconds
@@ -61,6 +62,15 @@ def quantize_groups(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     scale = (grouped.abs().amax(-1) / 127).clamp_min(torch.finfo(torch.float32).tiny)
     values = torch.round(grouped / scale[..., None]).clamp(-128, 127).to(torch.int8)
     return values.view_as(x).contiguous(), scale, values.sum(-1, dtype=torch.int32)
+
+
+def int8_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int8 lm_head's per-token int8 activations (``portable_kernels.quantize_tokens``) as
+    int8 values and fp32 scales ``[M]``."""
+    from vllm_ernie_moe.portable_kernels import quantize_tokens
+
+    values, scale = quantize_tokens(x)
+    return values.to(torch.int8), scale.view(-1).contiguous()
 
 
 def inductor_gemv(x: torch.Tensor, probe_bytes: torch.Tensor, scale: torch.Tensor):
@@ -131,19 +141,23 @@ def int8_rows(probe, generator, tokens: int, rounds: int) -> list[dict]:
         calls = {
             "torch int8": lambda x, _, c: torch._weight_int8pack_mm(x, c[0], c[1].to(x.dtype)),
             "AVX2 probe int8": lambda x, _, c: probe.int8_gemm(x.float(), c[0], c[1]),
+            "AVX2 probe int8 x int8": lambda _, q, c: probe.int8_int8_gemm(*q, c[0], c[1]),
         }
         weight = copies[0][0].double() * copies[0][1].double()[:, None]
         x = torch.randn(tokens, inputs, generator=generator).bfloat16()
         reference = x.double() @ weight.t()
+        quantized = int8_tokens(x)  # the int8 x int8 probe's input, made outside the timing
+        own = (quantized[0].double() * quantized[1].double()[:, None]) @ weight.t()
         for round_ in range(rounds):
             for kernel, call in calls.items():
-                out = call(x, None, copies[0])
-                ms = timed(call, x, None, copies, 50 if tokens == 1 else 10)
+                out = call(x, quantized, copies[0])
+                ms = timed(call, x, quantized, copies, 50 if tokens == 1 else 10)
                 rows.append(dict(
                     shape=name, tokens=tokens, round=round_, kernel=kernel, ms=ms,
                     weight_gb_per_s=inputs * outputs / ms / 1e6,
                     error_vs_bf16_activations=relative_error(out, reference),
-                    error_vs_its_int8_activations=None,
+                    error_vs_its_int8_activations=(
+                        relative_error(out, own) if "x int8" in kernel else None),
                 ))  # fmt: skip
                 print(json.dumps(rows[-1]), flush=True)
     return rows
