@@ -57,11 +57,20 @@ def probe_layout(values: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_groups(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """int8 activations per group of ``GROUP``: values, fp32 scales and each group's int sum."""
-    grouped = x.float().view(x.shape[0], -1, GROUP)
-    scale = (grouped.abs().amax(-1) / 127).clamp_min(torch.finfo(torch.float32).tiny)
-    values = torch.round(grouped / scale[..., None]).clamp(-128, 127).to(torch.int8)
-    return values.view_as(x).contiguous(), scale, values.sum(-1, dtype=torch.int32)
+    """int8 activations per group of ``GROUP`` (``portable_kernels.quantize_tokens``'s formula on
+    each group): values, fp32 scales and each group's int sum."""
+    from vllm_ernie_moe.portable_kernels import quantize_tokens
+
+    values, scale = quantize_tokens(x.reshape(-1, GROUP))
+    values = values.to(torch.int8).view(x.shape[0], -1, GROUP)
+    return (values.view_as(x).contiguous(), scale.view(x.shape[0], -1),
+            values.sum(-1, dtype=torch.int32))  # fmt: skip
+
+
+def group_scaled(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``values [R, K]`` times their per-group ``scale [R, K / GROUP]``, in their dtype."""
+    rows = values.shape[0]
+    return (values.view(rows, -1, GROUP) * scale[..., None]).view(rows, -1)
 
 
 def int8_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,16 +181,12 @@ def main() -> None:
     results = []
     for name, inputs, outputs in (*SHAPES, *EXPERT_SHAPES):
         calls, copies = kernels(probe, inputs, outputs, generator)
-        weight = (copies[0]["values"].float().view(outputs, -1, GROUP)
-                  * copies[0]["scale"][..., None]).view(outputs, inputs).double()  # fmt: skip
+        weight = group_scaled(copies[0]["values"].float(), copies[0]["scale"]).double()
         for tokens in args.tokens:
             x = torch.randn(tokens, inputs, generator=generator).bfloat16()
             quantized = quantize_groups(x)  # the probe's input, made outside the timing
             reference = x.double() @ weight.t()
-            values, scale, _ = quantized
-            per_group = (values.double().view(tokens, -1, GROUP) * scale.double()[..., None]).view(
-                tokens, inputs
-            )
+            per_group = group_scaled(*(t.double() for t in quantized[:2]))
             per_token, token_scale, _ = ops.onednn_scaled_int8_quant(x.float())
             own = {"AVX2 probe": per_group @ weight.t(),
                    "vLLM oneDNN int8": (per_token.double() * token_scale.double())
