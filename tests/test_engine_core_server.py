@@ -92,8 +92,9 @@ def becomes_unhealthy(base_url: str, seconds: float) -> bool:
 
 @pytest.fixture(scope="module")
 def starts(checkpoint, tmp_path_factory):
-    """Four starts with an empty note directory: the first (no note), the second (the note),
-    one with a binding setting changed, one with the server turned off."""
+    """Three starts with an empty note directory: the first (no note), the second (the note),
+    one with a binding setting changed. Turned off, it is tested without a start (below): a start
+    costs half a minute of CI on a two-core host."""
     path = checkpoint("tiny-21b", "bfloat16")
     prompts = prompt_token_ids(path)
     logs = tmp_path_factory.mktemp("serve")
@@ -103,7 +104,6 @@ def starts(checkpoint, tmp_path_factory):
         "first": {},
         "second": {},
         "changed": {"VLLM_CPU_OMP_THREADS_BIND": "0"},
-        "off": {ENGINE_CORE_SERVER_VARIABLE: "0"},
     }
     for name, changed in settings.items():
         fresh = {CACHE_DIR_VARIABLE: notes, ENGINE_CORE_SERVER_VARIABLE: None}
@@ -163,10 +163,36 @@ def test_a_changed_setting_spawns_and_stops_the_server(starts):
     assert changed["servers"] == []
 
 
-def test_turned_off_it_spawns(starts):
-    _, runs = starts
-    assert "forkserver" not in runs["off"]["parent_cmdline"]
-    assert "engine core spawned" not in runs["off"]["log"]
+@pytest.fixture
+def noted_vllm_serve(tmp_path, monkeypatch) -> Path:
+    """This process as a ``vllm serve`` whose last start left a note (the hook's state restored
+    after the test): the note's path."""
+    monkeypatch.setenv(CACHE_DIR_VARIABLE, str(tmp_path))
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/vllm", "serve", "model"])
+    for name in ("_start_environment", "_server_environment", "_server"):
+        monkeypatch.setattr(engine_core_server, name, getattr(engine_core_server, name))
+    note = engine_core_server.note_path()
+    note.parent.mkdir(parents=True)
+    note.write_text(json.dumps({"A_VARIABLE_VLLM_SETS": "1"}))
+    note.chmod(0o600)
+    return note
+
+
+def test_turned_off_it_starts_no_server_and_leaves_the_engine_core_to_vllm(
+    noted_vllm_serve, monkeypatch
+):
+    """With a note that would start the server, in a ``vllm serve`` process: nothing starts, and
+    vLLM spawns the engine core with its own context."""
+    note = noted_vllm_serve
+    monkeypatch.setenv(ENGINE_CORE_SERVER_VARIABLE, "0")
+    engine_core_server.start_for_vllm_serve()
+    assert engine_core_server._server._forkserver_pid is None
+    assert engine_core_server.engine_core_context() is None
+    # On, the same call takes the start over (without the note: no server process here).
+    note.unlink()
+    monkeypatch.setenv(ENGINE_CORE_SERVER_VARIABLE, "1")
+    engine_core_server.start_for_vllm_serve()
+    assert engine_core_server.engine_core_context() is not None
 
 
 def test_the_server_refuses_to_stay_after_openmp_started():
@@ -232,16 +258,8 @@ def test_a_broken_note_or_one_others_can_write_starts_no_server(tmp_path, monkey
     assert engine_core_server._read_note() is None
 
 
-def test_a_server_that_exited_leaves_the_engine_core_spawned(tmp_path, monkeypatch):
+def test_a_server_that_exited_leaves_the_engine_core_spawned(noted_vllm_serve, monkeypatch):
     """The preload exits when it finds threads, or fails: vLLM spawns, and the start goes on."""
-    monkeypatch.setenv(CACHE_DIR_VARIABLE, str(tmp_path))
-    monkeypatch.setattr(sys, "argv", ["/venv/bin/vllm", "serve", "model"])
-    for name in ("_start_environment", "_server_environment", "_server"):
-        monkeypatch.setattr(engine_core_server, name, getattr(engine_core_server, name))
-    note = engine_core_server.note_path()
-    note.parent.mkdir(parents=True)
-    note.write_text(json.dumps({"A_VARIABLE_VLLM_SETS": "1"}))
-    note.chmod(0o600)
     engine_core_server.start_for_vllm_serve()
     pid = engine_core_server._server._forkserver_pid
     assert pid is not None, "the hook started no server"
