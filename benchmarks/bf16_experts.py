@@ -43,30 +43,41 @@ def kernels(generator) -> dict:
             "bf16 F.linear per expert": per_expert(F.linear)}  # fmt: skip
 
 
+def random_routing(tokens: int, generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """bf16 hidden states ``[tokens, HIDDEN]``, their top-k routing weights (normalized) and
+    expert ids (int32), from random router probabilities."""
+    x = torch.randn(tokens, HIDDEN, generator=generator).bfloat16()
+    probabilities = torch.randn(tokens, EXPERTS, generator=generator).softmax(-1)
+    weights, ids = torch.topk(probabilities, TOP_K)
+    return x, weights / weights.sum(-1, keepdim=True), ids.to(torch.int32)
+
+
+def experts_row(tokens: int, round_: int, kernel: str, ms: float, out: torch.Tensor,
+                reference: torch.Tensor, reference_name: str) -> dict:  # fmt: skip
+    """One result row: the layer's time, its TOP/s and the largest difference of ``out`` from
+    the ``reference`` kernel's output, relative to it."""
+    difference = (out.double() - reference).abs().max() / reference.abs().max()
+    return {"tokens": tokens, "round": round_, "kernel": kernel, "ms": ms,
+            "tops": 2 * tokens * TOP_K * 3 * HIDDEN * INTER / ms / 1e9,
+            f"difference_from_{reference_name}": difference.item()}  # fmt: skip
+
+
 def main() -> None:
     args = kernel_bench_arguments(__doc__, (1, 8, 128, 1024))
     generator = torch.Generator().manual_seed(0)
     calls, results = kernels(generator), []
     for tokens in args.tokens:
-        x = torch.randn(tokens, HIDDEN, generator=generator).bfloat16()
-        probabilities = torch.randn(tokens, EXPERTS, generator=generator).softmax(-1)
-        weights, ids = torch.topk(probabilities, TOP_K)
-        weights, ids = (weights / weights.sum(-1, keepdim=True)), ids.to(torch.int32)
+        x, weights, ids = random_routing(tokens, generator)
         reference = calls["vLLM vec"](x, weights, ids).double()
         for round_ in range(args.rounds):
             for kernel, call in calls.items():
-                out = call(x, weights, ids).double()
+                out = call(x, weights, ids)
                 repeats = max(2, 64 // tokens)
                 start = time.perf_counter()
                 for _ in range(repeats):
                     call(x, weights, ids)
                 ms = (time.perf_counter() - start) / repeats * 1e3
-                difference = (out - reference).abs().max() / reference.abs().max()
-                results.append(dict(
-                    tokens=tokens, round=round_, kernel=kernel, ms=ms,
-                    tops=2 * tokens * TOP_K * 3 * HIDDEN * INTER / ms / 1e9,
-                    difference_from_vec=difference.item(),
-                ))  # fmt: skip
+                results.append(experts_row(tokens, round_, kernel, ms, out, reference, "vec"))
                 print(json.dumps(results[-1]), flush=True)
     write_kernel_results(args.json, results)
 

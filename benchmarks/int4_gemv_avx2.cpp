@@ -11,6 +11,11 @@
 // stay below 2 * 15 * 128 and four of them below 2^15: exact, unlike int8 weights of full range.
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <vector>
 #include <torch/extension.h>
 
 constexpr int64_t kGroup = 128;
@@ -84,6 +89,54 @@ torch::Tensor int4_gemm(torch::Tensor x, torch::Tensor x_scale, torch::Tensor x_
   });
 }
 
+inline float horizontal_max(__m256 v) {
+  __m128 half = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  half = _mm_max_ps(half, _mm_movehl_ps(half, half));
+  return _mm_cvtss_f32(_mm_max_ss(half, _mm_shuffle_ps(half, half, 1)));
+}
+
+// bf16 activations [M, K] -> int8 per group of 128 with portable_kernels.quantize_tokens' formula
+// on each group (scale max|x| / 127, at least FLT_MIN; round half to even): the int4 kernel's
+// inputs (values, fp32 scales [M, K/128], int sums [M, K/128]), bit for bit those of
+// int4_gemv_avx2.py's quantize_groups.
+std::vector<torch::Tensor> quantize_groups(torch::Tensor x) {
+  const int64_t groups = x.numel() / kGroup;
+  auto values = torch::empty_like(x, torch::kInt8);
+  auto scales = torch::empty({x.size(0), x.size(1) / kGroup}, torch::kFloat32);
+  auto sums = torch::empty({x.size(0), x.size(1) / kGroup}, torch::kInt32);
+  const uint16_t* xs = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  int8_t* vs = values.data_ptr<int8_t>();
+  float* ss = scales.data_ptr<float>();
+  int32_t* sums_out = sums.data_ptr<int32_t>();
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  for (int64_t g = 0; g < groups; ++g) {
+    float widened[kGroup];
+    __m256 largest = _mm256_setzero_ps();
+    for (int64_t i = 0; i < kGroup; i += 8) {
+      const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(xs + g * kGroup + i));
+      const __m256 v = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+      _mm256_storeu_ps(widened + i, v);
+      largest = _mm256_max_ps(largest, _mm256_andnot_ps(sign, v));
+    }
+    const float scale = std::max(horizontal_max(largest) / 127.f, FLT_MIN);
+    int32_t sum = 0;
+    for (int64_t i = 0; i < kGroup; ++i) {
+      const float q = std::min(std::max(std::nearbyint(widened[i] / scale), -128.f), 127.f);
+      vs[g * kGroup + i] = static_cast<int8_t>(q);
+      sum += static_cast<int32_t>(q);
+    }
+    ss[g] = scale;
+    sums_out[g] = sum;
+  }
+  return {values, scales, sums};
+}
+
+// The int4 kernel on bf16 activations: their quantization (above) and the product in one call.
+torch::Tensor int4_gemm_bf16(torch::Tensor x, torch::Tensor weight, torch::Tensor w_scale) {
+  const auto quantized = quantize_groups(x);
+  return int4_gemm(quantized[0], quantized[1], quantized[2], weight, w_scale);
+}
+
 // int8 weights [N, K] with fp32 scales per row [N] times fp32 activations [M, K], fp32 sums: the
 // int8 lm_head's math as PyTorch's _weight_int8pack_mm computes it, activations not quantized.
 torch::Tensor int8_gemm(torch::Tensor x, torch::Tensor weight, torch::Tensor w_scale) {
@@ -142,6 +195,8 @@ torch::Tensor int8_int8_gemm(torch::Tensor x, torch::Tensor x_scale, torch::Tens
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_gemm", &int4_gemm);
+  m.def("quantize_groups", &quantize_groups);
+  m.def("int4_gemm_bf16", &int4_gemm_bf16);
   m.def("int8_gemm", &int8_gemm);
   m.def("int8_int8_gemm", &int8_int8_gemm);
 }

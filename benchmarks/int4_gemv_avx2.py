@@ -5,8 +5,9 @@ expert shapes at 1 and 8 tokens, side by side in one process, interleaved per sh
   on AVX2 below ``INT4_DEQUANTIZE_FROM_TOKENS``);
 - ``AVX2 probe``: a 60-line int4 x int8 kernel (``int4_gemv_avx2.cpp``, built here with
   ``torch.utils.cpp_extension``; not part of the plugin) on activations quantized to int8 per
-  group of 128 beforehand, and ``AVX2 probe + quantization``, that quantization done by torch ops
-  in each call (what a kernel with it built in would not pay);
+  group of 128 beforehand; ``AVX2 probe + quantization``, that quantization done by torch ops
+  in each call; ``AVX2 probe + C++ quantization``, done by the probe's own C++ in the same call
+  (the same int8 values, bit for bit: checked), what a kernel in the plugin would pay;
 - ``vLLM oneDNN int8``: vLLM's W8A8 linear kernel (``onednn_scaled_mm``, per-token int8
   activations) on the int4 values stored as int8 with unit scales (its rate, and whether it is
   exact on them: AVX2 int8 GEMMs saturate on weights beyond +-64);
@@ -118,6 +119,8 @@ def kernels(probe, inputs: int, outputs: int, generator) -> tuple[dict, list]:
         "AVX2 probe": lambda _, q, c: probe.int4_gemm(*q, c["probe"], c["scale"]),
         "AVX2 probe + quantization": lambda x, _, c: probe.int4_gemm(*quantize_groups(x),
                                                                      c["probe"], c["scale"]),
+        "AVX2 probe + C++ quantization": lambda x, _, c: probe.int4_gemm_bf16(x, c["probe"],
+                                                                              c["scale"]),
         "vLLM oneDNN int8": onednn,
         "Inductor GEMV": lambda x, _, c: compiled(x, c["probe"], c["scale"]),
     }  # fmt: skip
@@ -185,6 +188,8 @@ def main() -> None:
         for tokens in args.tokens:
             x = torch.randn(tokens, inputs, generator=generator).bfloat16()
             quantized = quantize_groups(x)  # the probe's input, made outside the timing
+            in_cpp = probe.quantize_groups(x)
+            assert all(torch.equal(a, b) for a, b in zip(in_cpp, quantized, strict=True))
             reference = x.double() @ weight.t()
             per_group = group_scaled(*(t.double() for t in quantized[:2]))
             per_token, token_scale, _ = ops.onednn_scaled_int8_quant(x.float())
@@ -203,8 +208,8 @@ def main() -> None:
                         error_vs_bf16_activations=(
                             None if "oneDNN" in kernel else relative_error(out, reference)),
                         error_vs_its_int8_activations=(
-                            relative_error(out, own[kernel.removesuffix(" + quantization")])
-                            if kernel.removesuffix(" + quantization") in own else None),
+                            relative_error(out, own[kernel.split(" + ")[0]])
+                            if kernel.split(" + ")[0] in own else None),
                     ))  # fmt: skip
                     print(json.dumps(results[-1]), flush=True)
     for tokens in args.tokens:
