@@ -13,7 +13,9 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -45,10 +47,11 @@ def traced_graphs(log: str) -> list[str]:
     return [COMPILED_FN.sub("__compiled_fn", line) for line in GRAPH_LINE.findall(log)]
 
 
-def start(model, cache_root, **env) -> tuple[list[int], str]:
-    """One engine start in a fresh process (explicit KV cache size, traced graphs logged): its
-    greedy tokens and log."""
-    done = subprocess.run(
+def launch(model, cache_root, **env) -> tuple[subprocess.Popen, IO[str], IO[str]]:
+    """One engine start in a fresh process (explicit KV cache size, traced graphs logged), its
+    output in files: through pipes, a start whose log fills them would wait for a reader."""
+    stdout, stderr = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+    process = subprocess.Popen(
         [sys.executable, "-c", START, str(model)],
         env=dict(
             os.environ,
@@ -57,13 +60,25 @@ def start(model, cache_root, **env) -> tuple[list[int], str]:
             TORCH_LOGS="graph_code",
             **env,
         ),
-        capture_output=True,
-        text=True,
-        timeout=900,
+        stdout=stdout,
+        stderr=stderr,
     )
-    log = done.stdout + done.stderr
-    assert done.returncode == 0, log[-3000:]
-    line = next(line for line in done.stdout.splitlines() if line.startswith("TOKENS "))
+    return process, stdout, stderr
+
+
+def finish(started: tuple[subprocess.Popen, IO[str], IO[str]]) -> tuple[list[int], str]:
+    """A :func:`launch`'s greedy tokens and log, once it ended."""
+    process, *outputs = started
+    try:
+        process.wait(timeout=900)
+    finally:
+        process.kill()
+    for output in outputs:
+        output.seek(0)
+    stdout, stderr = (output.read() for output in outputs)
+    log = stdout + stderr
+    assert process.returncode == 0, log[-3000:]
+    line = next(line for line in stdout.splitlines() if line.startswith("TOKENS "))
     return json.loads(line.removeprefix("TOKENS ")), log
 
 
@@ -75,21 +90,25 @@ def test_unpatched_vllm_calls_finalize_loading_unguarded():
 
 
 def test_second_start_loads_the_saved_compilation(tmp_path):
+    """The second and the third start run at the same time, once the first saved its compilation
+    (each start keeps about one of the two cores busy): the third must find it and not load it."""
     model = W4A16
-    first, first_log = start(model, tmp_path)
+    first, first_log = finish(launch(model, tmp_path))
     assert "saved AOT compiled function" in first_log
     assert BRIEF_WARMUP in first_log
-    second, second_log = start(model, tmp_path)
-    assert "Compiling model again" not in second_log, second_log[-3000:]
-    assert "Directly load AOT compilation" in second_log
-    assert second == first
+    second_start = launch(model, tmp_path)
     # Another build setting, one that leaves this W4A16 model as it is (it is W8A16's): without
     # the plugin's settings in the key this start loaded the first one's graph, and with a
     # setting that changes the graph died (VLLM_ERNIE_MOE_SGL_KERNELS=0 on a Zen 4 host;
     # VLLM_ERNIE_MOE_W4A16_INT8_ACTIVATIONS=0 on W4A16: KeyError 'weight_zero').
-    full, full_log = start(
+    full_start = launch(
         model, tmp_path, VLLM_ERNIE_MOE_W8A16_INT8="0", VLLM_ERNIE_MOE_FULL_WARMUP="1"
     )
+    second, second_log = finish(second_start)
+    full, full_log = finish(full_start)
+    assert "Compiling model again" not in second_log, second_log[-3000:]
+    assert "Directly load AOT compilation" in second_log
+    assert second == first
     assert "Directly load AOT compilation" not in full_log
     assert "saved AOT compiled function" in full_log
     # patch_cpu_warmup_size: vLLM keeps no shape guards, so a branch on the token count taken
