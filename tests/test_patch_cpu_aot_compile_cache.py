@@ -104,8 +104,11 @@ def test_second_start_loads_the_saved_compilation(tmp_path):
     full_start = launch(
         model, tmp_path, VLLM_ERNIE_MOE_W8A16_INT8="0", VLLM_ERNIE_MOE_FULL_WARMUP="1"
     )
-    second, second_log = finish(second_start)
-    full, full_log = finish(full_start)
+    try:
+        second, second_log = finish(second_start)
+        full, full_log = finish(full_start)
+    finally:
+        full_start[0].kill()  # ended already unless the second start failed
     assert "Compiling model again" not in second_log, second_log[-3000:]
     assert "Directly load AOT compilation" in second_log
     assert second == first
