@@ -43,7 +43,9 @@ setup(
         "vllm_ernie_moe.tools",
     ],
     package_dir={"vllm_ernie_moe": "vllm_ernie_moe", "vllm_ernie_moe.patches": "patches"},
-    package_data={"vllm_ernie_moe": ["*.jinja", "data/small-ernie/*", "tier_startup/*.py"]},
+    package_data={
+        "vllm_ernie_moe": ["*.jinja", "csrc/*.cpp", "data/small-ernie/*", "tier_startup/*.py"]
+    },
     # vLLM itself is not a hard dependency: on Ascend it comes with vllm-ascend, on CPU use [cpu].
     install_requires=["packaging"],
     extras_require={

@@ -62,6 +62,7 @@ ENGINES = {
     "w4a16-int8-head-one-process": "the same, engine core and worker in the caller's process",
     "w4a16-int8-head-worker-process": "the same, the worker in a process of its own (vLLM's)",
     "w4a16-int8-head-int4-prefill": "the same, the linears on int4 at every size (no int8 copy)",
+    "w4a16-int8-head-avx2-kernel": "the same, on the plugin's AVX2 int4 kernel (no VNNI)",
     "llama.cpp-q4_0": "llama.cpp Q4_0 of the 4-bit checkpoint (llama-cpp-python 0.3.36)",
     "llama.cpp-q4_k_m": "llama.cpp Q4_K_M of the 4-bit checkpoint (llama-cpp-python 0.3.36)",
 }
@@ -74,6 +75,7 @@ INT4_ENGINES = (
     "w4a16-int8-head-one-process",
     "w4a16-int8-head-worker-process",
     "w4a16-int8-head-int4-prefill",
+    "w4a16-int8-head-avx2-kernel",
     "llama.cpp-q4_0",
     "llama.cpp-q4_k_m",
 )
@@ -89,6 +91,7 @@ ENGINE_ENV = {
     "w4a16-int8-head-one-process": dict(INT8_HEAD, VLLM_ENABLE_V1_MULTIPROCESSING="0"),
     "w4a16-int8-head-worker-process": dict(INT8_HEAD, VLLM_ERNIE_MOE_WORKER_IN_ENGINE_CORE="0"),
     "w4a16-int8-head-int4-prefill": dict(INT8_HEAD, VLLM_ERNIE_MOE_W4A16_INT8_PREFILL="0"),
+    "w4a16-int8-head-avx2-kernel": dict(INT8_HEAD, VLLM_ERNIE_MOE_W4A16_AVX2_KERNEL="1"),
     "plugin-stock-kernels": {"VLLM_ERNIE_MOE_SGL_KERNELS": "0"},
     "plugin-unwidened": {"VLLM_ERNIE_MOE_BF16_WIDENING": "0"},
     "w8a8-stock-kernels": {"VLLM_ERNIE_MOE_SGL_KERNELS": "0"},
@@ -427,6 +430,8 @@ RATIOS = (
     ("w4a16", "llama.cpp-q4_k_m", SPEED_KEYS),
     ("w4a16-int8-head", "llama.cpp-q4_k_m", SPEED_KEYS),
     ("w4a16-int8-head", "llama.cpp-q4_0", SPEED_KEYS),
+    ("w4a16-int8-head-avx2-kernel", "w4a16-int8-head", (*SPEED_KEYS, "load_s")),
+    ("w4a16-int8-head-avx2-kernel", "llama.cpp-q4_k_m", SPEED_KEYS),
     ("w4a16-int8-head", "w4a16-int8-head-worker-process", (*SPEED_KEYS, "load_s")),
     ("w4a16-int8-head", "w4a16-int8-head-int4-prefill", (*SPEED_KEYS, "load_s", "peak_pss_gib")),
     ("w4a16", "w4a8", (*SPEED_KEYS, "load_s", "peak_pss_gib")),

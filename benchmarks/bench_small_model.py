@@ -8,7 +8,10 @@ its own process, rounds interleaved in one run:
   (groups of 128, and of 32) quantizations (``vllm-ernie-moe-quantize``), W8A8 and W4A16 with the
   int8 lm_head, W4A16 with its activations kept in bf16 where vLLM's int4 kernels would quantize
   them (``VLLM_ERNIE_MOE_W4A16_INT8_ACTIVATIONS=0``), W4A16 without the linears' int8 copy for
-  calls of 32 rows or more (``VLLM_ERNIE_MOE_W4A16_INT8_PREFILL=0``), and with ``--w4a8 DIR``
+  calls of 32 rows or more (``VLLM_ERNIE_MOE_W4A16_INT8_PREFILL=0``), W4A16 on the plugin's AVX2
+  int4 kernel (``VLLM_ERNIE_MOE_W4A16_AVX2_KERNEL=1``; where it serves, its prompt passes of 128
+  rows or more keep bf16 activations: the ``-64-row-steps`` cases run every step below that, their
+  prompts chunked, to price its int8 activations on every token), and with ``--w4a8 DIR``
   msModelSlim's W4A8_DYNAMIC of it (``MODE=w4a8 tests/fixtures/msmodelslim/recipe.sh MODEL
   DIR``). Beside each perplexity, its greedy drift: for the 12 held-out passages, how many of 48
   greedy tokens agree with the bf16 model's before the first that differs (mean).
@@ -40,6 +43,9 @@ MTP_CASES = {
     "plugin-mtp": (SPECULATIVE, {}),
     "vllm-mtp": (SPECULATIVE, {"VLLM_ERNIE_MOE_VLLM_MTP": "1"}),
 }
+AVX2_KERNEL = {"VLLM_ERNIE_MOE_W4A16_AVX2_KERNEL": "1"}
+#: Rows per engine step of the perplexity cases named ``...-64-row-steps`` (chunked prompts).
+SMALL_STEP = 64
 #: perplexity case -> (checkpoint, environment), bf16
 PPL_CASES = {
     "bf16": ("bf16", {}),
@@ -56,6 +62,12 @@ PPL_CASES = {
     # the linears' calls of 32 rows or more on int4 too, without the int8 copy
     "w4a16-int4-prefill": ("w4a16", {"VLLM_ERNIE_MOE_W4A16_INT8_PREFILL": "0"}),
     "w4a16-g32-int4-prefill": ("w4a16-g32", {"VLLM_ERNIE_MOE_W4A16_INT8_PREFILL": "0"}),
+    # the plugin's AVX2 int4 kernel (activations int8 per weight group below 128 rows per call)
+    "w4a16-avx2-kernel": ("w4a16", AVX2_KERNEL),
+    "w4a16-g32-avx2-kernel": ("w4a16-g32", AVX2_KERNEL),
+    # the same with every step below 128 rows, so that the prompts run on the int8 path too
+    f"w4a16-g32-{SMALL_STEP}-row-steps": ("w4a16-g32", {}),
+    f"w4a16-g32-avx2-kernel-{SMALL_STEP}-row-steps": ("w4a16-g32", AVX2_KERNEL),
 }
 PPL_CHUNK = 256
 PROMPTS, PROMPT_TOKENS, MAX_TOKENS = 12, 32, 48
@@ -76,9 +88,10 @@ def held_out_prompts(model: str) -> list[list[int]]:
     return [ids[i * stride : i * stride + PROMPT_TOKENS] for i in range(PROMPTS)]
 
 
-def perplexity_worker(model: str) -> dict:
+def perplexity_worker(model: str, step_rows: int | None = None) -> dict:
     """exp(mean negative log-likelihood) of the held-out text, in chunks of PPL_CHUNK tokens, and
-    the greedy tokens for the held-out prompts (for the drift against bf16)."""
+    the greedy tokens for the held-out prompts (for the drift against bf16); with ``step_rows``,
+    at most that many rows per engine step (prompts in chunks)."""
     import math
 
     from transformers import AutoTokenizer
@@ -89,7 +102,8 @@ def perplexity_worker(model: str) -> dict:
 
     ids = AutoTokenizer.from_pretrained(model)(corpus()[1], add_special_tokens=False).input_ids
     chunks = [ids[i : i + PPL_CHUNK] for i in range(0, len(ids) - PPL_CHUNK, PPL_CHUNK)]
-    llm = LLM(model=model, dtype="bfloat16", max_model_len=512, enforce_eager=True, seed=0)
+    steps = dict(max_num_batched_tokens=step_rows, max_num_seqs=step_rows) if step_rows else {}
+    llm = LLM(model=model, dtype="bfloat16", max_model_len=512, enforce_eager=True, seed=0, **steps)
     params = SamplingParams(max_tokens=1, prompt_logprobs=0)
     outputs = llm.generate([TokensPrompt(prompt_token_ids=c) for c in chunks], params)
     greedy = greedy_token_ids(llm, held_out_prompts(model), MAX_TOKENS)
@@ -200,7 +214,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.child:  # one engine in this process; its result to OUT
         task, model, out = args.child
-        result = perplexity_worker(model) if task == "perplexity" else mtp_worker(model, task)
+        if task.startswith("perplexity"):
+            result = perplexity_worker(model, int(task.split("-")[1]) if "-" in task else None)
+        else:
+            result = mtp_worker(model, task)
         Path(out).write_text(json.dumps(result))
         # The result is written: leave without the interpreter's teardown, where vLLM's CPU
         # engine now and then aborts ("terminate called without an active exception").
@@ -228,7 +245,13 @@ def main(argv: list[str] | None = None) -> None:
         for i in range(args.rounds)
     ]
     perplexity = {
-        case: run_child(__file__, "perplexity", checkpoints[name], cache / f"ppl-{case}.json", env)
+        case: run_child(
+            __file__,
+            f"perplexity-{SMALL_STEP}" if case.endswith("-row-steps") else "perplexity",
+            checkpoints[name],
+            cache / f"ppl-{case}.json",
+            env,
+        )
         for case, (name, env) in PPL_CASES.items()
         if checkpoints[name] is not None and case in args.cases
     }

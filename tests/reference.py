@@ -270,16 +270,29 @@ def dequantized_checkpoint(
     return out_dir
 
 
-def fake_quantize_activations(model, lm_head: bool = False) -> None:
-    """Quantize the input of every linear (and of each expert GEMM) per token, as W8A8 does; the
-    lm_head's too with ``lm_head``."""
+def group_quantizer(group: int):
+    """Symmetric int8 fake quantization per group of ``group`` inputs (:func:`int8_rows` on each
+    group): the AVX2 W4A16 kernel's activations."""
+
+    def quantize(x: torch.Tensor) -> torch.Tensor:
+        quantized, scale = int8_rows(x.unflatten(-1, (-1, group)))
+        return (quantized * scale).flatten(-2)
+
+    return quantize
+
+
+def fake_quantize_activations(model, lm_head: bool = False, quantize=None) -> None:
+    """Quantize the input of every linear (and of each expert GEMM) per token, as W8A8 does (or
+    with ``quantize``); the lm_head's too with ``lm_head``."""
     import types
 
     import torch.nn.functional as F
     from transformers.models.ernie4_5_moe.modeling_ernie4_5_moe import Ernie4_5_MoeExperts
 
+    quantize = quantize or quantize_activations
+
     def linear_forward(self, x):
-        return F.linear(quantize_activations(x), self.weight, self.bias)
+        return F.linear(quantize(x), self.weight, self.bias)
 
     def experts_forward(self, hidden_states, top_k_index, top_k_weights):
         out = torch.zeros_like(hidden_states)
@@ -287,9 +300,9 @@ def fake_quantize_activations(model, lm_head: bool = False) -> None:
             token, slot = torch.where(top_k_index == expert)
             if token.numel() == 0:
                 continue
-            x = quantize_activations(hidden_states[token])
+            x = quantize(hidden_states[token])
             gate, up = F.linear(x, self.gate_up_proj[expert]).chunk(2, dim=-1)
-            y = F.linear(quantize_activations(self.act_fn(gate) * up), self.down_proj[expert])
+            y = F.linear(quantize(self.act_fn(gate) * up), self.down_proj[expert])
             out.index_add_(0, token, y * top_k_weights[token, slot, None])
         return out
 

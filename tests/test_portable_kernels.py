@@ -6,8 +6,9 @@ Every test states the tier it ran on (``VLLM_ERNIE_MOE_CPU_TIER``; ``make test C
 
 import pytest
 import torch
+from reference import int8_rows
 
-from vllm_ernie_moe import cpu_tier, portable_kernels
+from vllm_ernie_moe import cpu_tier, native_int4, portable_kernels
 from vllm_ernie_moe.portable_kernels import int4_dequantized_linear
 from vllm_ernie_moe.quant.msmodelslim import pack_int4_rows
 
@@ -161,17 +162,22 @@ def test_int4_dequantized_linear_runs_the_bf16_checkpoint_weights(gemm_dtype):
 def test_experts_op_compiles_whole_and_matches_integer_math(weight_format):
     """vLLM compiles the model on CPU (fullgraph): the experts' routing-dependent loop must be one
     opaque op there, and the op must compute each format's math (float64 reference). W4A16: a
-    scale per group of 32 inputs, activations unquantized."""
+    scale per group of 32 inputs, activations unquantized; on the AVX2 kernel, activations int8
+    per group of 32."""
+    avx2 = weight_format == "w4a16-avx2"
+    if avx2 and native_int4.kernels() is None:
+        pytest.skip("the AVX2 kernel did not build here")
     generator = torch.Generator().manual_seed(6)
-    experts, hidden, inter, tokens, group = 3, 64, 32, 5, 32
-    int4 = weight_format in ("w4a8", "w4a16")
+    experts, hidden, inter, tokens, group = 3, 64, 64, 5, 32
+    int4 = weight_format.startswith(("w4a8", "w4a16"))
+    group_scaled = weight_format.startswith("w4a16")
     w13, s13 = full_range_weights(experts * 2 * inter, hidden, seed=1)
     w2, s2 = full_range_weights(experts * hidden, inter, seed=2)
     if int4:
         w13, w2 = w13.clamp(-8, 7), w2.clamp(-8, 7)
     w13, w2 = w13.view(experts, 2 * inter, hidden), w2.view(experts, hidden, inter)
     s13, s2 = s13.view(experts, 2 * inter, 1), s2.view(experts, hidden, 1)
-    if weight_format == "w4a16":  # per-group scales, as the kernel holds them (bf16)
+    if group_scaled:  # per-group scales, as the kernel holds them (bf16)
         s13 = s13 * torch.rand(experts, 2 * inter, hidden // group, generator=generator)
         s2 = s2 * torch.rand(experts, hidden, inter // group, generator=generator)
         s13, s2 = s13.bfloat16(), s2.bfloat16()
@@ -180,7 +186,10 @@ def test_experts_op_compiles_whole_and_matches_integer_math(weight_format):
     topk_weights = torch.rand(tokens, 2, generator=generator)
 
     def reference(rows, weight, scale):
-        if weight_format in ("w8a16", "w4a16"):
+        if avx2:
+            quantized, row_scale = int8_rows(rows.double().unflatten(-1, (-1, group)))
+            rows = (quantized * row_scale).flatten(-2)
+        if weight_format in ("w8a16", "w4a16", "w4a16-avx2"):
             per_weight = scale.double().repeat_interleave(weight.shape[1] // scale.shape[1], dim=1)
             return rows.double() @ (weight.double() * per_weight).T
         return reference_w8a8(rows, weight, scale.view(-1))
@@ -193,7 +202,10 @@ def test_experts_op_compiles_whole_and_matches_integer_math(weight_format):
             act = torch.nn.functional.silu(gate) * up
             want[t] += topk_weights[t, k].double() * reference(act, w2[e], s2[e])[0]
 
-    if int4:
+    if avx2:
+        w13, w2 = native_int4.avx2_layout(w13), native_int4.avx2_layout(w2)
+        s13, s2 = s13.float(), s2.float()
+    elif int4:
         w13 = torch.stack([portable_kernels.pack_int4(w) for w in w13])
         w2 = torch.stack([portable_kernels.pack_int4(w) for w in w2])
     if weight_format == "w4a16":

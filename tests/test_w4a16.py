@@ -22,6 +22,7 @@ from reference import (
     dequantized_checkpoint,
     description_of,
     fake_quantize_activations,
+    group_quantizer,
     load_tensors,
     logprob_drift,
     prompt_token_ids,
@@ -31,6 +32,7 @@ from reference import (
     vllm_greedy,
 )
 
+from vllm_ernie_moe import native_int4
 from vllm_ernie_moe.quant.cpu_experts import vllm_kernel_serves
 from vllm_ernie_moe.quant.linear import ErnieW4A16LinearMethod
 from vllm_ernie_moe.quant.msmodelslim import QuantizationFormatError, load_description
@@ -121,6 +123,44 @@ def test_matches_fake_quant_reference(engine, tmp_path):
     # int4 moves the logits: the bf16 source's own output is not this reference.
     source = transformers_greedy(SOURCE, "float32", MAX_TOKENS, TOP_K)
     assert logprob_drift(source, reference).max() > 0.05
+
+
+@pytest.fixture(scope="module")
+def avx2_kernel_outputs():
+    """Greedy outputs with ``VLLM_ERNIE_MOE_W4A16_AVX2_KERNEL=1``, where vLLM's int4 kernels do
+    not serve W4A16 (no VNNI, or the AVX2 tier forced)."""
+    if vllm_kernel_serves("w4a16"):
+        pytest.skip("vLLM's int4 kernels serve W4A16 here: the AVX2 kernel is not used")
+    if native_int4.kernels() is None:
+        pytest.skip("the AVX2 kernel did not build here")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VLLM_ERNIE_MOE_W4A16_AVX2_KERNEL", "1")
+        return vllm_greedy(W4A16, "bfloat16", 1, MAX_TOKENS, TOP_K)
+
+
+def test_avx2_kernel_matches_per_group_int8_reference(engine, avx2_kernel_outputs, tmp_path):
+    """With the AVX2 kernel every int4 linear and expert quantizes its input to int8 per group of
+    32 (the fixture's group): the prompts' step too, as it holds fewer than 128 rows. The
+    reference does the same in fp32 transformers; the outputs move away from the default path's."""
+    tp, default_outputs = engine
+    if tp != 1:
+        pytest.skip("compared once, at TP=1")
+    assert sum(map(len, prompt_token_ids(W4A16))) < native_int4.DEQUANTIZE_FROM_ROWS
+    plain = dequantized_checkpoint(W4A16, tmp_path / "dequantized")
+    reference = transformers_greedy(
+        plain,
+        "float32",
+        MAX_TOKENS,
+        TOP_K,
+        prepare=lambda model: fake_quantize_activations(model, quantize=group_quantizer(32)),
+    )
+    check_logprobs_close(reference, avx2_kernel_outputs)
+    assert_bf16_drift(reference, avx2_kernel_outputs)
+    per_token = transformers_greedy(
+        plain, "float32", MAX_TOKENS, TOP_K, prepare=fake_quantize_activations
+    )
+    print(f"drift from per-token int8: max {logprob_drift(per_token, reference).max():.3f}")
+    assert logprob_drift(default_outputs, avx2_kernel_outputs).max() > 0
 
 
 def test_tensor_parallel_matches_tp1(engine):

@@ -55,6 +55,14 @@ def w4a16_int8_prefill() -> bool:
     return enabled and not vllm_envs.VLLM_BATCH_INVARIANT
 
 
+def w4a16_avx2_kernel() -> bool:
+    """``VLLM_ERNIE_MOE_W4A16_AVX2_KERNEL=1``: where vLLM's int4 kernels do not serve W4A16 (x86
+    without VNNI), its linears and experts run on the plugin's AVX2 int4 kernel, built at first
+    use, which quantizes the activations to int8 per weight group below 128 rows per call
+    (``native_int4.py``); default off: the portable kernels, activations in the model dtype."""
+    return os.environ.get("VLLM_ERNIE_MOE_W4A16_AVX2_KERNEL", "0") == "1"
+
+
 def full_warmup() -> bool:
     """``VLLM_ERNIE_MOE_FULL_WARMUP=1`` keeps vLLM's full-size CPU warm-up (a
     ``max_num_batched_tokens`` forward) where the plugin would compile on a brief one
@@ -122,6 +130,7 @@ def build_settings() -> list[str]:
         f"w8a16 int8 in memory={w8a16_int8_in_memory()}",
         f"w4a16 int8 activations={w4a16_int8_activations()}",
         f"w4a16 int8 prefill={w4a16_int8_prefill()}",
+        f"w4a16 avx2 kernel={w4a16_avx2_kernel()}",
         f"sgl kernels without amx={sgl_kernels_without_amx()}",
         f"bf16 widening={bf16_widening()}",
         f"vllm mtp drafter={vllm_mtp_drafter()}",

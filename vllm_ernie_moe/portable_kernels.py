@@ -22,6 +22,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from vllm_ernie_moe import native_int4
 from vllm_ernie_moe.quant.msmodelslim import unpack_int4_rows
 
 #: Group sizes ``_weight_int4pack_mm_for_cpu`` takes (its scales are per group of inputs).
@@ -298,8 +299,9 @@ def run_experts(
 
 #: Expert weight formats :func:`experts` runs: int8 weights with int8 or model-dtype activations,
 #: int4 weights (``pack_int4``) with int8 activations (per-channel scales) or model-dtype ones
-#: (W4A16: the scales as :func:`int4_scales_and_zeros`).
-EXPERT_FORMATS = ("w8a8", "w8a16", "w4a8", "w4a16")
+#: (W4A16: the scales as :func:`int4_scales_and_zeros`), or W4A16 on the AVX2 kernel
+#: (``native_int4.avx2_layout``, fp32 group scales).
+EXPERT_FORMATS = ("w8a8", "w8a16", "w4a8", "w4a16", "w4a16-avx2")
 
 
 @torch.library.custom_op("vllm_ernie_moe::portable_experts", mutates_args=())
@@ -323,6 +325,8 @@ def experts(
         weight, scale = weights[which][expert], scales[which][expert]
         if weight_format == "w4a16":
             return int4_group_gemm(x.to(hidden.dtype), weight, scale)
+        if weight_format == "w4a16-avx2":
+            return native_int4.matmul(x.to(hidden.dtype), weight, scale)
         scale = scale.view(-1)
         if weight_format == "w4a8":
             return int4_gemm(x, weight, scale)

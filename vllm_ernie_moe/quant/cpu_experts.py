@@ -13,6 +13,7 @@
 """
 
 import functools
+from collections.abc import Callable
 
 import torch
 from torch.nn import Module
@@ -20,8 +21,8 @@ from vllm._custom_ops import CPUQuantMethod
 from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUExpertsInt4, CPUExpertsInt8
 from vllm.platforms import current_platform
 
-from vllm_ernie_moe import compat, envs, portable_kernels
-from vllm_ernie_moe.quant.common import set_parameter
+from vllm_ernie_moe import compat, envs, native_int4, portable_kernels
+from vllm_ernie_moe.quant.common import log_kernel_once, set_parameter
 from vllm_ernie_moe.quant.msmodelslim import unpack_int4_rows
 from vllm_ernie_moe.quant.repack_cache import cached_repack
 from vllm_ernie_moe.routing import ernie_topk
@@ -117,15 +118,19 @@ class PortableCPUExpertsInt4(_PortableExperts, CPUExpertsInt4):
     weight_format = "w4a8"
 
     def process_weights_after_loading(self, layer: Module) -> None:
-        for name in ("w13_weight", "w2_weight"):
-            packed_rows = getattr(layer, name).data  # msModelSlim's [E, out/2, in]
+        repack_int4_experts(layer, "torch-int4pack-experts", portable_kernels.pack_int4)
 
-            def repack(packed_rows=packed_rows) -> dict[str, torch.Tensor]:
-                experts = [portable_kernels.pack_int4(unpack_int4_rows(r)) for r in packed_rows]
-                return {"weight": torch.stack(experts)}
 
-            repacked = cached_repack("torch-int4pack-experts", [packed_rows], repack)
-            set_parameter(layer, name, repacked["weight"])
+def repack_int4_experts(layer: Module, kind: str, layout: Callable) -> None:
+    """Each expert's msModelSlim int4 rows ``[E, out/2, in]`` as ``layout(values [out, in])``,
+    through the repack cache under ``kind``."""
+    for name in ("w13_weight", "w2_weight"):
+        packed_rows = getattr(layer, name).data
+
+        def repack(packed_rows=packed_rows) -> dict[str, torch.Tensor]:
+            return {"weight": torch.stack([layout(unpack_int4_rows(r)) for r in packed_rows])}
+
+        set_parameter(layer, name, cached_repack(kind, [packed_rows], repack)["weight"])
 
 
 class PortableCPUExpertsW4A16(PortableCPUExpertsInt4):
@@ -134,11 +139,34 @@ class PortableCPUExpertsW4A16(PortableCPUExpertsInt4):
     weight_format = "w4a16"
 
     def process_weights_after_loading(self, layer: Module) -> None:
+        if self._on_avx2_kernel(layer):
+            self._avx2_layout(layer)
+            return
         super().process_weights_after_loading(layer)
         for scale in (self.w1_scale, self.w2_scale):
             # In place: the quant config made from the layer holds these very parameters.
             dtype = self.moe_config.in_dtype
             scale.data = portable_kernels.int4_scales_and_zeros(scale.data, dtype)
+
+    def _on_avx2_kernel(self, layer: Module) -> bool:
+        """Both GEMMs fit the AVX2 kernel (``VLLM_ERNIE_MOE_W4A16_AVX2_KERNEL``)."""
+        return all(
+            native_int4.serves(inputs, inputs // scale.shape[-1])
+            for inputs, scale in (
+                (layer.w13_weight.shape[-1], self.w1_scale),
+                (layer.w2_weight.shape[-1], self.w2_scale),
+            )
+        )
+
+    def _avx2_layout(self, layer: Module) -> None:
+        """The weights in the AVX2 kernel's layout (kept in the repack cache), the scales rounded
+        to the model dtype and held in fp32."""
+        log_kernel_once("W4A16 experts on the AVX2 kernel", native_int4.KERNEL_DESCRIPTION)
+        self.weight_format = "w4a16-avx2"
+        repack_int4_experts(layer, "avx2-int4-experts", native_int4.avx2_layout)
+        for scale in (self.w1_scale, self.w2_scale):
+            # In place: the quant config made from the layer holds these very parameters.
+            scale.data = scale.data.to(self.moe_config.in_dtype).float()
 
 
 class _RoutesByErnieRule:

@@ -20,7 +20,7 @@ from vllm.model_executor.parameter import (
     PackedvLLMParameter,
 )
 
-from vllm_ernie_moe import compat, envs, portable_kernels
+from vllm_ernie_moe import compat, envs, native_int4, portable_kernels
 from vllm_ernie_moe.quant.common import (
     dequantize,
     log_kernel_once,
@@ -216,14 +216,16 @@ class ErnieW4A16LinearMethod(StoredRepackMethod, LinearMethodBase):
     Where :func:`vllm_kernel_serves` W4A16 (VNNI), on vLLM's int4 linear ``int4_scaled_mm_cpu``
     (activations int8 per token inside, as the routed experts' kernel): 2.4-2.6x PyTorch's int4
     GEMM's speed at one token, 1.1-1.4x the dequantized bf16 GEMM's at 1024 (docs/w8a8.md); with
-    an int8 copy for calls of 32 rows or more (:func:`envs.w4a16_int8_prefill`). Elsewhere
-    W4A16's math, activations in the model dtype:
-    :func:`portable_kernels.int4_group_linear`."""
+    an int8 copy for calls of 32 rows or more (:func:`envs.w4a16_int8_prefill`). Elsewhere, on
+    x86 with AVX2, the plugin's AVX2 int4 kernel where :func:`native_int4.serves` (activations
+    int8 per weight group below 128 rows per call); else W4A16's math, activations in the model
+    dtype: :func:`portable_kernels.int4_group_linear`."""
 
     def __init__(self, group_size: int, prefix: str) -> None:
         self.group_size = group_size
         self.prefix = prefix
         self.on_vllm_kernel = False
+        self.on_avx2_kernel = False
         self.keeps_int8_copy = False
 
     def create_weights(
@@ -283,6 +285,12 @@ class ErnieW4A16LinearMethod(StoredRepackMethod, LinearMethodBase):
             and envs.w4a16_int8_prefill()
             and int8_copy_fits(rows, input_size_per_partition)
         )
+        self.on_avx2_kernel = not self.on_vllm_kernel and native_int4.serves(
+            input_size_per_partition, self.group_size
+        )
+        if self.on_avx2_kernel:
+            log_kernel_once("W4A16 linear on the AVX2 kernel", native_int4.KERNEL_DESCRIPTION)
+            return
         log_kernel_once(
             "W4A16 linear" + (" on vLLM's int4 kernel" if self.on_vllm_kernel else ""),
             "vLLM's int4 linear (int4_scaled_mm_cpu, activations int8 per token)"
@@ -325,6 +333,10 @@ class ErnieW4A16LinearMethod(StoredRepackMethod, LinearMethodBase):
             for name, tensor in stored.items():
                 set_parameter(layer, name, tensor)
             return
+        if self.on_avx2_kernel:
+            set_parameter(layer, "weight", native_int4.avx2_layout(unpack_int4_rows(rows)))
+            set_parameter(layer, "weight_scale", scale().float())
+            return
         set_parameter(layer, "weight", portable_kernels.pack_int4(unpack_int4_rows(rows)))
         rounded = scale()
         set_parameter(
@@ -343,6 +355,8 @@ class ErnieW4A16LinearMethod(StoredRepackMethod, LinearMethodBase):
                 getattr(layer, "int8_weight", None),
                 getattr(layer, "int8_scale", None),
             )
+        elif self.on_avx2_kernel:
+            out = native_int4.linear(x, layer.weight, layer.weight_scale)
         else:
             out = portable_kernels.int4_group_linear(
                 x, layer.weight, layer.weight_scale, layer.weight_rows, layer.weight_group_scale
