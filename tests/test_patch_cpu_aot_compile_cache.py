@@ -19,6 +19,7 @@ from typing import IO
 
 import pytest
 
+from vllm_ernie_moe import native_int4
 from vllm_ernie_moe.patches import patch_cpu_aot_compile_cache as patch
 from vllm_ernie_moe.patches import patch_cpu_warmup_size
 from vllm_ernie_moe.patches.patching import unpatched
@@ -123,6 +124,8 @@ def test_second_start_loads_the_saved_compilation(tmp_path):
     # W4A16's kernels, where their size branches live, are in the traced graph.
     if vllm_kernel_serves("w4a16"):
         kernels = ("vllm_ernie_moe.int4_linear", "_C.fused_experts_cpu")
+    elif native_int4.serves(64, 32):
+        kernels = ("vllm_ernie_moe.avx2_int4_linear", "vllm_ernie_moe.portable_experts")
     else:
         kernels = ("vllm_ernie_moe.int4_group_linear", "vllm_ernie_moe.portable_experts")
     assert all(any(kernel in line for line in graph) for kernel in kernels), kernels
@@ -138,6 +141,7 @@ def test_second_start_loads_the_saved_compilation(tmp_path):
         # Not in the key at first: a start with it off loaded the widened graph saved by a start
         # with it on (docs/results/engines-4layers-bf16-llamacpp-zen3.txt, the A/B's first attempt).
         "VLLM_ERNIE_MOE_BF16_WIDENING",
+        "VLLM_ERNIE_MOE_W4A16_AVX2_KERNEL",
     ],
 )
 def test_the_key_follows_build_settings_not_others(monkeypatch, switch):

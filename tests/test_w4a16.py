@@ -91,76 +91,84 @@ def prompt_pass_on_int8_copy(copies: dict[str, torch.Tensor]):
     return prepare
 
 
-def test_matches_fake_quant_reference(engine, tmp_path):
+def engine_kernels() -> str:
+    """Which kernels this host's default engine runs the fixture's W4A16 layers on."""
+    if vllm_kernel_serves("w4a16"):
+        return "vllm-int4"
+    return "avx2" if native_int4.serves(64, 32) else "portable"
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory) -> dict[str, list]:
+    """transformers in fp32 on the dequantized fixture, by what its activations go through:
+    int8 per token with the linears' prompt pass on their int8 copy (vLLM's int4 kernels), int8
+    per group of 32 (the AVX2 kernel), the model dtype (the portable kernels); and int8 per token
+    alone, for the int8 copy's drift."""
+    plain = dequantized_checkpoint(W4A16, tmp_path_factory.mktemp("w4a16") / "dequantized")
+    copies, dequantized = int8_copy_weights(W4A16), load_tensors(plain)
+    assert any(not torch.equal(w, dequantized[f"{name}.weight"]) for name, w in copies.items())
+
+    def greedy(prepare=None) -> list:
+        return transformers_greedy(plain, "float32", MAX_TOKENS, TOP_K, prepare=prepare)
+
+    def per_group(model) -> None:
+        fake_quantize_activations(model, quantize=group_quantizer(32))
+
+    return {
+        "vllm-int4": greedy(prompt_pass_on_int8_copy(copies)),
+        "avx2": greedy(per_group),
+        "portable": greedy(),
+        "int8-per-token": greedy(fake_quantize_activations),
+    }
+
+
+def test_matches_fake_quant_reference(engine, references):
     """Where vLLM's int4 kernels serve W4A16 (VNNI), every int4 linear and expert quantizes its
-    input to int8 per token inside, and the linears run the prompts' step on their int8 copy: the
-    reference does too. Elsewhere activations stay in the model dtype. The references are close
-    on this fixture (the drifts printed): the kernels' math itself is pinned by
-    test_linear_on_vllm_int4_kernel_computes_int8_activation_math and
-    test_int8_copy_serves_calls_of_32_rows_or_more."""
+    input to int8 per token inside, and the linears run the prompts' step on their int8 copy; on
+    the AVX2 kernel (x86 without VNNI) they quantize it per group of 32 (the fixture's group), the
+    prompts' step too, as it holds fewer than 128 rows; elsewhere activations stay in the model
+    dtype. The reference does the same. The references are close on this fixture (the drifts
+    printed): the kernels' math itself is pinned by
+    test_linear_on_vllm_int4_kernel_computes_int8_activation_math,
+    test_int8_copy_serves_calls_of_32_rows_or_more and tests/test_native_int4.py."""
     tp, outputs = engine
     if tp != 1:
         pytest.skip("compared once, at TP=1")
-    assert sum(map(len, prompt_token_ids(W4A16))) >= 32 and len(PROMPTS) < 32
-    plain = dequantized_checkpoint(W4A16, tmp_path / "dequantized")
-    int4_only = transformers_greedy(
-        plain, "float32", MAX_TOKENS, TOP_K, prepare=fake_quantize_activations
-    )
-    copies, dequantized = int8_copy_weights(W4A16), load_tensors(plain)
-    assert any(not torch.equal(w, dequantized[f"{name}.weight"]) for name, w in copies.items())
-    int8_inputs = transformers_greedy(
-        plain, "float32", MAX_TOKENS, TOP_K, prepare=prompt_pass_on_int8_copy(copies)
-    )
-    model_dtype_inputs = transformers_greedy(plain, "float32", MAX_TOKENS, TOP_K)
-    if vllm_kernel_serves("w4a16"):
-        reference, other = int8_inputs, model_dtype_inputs
-    else:
-        reference, other = model_dtype_inputs, int8_inputs
+    prompt_rows = sum(map(len, prompt_token_ids(W4A16)))
+    assert 32 <= prompt_rows < native_int4.DEQUANTIZE_FROM_ROWS and len(PROMPTS) < 32
+    kernels = engine_kernels()
+    reference = references[kernels]
     check_logprobs_close(reference, outputs)
     assert_bf16_drift(reference, outputs)
-    print(f"drift between the two references: max {logprob_drift(other, reference).max():.3f}")
-    print(f"drift from the int8 copy: max {logprob_drift(int4_only, int8_inputs).max():.3f}")
+    for other, generations in references.items():
+        print(f"drift from {other}: max {logprob_drift(generations, reference).max():.3f}")
     # int4 moves the logits: the bf16 source's own output is not this reference.
     source = transformers_greedy(SOURCE, "float32", MAX_TOKENS, TOP_K)
     assert logprob_drift(source, reference).max() > 0.05
 
 
 @pytest.fixture(scope="module")
-def avx2_kernel_outputs():
-    """Greedy outputs with ``VLLM_ERNIE_MOE_W4A16_AVX2_KERNEL=1``, where vLLM's int4 kernels do
-    not serve W4A16 (no VNNI, or the AVX2 tier forced)."""
-    if vllm_kernel_serves("w4a16"):
-        pytest.skip("vLLM's int4 kernels serve W4A16 here: the AVX2 kernel is not used")
-    if native_int4.kernels() is None:
-        pytest.skip("the AVX2 kernel did not build here")
+def portable_outputs():
+    """Greedy outputs with ``VLLM_ERNIE_MOE_W4A16_AVX2_KERNEL=0`` where the AVX2 kernel serves by
+    default (x86 without VNNI, or the AVX2 tier forced)."""
+    if engine_kernels() != "avx2":
+        pytest.skip("the default engine does not run the AVX2 kernel here")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("VLLM_ERNIE_MOE_W4A16_AVX2_KERNEL", "1")
+        patch.setenv("VLLM_ERNIE_MOE_W4A16_AVX2_KERNEL", "0")
         return vllm_greedy(W4A16, "bfloat16", 1, MAX_TOKENS, TOP_K)
 
 
-def test_avx2_kernel_matches_per_group_int8_reference(engine, avx2_kernel_outputs, tmp_path):
-    """With the AVX2 kernel every int4 linear and expert quantizes its input to int8 per group of
-    32 (the fixture's group): the prompts' step too, as it holds fewer than 128 rows. The
-    reference does the same in fp32 transformers; the outputs move away from the default path's."""
+def test_avx2_kernel_switched_off_keeps_model_dtype_activations(
+    engine, portable_outputs, references
+):
+    """``VLLM_ERNIE_MOE_W4A16_AVX2_KERNEL=0``: the portable kernels, W4A16's math with the
+    activations in the model dtype, as the reference; the outputs move from the default's."""
     tp, default_outputs = engine
     if tp != 1:
         pytest.skip("compared once, at TP=1")
-    assert sum(map(len, prompt_token_ids(W4A16))) < native_int4.DEQUANTIZE_FROM_ROWS
-    plain = dequantized_checkpoint(W4A16, tmp_path / "dequantized")
-    reference = transformers_greedy(
-        plain,
-        "float32",
-        MAX_TOKENS,
-        TOP_K,
-        prepare=lambda model: fake_quantize_activations(model, quantize=group_quantizer(32)),
-    )
-    check_logprobs_close(reference, avx2_kernel_outputs)
-    assert_bf16_drift(reference, avx2_kernel_outputs)
-    per_token = transformers_greedy(
-        plain, "float32", MAX_TOKENS, TOP_K, prepare=fake_quantize_activations
-    )
-    print(f"drift from per-token int8: max {logprob_drift(per_token, reference).max():.3f}")
-    assert logprob_drift(default_outputs, avx2_kernel_outputs).max() > 0
+    check_logprobs_close(references["portable"], portable_outputs)
+    assert_bf16_drift(references["portable"], portable_outputs)
+    assert logprob_drift(default_outputs, portable_outputs).max() > 0
 
 
 def test_tensor_parallel_matches_tp1(engine):

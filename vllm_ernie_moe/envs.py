@@ -56,11 +56,12 @@ def w4a16_int8_prefill() -> bool:
 
 
 def w4a16_avx2_kernel() -> bool:
-    """``VLLM_ERNIE_MOE_W4A16_AVX2_KERNEL=1``: where vLLM's int4 kernels do not serve W4A16 (x86
-    without VNNI), its linears and experts run on the plugin's AVX2 int4 kernel, built at first
-    use, which quantizes the activations to int8 per weight group below 128 rows per call
-    (``native_int4.py``); default off: the portable kernels, activations in the model dtype."""
-    return os.environ.get("VLLM_ERNIE_MOE_W4A16_AVX2_KERNEL", "0") == "1"
+    """``VLLM_ERNIE_MOE_W4A16_AVX2_KERNEL`` (default 1): where vLLM's int4 kernels do not serve
+    W4A16 (x86 without VNNI), its linears and experts run on the plugin's AVX2 int4 kernel, built
+    at first use, which quantizes the activations to int8 per weight group below 128 rows per call
+    (``native_int4.py``; perplexity in docs/cpu-tiers.md). ``0``: the portable kernels,
+    activations in the model dtype (as does ``VLLM_ERNIE_MOE_W4A16_INT8_ACTIVATIONS=0``)."""
+    return os.environ.get("VLLM_ERNIE_MOE_W4A16_AVX2_KERNEL", "1") != "0"
 
 
 def full_warmup() -> bool:

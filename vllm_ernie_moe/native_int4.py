@@ -1,5 +1,5 @@
-"""The plugin's own W4A16 kernels for x86 CPUs with AVX2 (``csrc/int4_avx2.cpp``), opt-in through
-``VLLM_ERNIE_MOE_W4A16_AVX2_KERNEL=1`` where vLLM's int4 kernels do not serve W4A16 (no VNNI).
+"""The plugin's own W4A16 kernels for x86 CPUs with AVX2 (``csrc/int4_avx2.cpp``), where vLLM's
+int4 kernels do not serve W4A16 (no VNNI); ``VLLM_ERNIE_MOE_W4A16_AVX2_KERNEL=0`` turns them off.
 
 Why: PyTorch's int4 weight-only GEMM, the portable W4A16 kernel, reads the weights at a fraction of
 the memory's rate at decode sizes, and vLLM has no AVX2 int4 GEMM. The AVX2 kernel quantizes the
@@ -71,8 +71,8 @@ def kernels():
     except Exception as error:  # a compiler's or ninja's failure has many types
         logger.warning(
             "The AVX2 int4 kernel did not build in %s (%s): the portable W4A16 kernels serve. "
-            "It needs a C++ compiler (g++) and ninja; unset VLLM_ERNIE_MOE_W4A16_AVX2_KERNEL to "
-            "silence this.",
+            "It needs a C++ compiler (g++) and ninja; VLLM_ERNIE_MOE_W4A16_AVX2_KERNEL=0 "
+            "silences this.",
             build_dir,
             error,
         )
