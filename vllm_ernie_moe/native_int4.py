@@ -35,7 +35,9 @@ GROUP_SIZES = (32, 64, 128)
 #: From this many rows per call on, the weight is dequantized and the fp32 GEMM runs (as the
 #: portable W4A16 linear's ``INT4_DEQUANTIZE_FROM_TOKENS``).
 DEQUANTIZE_FROM_ROWS = 128
-#: Weight rows dequantized at a time: a block is still in the L2 cache when its GEMM reads it.
+#: Weight rows dequantized per fp32 GEMM call: blocks of 64 rows made the GEMM slower at 512
+#: tokens; the whole weight at once would need a buffer of the largest weight (as the widened bf16
+#: linears' blocks, ``portable_kernels.WIDEN_ROWS_PER_BLOCK``).
 DEQUANTIZE_ROWS_PER_BLOCK = 256
 #: What the log says these kernels are.
 KERNEL_DESCRIPTION = (
@@ -51,7 +53,7 @@ def kernels():
     if platform.machine().lower() not in ("x86_64", "amd64") or not (
         torch.backends.cpu.get_cpu_capability().startswith(("AVX2", "AVX512"))
     ):
-        logger.warning("The AVX2 int4 kernel needs an x86 CPU with AVX2: the portable one serves.")
+        logger.info("The AVX2 int4 kernel needs an x86 CPU with AVX2: the portable one serves.")
         return None
     from torch.utils.cpp_extension import load
 
@@ -86,10 +88,14 @@ def fits(inputs: int, group: int) -> bool:
 
 
 def serves(inputs: int, group: int) -> bool:
-    """The AVX2 kernel is asked for (``VLLM_ERNIE_MOE_W4A16_AVX2_KERNEL``), allowed to quantize
-    activations (``VLLM_ERNIE_MOE_W4A16_INT8_ACTIVATIONS``), takes this shape and is built."""
+    """On vLLM's CPU platform the AVX2 kernel is asked for (``VLLM_ERNIE_MOE_W4A16_AVX2_KERNEL``),
+    allowed to quantize activations (``VLLM_ERNIE_MOE_W4A16_INT8_ACTIVATIONS``), takes this shape
+    and is built."""
+    from vllm.platforms import current_platform
+
     return (
-        envs.w4a16_avx2_kernel()
+        current_platform.is_cpu()
+        and envs.w4a16_avx2_kernel()
         and envs.w4a16_int8_activations()
         and fits(inputs, group)
         and kernels() is not None
