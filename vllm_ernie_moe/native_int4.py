@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from vllm.logger import init_logger
 
-from vllm_ernie_moe import envs
+from vllm_ernie_moe import envs, portable_kernels
 
 logger = init_logger(__name__)
 
@@ -35,10 +35,6 @@ GROUP_SIZES = (32, 64, 128)
 #: From this many rows per call on, the weight is dequantized and the fp32 GEMM runs (as the
 #: portable W4A16 linear's ``INT4_DEQUANTIZE_FROM_TOKENS``).
 DEQUANTIZE_FROM_ROWS = 128
-#: Weight rows dequantized per fp32 GEMM call: blocks of 64 rows made the GEMM slower at 512
-#: tokens; the whole weight at once would need a buffer of the largest weight (as the widened bf16
-#: linears' blocks, ``portable_kernels.WIDEN_ROWS_PER_BLOCK``).
-DEQUANTIZE_ROWS_PER_BLOCK = 256
 #: What the log says these kernels are.
 KERNEL_DESCRIPTION = (
     f"the plugin's AVX2 int4 kernel (activations int8 per weight group) below "
@@ -111,21 +107,15 @@ def avx2_layout(values: torch.Tensor) -> torch.Tensor:
 
 
 def dequantized_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``x [M, K] @ W^T`` on the fp32 GEMM, ``W`` dequantized (rounded to bf16 for bf16 ``x``, as
-    the portable path holds it) a block of rows at a time into a scratch buffer; each block's GEMM
-    writes its rows of the transposed output."""
-    from vllm_ernie_moe.portable_kernels import scratch_weight  # it runs this module's experts
+    """``x [M, K] @ W^T`` on the fp32 GEMM, ``W`` dequantized in C++ (rounded to bf16 for bf16
+    ``x``, as the portable path holds it) a block of rows at a time
+    (``portable_kernels.blocked_fp32_linear``; blocks of 64 rows made it slower at 512 tokens)."""
+    ops, round_bf16 = kernels(), x.dtype == torch.bfloat16
 
-    ops = kernels()
-    outputs, inputs = weight.shape[0], x.shape[-1]
-    rows = x.float()
-    transposed = torch.empty(outputs, rows.shape[0])
-    block = scratch_weight(torch.float32, DEQUANTIZE_ROWS_PER_BLOCK, inputs)
-    for start in range(0, outputs, DEQUANTIZE_ROWS_PER_BLOCK):
-        dequantized = block[: min(DEQUANTIZE_ROWS_PER_BLOCK, outputs - start)]
-        ops.dequantize_int4(weight, scale, start, dequantized, x.dtype == torch.bfloat16)
-        torch.mm(dequantized, rows.t(), out=transposed[start : start + dequantized.shape[0]])
-    return torch.empty(rows.shape[0], outputs, dtype=x.dtype).copy_(transposed.t())
+    def dequantize(block: torch.Tensor, start: int) -> None:
+        ops.dequantize_int4(weight, scale, start, block, round_bf16)
+
+    return portable_kernels.blocked_fp32_linear(x, weight.shape[0], dequantize)
 
 
 def matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ scale in the model dtype, as vllm-ascend's W8A16 does on the NPU.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -234,24 +235,40 @@ BF16_WIDEN_FROM_TOKENS = 8
 WIDEN_ROWS_PER_BLOCK = 256
 
 
-def widened_bf16_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+def blocked_fp32_linear(
+    x: torch.Tensor,
+    outputs: int,
+    fill: Callable[[torch.Tensor, int], object],
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``F.linear`` of bf16 operands on the fp32 GEMM, the weight widened (exactly) a block of
-    rows at a time into a :func:`scratch_weight`: fp32 sums as the bf16 GEMM's, the output
-    rounded to bf16 once, as there. Each block's GEMM writes its rows of the transposed output."""
+    """``x @ W^T`` (+ ``bias``) on the fp32 GEMM, the fp32 weight ``W [outputs, K]`` made
+    :data:`WIDEN_ROWS_PER_BLOCK` rows at a time by ``fill(block, first_row)`` into a
+    :func:`scratch_weight`; each block's GEMM writes its rows of the transposed output, rounded
+    to ``x``'s dtype once at the end."""
     inputs = x.reshape(-1, x.shape[-1]).float()
-    outputs, width = weight.shape
     transposed = torch.empty(outputs, inputs.shape[0])
-    block = scratch_weight(torch.float32, WIDEN_ROWS_PER_BLOCK, width)
+    block = scratch_weight(torch.float32, WIDEN_ROWS_PER_BLOCK, inputs.shape[1])
     for start in range(0, outputs, WIDEN_ROWS_PER_BLOCK):
-        rows = weight[start : start + WIDEN_ROWS_PER_BLOCK]
-        widened = block[: rows.shape[0]].copy_(rows)
-        torch.mm(widened, inputs.t(), out=transposed[start : start + rows.shape[0]])
+        rows = block[: min(WIDEN_ROWS_PER_BLOCK, outputs - start)]
+        fill(rows, start)
+        torch.mm(rows, inputs.t(), out=transposed[start : start + rows.shape[0]])
     if bias is not None:
         transposed += bias.float()[:, None]
     out = torch.empty(inputs.shape[0], outputs, dtype=x.dtype).copy_(transposed.t())
     return out.view(*x.shape[:-1], outputs)
+
+
+def widened_bf16_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``F.linear`` of bf16 operands on the fp32 GEMM, the weight widened (exactly) a block of
+    rows at a time (:func:`blocked_fp32_linear`): fp32 sums as the bf16 GEMM's, the output rounded
+    to bf16 once, as there."""
+
+    def widen(block: torch.Tensor, start: int) -> None:
+        block.copy_(weight[start : start + block.shape[0]])
+
+    return blocked_fp32_linear(x, weight.shape[0], widen, bias)
 
 
 @torch.library.custom_op("vllm_ernie_moe::bf16_linear", mutates_args=())
