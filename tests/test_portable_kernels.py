@@ -6,7 +6,7 @@ Every test states the tier it ran on (``VLLM_ERNIE_MOE_CPU_TIER``; ``make test C
 
 import pytest
 import torch
-from reference import int8_rows
+from reference import group_quantizer
 
 from vllm_ernie_moe import cpu_tier, native_int4, portable_kernels
 from vllm_ernie_moe.portable_kernels import int4_dequantized_linear
@@ -187,8 +187,7 @@ def test_experts_op_compiles_whole_and_matches_integer_math(weight_format):
 
     def reference(rows, weight, scale):
         if avx2:
-            quantized, row_scale = int8_rows(rows.double().unflatten(-1, (-1, group)))
-            rows = (quantized * row_scale).flatten(-2)
+            rows = group_quantizer(group)(rows.double())
         if weight_format in ("w8a16", "w4a16", "w4a16-avx2"):
             per_weight = scale.double().repeat_interleave(weight.shape[1] // scale.shape[1], dim=1)
             return rows.double() @ (weight.double() * per_weight).T
